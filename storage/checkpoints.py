@@ -1,0 +1,80 @@
+"""Model weights in the store: ``<root>/<experiment>/checkpoints/<model_key>.pt``.
+
+A checkpoint is a dict (tensors plus metadata such as the configuration) serialised with ``torch.save``
+into memory and written atomically through ``pyarrow.fs``, like a table part: a reader never loads half a
+file, and retraining the same model writes the same file. The ``checkpoints`` folder sits next to the
+tables but is not one (it is not in ``TABLES``), so table reads and the ledger never see it.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+from .tables import TABLES
+from .uri import Store, StoreError, check_name, read_bytes, write_atomic
+
+__all__ = ["CHECKPOINTS", "checkpoint_path", "save_checkpoint", "load_checkpoint", "checkpoint_exists"]
+
+CHECKPOINTS = "checkpoints"
+assert CHECKPOINTS not in TABLES  # the folder would otherwise be read as a table
+
+_SUFFIX = ".pt"
+
+
+def checkpoint_path(store: Store, experiment: str, model_key: str) -> str:
+    """``<root>/<experiment>/checkpoints/<model_key>.pt``."""
+    check_name("experiment", experiment)
+    check_name("model_key", model_key)
+    return store.path(experiment, CHECKPOINTS, model_key + _SUFFIX)
+
+
+def save_checkpoint(store: Store, experiment: str, model_key: str, state: dict[str, Any]) -> str:
+    """Save ``state`` (e.g. ``{"params": {...tensors}, "config": {...}}``) atomically; return its path.
+
+    Tensors are moved to the CPU first so that a checkpoint written on a GPU worker loads anywhere.
+    """
+    if not isinstance(state, dict):
+        raise StoreError(f"checkpoint {model_key!r}: state must be a dict, got {type(state).__name__}")
+    path = checkpoint_path(store, experiment, model_key)
+    buffer = io.BytesIO()
+    torch.save(_to_cpu(state), buffer)
+    return write_atomic(store, path, buffer.getvalue())
+
+
+def load_checkpoint(store: Store, experiment: str, model_key: str, *,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The state saved under ``model_key``, or None when there is none.
+
+    Loaded with ``weights_only=True``: a store may be shared, and a checkpoint should hold tensors and
+    plain Python values only (dicts, lists, str, numbers), never pickled objects.
+    """
+    data = read_bytes(store, checkpoint_path(store, experiment, model_key))
+    if data is None:
+        return None
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, ...)
+        raise StoreError(
+            f"cannot load checkpoint {checkpoint_path(store, experiment, model_key)}: {exc}. Checkpoints "
+            f"must hold tensors and plain Python values only; delete the file to retrain the model"
+        ) from exc
+
+
+def checkpoint_exists(store: Store, experiment: str, model_key: str) -> bool:
+    """Whether a checkpoint has been saved under ``model_key``."""
+    path = checkpoint_path(store, experiment, model_key)
+    return store.fs.get_file_info(path).type == pafs.FileType.File
+
+
+def _to_cpu(value: Any) -> Any:
+    # Recursive over the containers torch.load(weights_only=True) accepts back.
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if type(value) in (list, tuple):  # exact types: a namedtuple would not rebuild from a generator
+        return type(value)(_to_cpu(v) for v in value)
+    return value

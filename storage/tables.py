@@ -1,0 +1,289 @@
+"""The result tables: their schemas, where their parts live, atomic part writes, and dataset reads.
+
+Layout: ``<root>/<experiment>/<table>/config_id=<id>/<part>.parquet``. The configuration id lives only in
+the directory name (a hive partition, declared as a string so that "000123" never becomes 123); the
+Parquet files do not contain it and every read adds it back as the first column.
+
+A part is the output of one task and is named after the task key, so a task that runs twice rewrites the
+same file instead of adding a duplicate. Same family of names for every stored thing: ``part_path``,
+``write_part``, ``read_part``, ``part_exists``, ``delete_part`` (and ``checkpoint_path``,
+``save_checkpoint``, ... in ``checkpoints.py``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .uri import Store, StoreError, check_name, write_atomic
+
+__all__ = [
+    "TABLES", "PARTITION", "table_schema", "table_dir", "part_path", "write_part", "part_exists",
+    "delete_part", "read_part", "read_table", "dataset", "parse_part_path",
+]
+
+PARTITION = "config_id"
+_SUFFIX = ".parquet"
+
+
+def _key(name: str, type_: pa.DataType) -> pa.Field:
+    # Key columns (those that identify a row inside a configuration) may not be null: a row without its
+    # key could never be joined or deduplicated, so write_part refuses it with a message.
+    return pa.field(name, type_, nullable=False)
+
+
+_str, _f64, _i64, _bool = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+
+# Schemas WITHOUT config_id (it is the partition directory). One row per: see DESIGN.md, "The result tables".
+TABLES: dict[str, pa.Schema] = {
+    "configs": pa.schema([
+        _key("spec_hash", _str), ("version", _str), ("experiment", _str),
+        ("config", _str),  # canonical JSON of the whole configuration: the source of truth
+        # Flat copies of the common fields, so SQL can group by them without JSON functions.
+        ("dataset", _str), ("model", _str), ("depth", _i64), ("width", _i64), ("activation", _str),
+        ("weight_decay", _f64), ("lr", _f64), ("epochs", _i64), ("seed", _i64), ("retrain_epochs", _i64),
+        ("damping", _f64), ("methods", _str),
+    ]),
+    "models": pa.schema([
+        _key("model_key", _str), ("train_loss", _f64), ("test_loss", _f64), ("test_accuracy", _f64),
+        ("train_accuracy", _f64), ("objective", _f64), ("grad_norm", _f64), ("top_eigenvalue", _f64),
+        ("min_eigenvalue", _f64), ("n_params", _i64), ("n_train", _i64), ("seconds", _f64),
+        ("checkpoint", _str), ("degenerate", _bool), ("degenerate_reason", _str),
+    ]),
+    "test_points": pa.schema([
+        _key("test_idx", _i64), ("loss", _f64), ("label", _i64), ("selection", _str),
+    ]),
+    "influence": pa.schema([
+        _key("method", _str), _key("test_idx", _i64), _key("train_idx", _i64), ("estimate", _f64),
+        ("predicted_dtheta", _f64), ("damping", _f64), ("iterations", _i64), ("residual", _f64),
+        ("diverged", _bool), ("seconds", _f64),
+    ]),
+    "retrain": pa.schema([
+        # removed: a training index; negative = control replicate (-1 first control, -2 second, ...).
+        _key("removed", _i64), _key("test_idx", _i64), ("loss_retrained", _f64), ("loss_control", _f64),
+        ("actual", _f64), ("dtheta", _f64), ("mode", _str), ("epochs", _i64), ("seed", _i64),
+        ("seconds", _f64),
+    ]),
+    "stats": pa.schema([
+        _key("method", _str), _key("test_idx", _i64), _key("snapshot", _i64), ("n", _i64),
+        ("pearson", _f64), ("spearman", _f64), ("pearson_lo", _f64), ("pearson_hi", _f64),
+        ("spearman_lo", _f64), ("spearman_hi", _f64), ("sign_agreement", _f64), ("top10_overlap", _f64),
+        ("dtheta_spearman", _f64), ("noise_floor", _f64), ("actual_std", _f64), ("selection", _str),
+        ("final", _bool), ("degenerate_reason", _str),
+    ]),
+}
+
+_PARTITIONING = ds.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
+
+
+def table_schema(table: str, *, with_config_id: bool = True) -> pa.Schema:
+    """The schema of ``table`` as read (config_id first) or, without it, as stored in each part."""
+    schema = TABLES.get(table)
+    if schema is None:
+        raise StoreError(f"unknown table {table!r}; the tables are: {', '.join(TABLES)}")
+    if with_config_id:
+        schema = schema.insert(0, pa.field(PARTITION, pa.string(), nullable=False))
+    return schema
+
+
+def table_dir(store: Store, experiment: str, table: str) -> str:
+    """``<root>/<experiment>/<table>``: the dataset root of one table."""
+    table_schema(table)
+    return store.path(check_name("experiment", experiment), table)
+
+
+def part_path(store: Store, experiment: str, table: str, config_id: str, part: str) -> str:
+    """``<root>/<experiment>/<table>/config_id=<id>/<part>.parquet``; ``part`` is a task key."""
+    check_name("config_id", config_id)
+    check_name("part", part)
+    if part.endswith(_SUFFIX):
+        raise StoreError(f"part {part!r}: give the task key without the {_SUFFIX} suffix")
+    return f"{table_dir(store, experiment, table)}/{PARTITION}={config_id}/{part}{_SUFFIX}"
+
+
+def parse_part_path(relative: str) -> tuple[str, str, str] | None:
+    """``"<table>/config_id=<id>/<part>.parquet"`` -> (table, config_id, part); None for anything else.
+
+    Anything else includes hidden or temporary files (leading "." or "_"), the checkpoints folder and
+    files at the wrong depth: listings (the ledger, reads) only ever see finished parts.
+    """
+    segments = relative.strip("/").split("/")
+    if len(segments) != 3:
+        return None
+    table, folder, name = segments
+    if table not in TABLES or not folder.startswith(PARTITION + "=") or not name.endswith(_SUFFIX):
+        return None
+    config_id, part = folder[len(PARTITION) + 1:], name[: -len(_SUFFIX)]
+    if not config_id or not part or config_id[0] in "._" or part[0] in "._":
+        return None
+    return table, config_id, part
+
+
+def _conform(table: str, rows: pa.Table | Mapping[str, Sequence], config_id: str) -> pa.Table:
+    """Cast ``rows`` to the stored schema of ``table``, with messages that name the offending column."""
+    schema = table_schema(table, with_config_id=False)
+    if isinstance(rows, (pa.Table, pa.RecordBatch)):
+        columns = {name: rows.column(name) for name in rows.column_names}
+    elif isinstance(rows, Mapping):
+        columns = dict(rows)
+    else:
+        raise StoreError(f"{table}: rows must be an Arrow table or a dict of columns (name -> list of values), "
+                         f"got {type(rows).__name__}")
+    if PARTITION in columns:
+        # Tolerated so that a table read back (which carries config_id) can be written again, but it must
+        # agree with the directory it goes to: the directory is the only place the id is stored.
+        ids = columns.pop(PARTITION)
+        values = {ids} if isinstance(ids, str) else {str(v) for v in pa.array(ids).to_pylist()}
+        if values - {config_id}:
+            raise StoreError(f"{table}: rows carry config_id {sorted(map(str, values))} but are written "
+                             f"under config_id={config_id}; drop the column or write to the right id")
+    unknown = [name for name in columns if schema.get_field_index(name) < 0]
+    if unknown:
+        raise StoreError(f"{table}: unknown column(s) {unknown}; the columns of {table} are "
+                         f"{schema.names} (config_id comes from the partition)")
+    for name, values in columns.items():
+        if hasattr(values, "detach") and hasattr(values, "numpy"):  # a torch tensor, without importing torch
+            columns[name] = values = values.detach().cpu().numpy()
+        if not hasattr(values, "__len__") or isinstance(values, (str, bytes)):
+            raise StoreError(f"{table}: column {name!r} must be a sequence of values, got {type(values).__name__}")
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) > 1:
+        raise StoreError(f"{table}: columns have different lengths {sorted(lengths)}")
+    n_rows = lengths.pop() if lengths else 0
+    arrays = []
+    for field in schema:
+        if field.name not in columns:
+            if not field.nullable and n_rows:
+                raise StoreError(f"{table}: missing key column {field.name!r} ({field.type}); "
+                                 f"key columns cannot be null")
+            arrays.append(pa.nulls(n_rows, field.type))
+            continue
+        values = columns[field.name]
+        try:
+            # Infer first, then cast: pa.array(list, type=int64) would silently truncate 0.5 to 0.
+            is_arrow = isinstance(values, (pa.Array, pa.ChunkedArray))
+            array = values if is_arrow else pa.array(values, from_pandas=True)
+            if _family(array.type) not in ("null", _family(field.type)):
+                raise TypeError(f"got {array.type} values")  # Arrow would parse "1" as 1, or print 1 as "1"
+            array = array.cast(field.type, safe=True)  # safe: 1.5 -> int64 and 2**40 -> int32 fail
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError,
+                OverflowError) as exc:
+            raise StoreError(f"{table}: column {field.name!r} must be {field.type}: {exc}") from exc
+        if not field.nullable and array.null_count:
+            raise StoreError(f"{table}: key column {field.name!r} has {array.null_count} null value(s)")
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _family(type_: pa.DataType) -> str:
+    """Which kind of value a type holds; casts are allowed within a kind only (int32 -> int64, int -> float)."""
+    if pa.types.is_null(type_):
+        return "null"
+    if pa.types.is_dictionary(type_):  # e.g. categorical strings from pandas
+        return _family(type_.value_type)
+    if pa.types.is_integer(type_) or pa.types.is_floating(type_):
+        return "number"
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_):
+        return "string"
+    if pa.types.is_boolean(type_):
+        return "bool"
+    return str(type_)
+
+
+def write_part(store: Store, experiment: str, table: str, config_id: str, part: str,
+               rows: pa.Table | Mapping[str, Sequence]) -> str:
+    """Write one part of ``table`` atomically and return its path.
+
+    ``rows`` (an Arrow table or a dict of columns) is cast to the table's schema: absent nullable columns
+    become nulls, unknown columns or uncastable values raise ``StoreError`` naming the column. The file is
+    serialised in memory first, so a failure of the cast or of the encoding writes nothing at all; then it
+    is put in place by ``write_atomic`` (temporary name + move). Writing a part again replaces it.
+    """
+    path = part_path(store, experiment, table, config_id, part)
+    data = _conform(table, rows, config_id)
+    sink = pa.BufferOutputStream()
+    pq.write_table(data, sink)
+    return write_atomic(store, path, sink.getvalue().to_pybytes())
+
+
+def part_exists(store: Store, experiment: str, table: str, config_id: str, part: str) -> bool:
+    """Whether that part has been written (for many parts, use a ``Ledger``: one listing for all)."""
+    path = part_path(store, experiment, table, config_id, part)
+    return store.fs.get_file_info(path).type == pafs.FileType.File
+
+
+def delete_part(store: Store, experiment: str, table: str, config_id: str, part: str) -> bool:
+    """Remove a part (e.g. a running snapshot superseded by the final one); False if it was not there."""
+    path = part_path(store, experiment, table, config_id, part)
+    try:
+        store.fs.delete_file(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def read_part(store: Store, path: str) -> pa.Table:
+    """One part, as written by ``write_part``, with its config_id column added back from its directory."""
+    # The last three segments are enough: the store root may be any depth, the layout below it is fixed.
+    parsed = parse_part_path("/".join(path.rstrip("/").split("/")[-3:]))
+    if parsed is None:
+        raise StoreError(f"{path!r} is not a part: expected .../<table>/config_id=<id>/<part>{_SUFFIX}")
+    table, config_id, _ = parsed
+    try:
+        with store.fs.open_input_file(path) as src:
+            data = pq.read_table(src)
+    except FileNotFoundError as exc:
+        raise StoreError(f"no part at {path}") from exc
+    # Conform to today's schema, so that one part and the whole dataset read with the same types.
+    data = _conform(table, data, config_id)
+    ids = pa.array([config_id] * data.num_rows, pa.string())
+    return data.add_column(0, pa.field(PARTITION, pa.string(), nullable=False), ids)
+
+
+def _part_files(store: Store, experiment: str, table: str,
+                config_ids: Sequence[str] | None) -> list[str]:
+    """Paths of the finished parts of one table (temporary and hidden files excluded), sorted."""
+    root = table_dir(store, experiment, table)
+    wanted = None if config_ids is None else set(config_ids)
+    infos = store.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
+    paths = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        parsed = parse_part_path(f"{table}/{info.path[len(root):].strip('/')}")
+        if parsed is not None and (wanted is None or parsed[1] in wanted):
+            paths.append(info.path)
+    return sorted(paths)
+
+
+def dataset(store: Store, experiment: str, table: str, *,
+            config_ids: Sequence[str] | None = None) -> ds.Dataset | None:
+    """The parts of ``table`` present now, as one Arrow dataset (config_id first); None if there are none.
+
+    The file list is fixed when the dataset is built: parts written later need a new call. Files are
+    listed by us rather than discovered by pyarrow so that the ledger and the reads apply the same rule
+    about what counts as a part.
+    """
+    paths = _part_files(store, experiment, table, config_ids)
+    if not paths:
+        return None
+    return ds.dataset(paths, schema=table_schema(table), format="parquet", filesystem=store.fs,
+                      partitioning=_PARTITIONING, partition_base_dir=table_dir(store, experiment, table))
+
+
+def read_table(store: Store, experiment: str, table: str, *,
+               config_ids: Sequence[str] | None = None) -> pa.Table:
+    """All parts of ``table`` (optionally only those of ``config_ids``) as one Arrow table.
+
+    An absent table (nothing written yet) reads as an empty table with the full schema, config_id included.
+    """
+    if config_ids is not None:
+        for config_id in config_ids:
+            check_name("config_id", config_id)
+    found = dataset(store, experiment, table, config_ids=config_ids)
+    if found is None:
+        return table_schema(table).empty_table()
+    return found.to_table()
