@@ -1,0 +1,302 @@
+"""The Ray Tune driver: one trial per configuration; inside a trial, train / influence / retrain chunks
+are Ray tasks. Every landed part is announced to the coordinator actor, and the trial reports the
+statistics to Tune as they firm up.
+
+Trials themselves only wait on tasks, so they hold a token amount of memory instead of a CPU, and the
+tasks they launch leave the trial's placement group: otherwise a 2-CPU machine would run two trials that
+each wait forever for a CPU of their own.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+from ray import tune
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from jobs import plan, tasks
+from jobs.coordinator import Coordinator, summarise
+from jobs.spec import Configuration, Spec, task_counts
+from storage import tables
+from storage.checkpoints import checkpoint_exists, load_checkpoint
+from storage.ledger import Ledger
+from storage.uri import Store
+
+# Transient failures worth a retry (a lost worker is retried by Ray itself); a task's own exceptions
+# (a singular Hessian, a bad index) are deterministic and retrying them would only waste time.
+TASK_RETRIES = 2
+TRIAL_MEMORY_BYTES = 16 * 1024 * 1024
+
+
+def _outside_trial(options: dict) -> dict:
+    return {**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
+            "max_retries": TASK_RETRIES, "retry_exceptions": [OSError, ConnectionError]}
+
+
+def _with_own_threads(fn: Callable) -> Callable:
+    """Run a task body with as many torch threads as CPUs Ray gave it. Small models on a shared node slow
+    down several times when every task spreads over all cores."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+train_remote = ray.remote(num_returns=2)(_with_own_threads(tasks.train_task))
+influence_remote = ray.remote(_with_own_threads(tasks.influence_task))
+retrain_remote = ray.remote(_with_own_threads(tasks.retrain_task))
+CoordinatorActor = ray.remote(num_cpus=0)(Coordinator)
+
+
+@dataclass
+class RunContext:
+    """What every trial needs, shipped once through tune.with_parameters."""
+
+    store: Store
+    experiment: str
+    configs: dict[str, Configuration]
+    resources: dict[str, dict]
+    coordinator: object  # actor handle
+    datasets: dict[str, object]  # dataset key -> ObjectRef of the loaded Dataset
+    max_in_flight: int = 8
+
+
+def dataset_key(cfg: Configuration) -> str:
+    return f"{cfg.dataset}/{cfg.split_seed}/{cfg.test_fraction}"
+
+
+def run_trial(tune_config: dict, ctx: RunContext) -> None:
+    """One configuration, end to end, resuming from whatever parts already landed."""
+    cfg = ctx.configs[tune_config["config_id"]]
+    cid, store, coord = cfg.config_id, ctx.store, ctx.coordinator
+    ledger = Ledger(store, ctx.experiment)
+
+    if plan.is_finished(ledger, cfg):
+        summary = ray.get(coord.config_skipped.remote(cid, plan.landed_task_counts(ledger, cfg)))
+        tune.report({**summary, "done": True, "skipped": True})
+        return
+
+    data_ref = ctx.datasets[dataset_key(cfg)]
+    # 1. train (or reuse what landed)
+    if plan.is_trained(ledger, cfg, checkpoint_exists(store, ctx.experiment, cfg.model_key)):
+        theta = load_checkpoint(store, ctx.experiment, cfg.model_key)["theta"]
+        theta_ref = ray.put(theta)
+        tp = tables.read_part(store, tables.part_path(store, ctx.experiment, "test_points", cid, "test_points"))
+        models = tables.read_part(store, tables.part_path(store, ctx.experiment, "models", cid, "model"))
+        test_points = list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist()))
+        degenerate = models["degenerate_reason"][0].as_py()
+        coord.task_done.remote("train", skipped=True)
+    else:
+        theta_ref, out_ref = train_remote.options(**_outside_trial(ctx.resources["train"])).remote(store, cfg, data_ref)
+        out = ray.get(out_ref)
+        test_points, degenerate = out.test_points, out.degenerate_reason
+        coord.task_done.remote("train")
+    ray.get(coord.register.remote(cid, cfg.methods, test_points, degenerate))
+    test_idx = [i for i, _ in test_points]
+
+    # 2. influence estimates per (method, chunk of test points)
+    inf_tasks = plan.influence_tasks(cfg, test_idx)
+    _run_parts(ctx, cfg, ledger, "influence", [
+        (t.part, lambda t=t: influence_remote.options(**_outside_trial(ctx.resources["influence"])).remote(
+            store, cfg, data_ref, theta_ref, t.method, t.chunk, t.test_idx)) for t in inf_tasks])
+
+    # 3. which training points to retrain without
+    removed = _removals(ctx, cfg, data_ref)
+    rt_tasks = plan.retrain_tasks(cfg, removed)
+    extra = len(rt_tasks) - _planned_retrain_tasks(cfg, ray.get(data_ref).n_train)
+    if extra:
+        coord.add_total.remote("retrain", extra)
+
+    # 4. retrain chunks: one batched computation each; statistics firm up as they land
+    def report(summary: dict) -> None:
+        tune.report({**summary, "done": False})
+
+    _run_parts(ctx, cfg, ledger, "retrain", [
+        (t.part, lambda t=t: retrain_remote.options(**_outside_trial(ctx.resources["retrain"])).remote(
+            store, cfg, data_ref, theta_ref, t.chunk, t.removed, test_idx)) for t in rt_tasks], on_stats=report)
+
+    summary = ray.get(coord.finalize.remote(cid))
+    tune.report({**summary, "done": True, "skipped": False})
+
+
+def _planned_retrain_tasks(cfg: Configuration, n_train: int) -> int:
+    r = cfg.removals
+    n = n_train if r.kind == "all" else (len(r.indices) if r.kind == "explicit" else r.k)
+    return math.ceil(n / cfg.retrain_chunk)
+
+
+def _removals(ctx: RunContext, cfg: Configuration, data_ref) -> list[int]:
+    from influence.scores import select_removals  # torch stays out of the driver's import path
+
+    r = cfg.removals
+    n = ray.get(data_ref).n_train
+    if r.kind == "all":
+        return list(range(n))
+    if r.kind == "explicit":
+        bad = [i for i in r.indices if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"ground_truth.removals.explicit: indices {bad} are outside the {n} training points")
+        return sorted(set(r.indices))
+    import torch
+
+    inf = tables.read_table(ctx.store, ctx.experiment, "influence", config_ids=[cfg.config_id])
+    # Rank by the first method's estimates: the removal set must not depend on which methods are compared.
+    first = inf.filter(inf["method"] == cfg.methods[0]).sort_by([("test_idx", "ascending"), ("train_idx", "ascending")])
+    T = len(set(first["test_idx"].to_pylist()))
+    est = torch.tensor(first["estimate"].to_numpy()).reshape(T, n)
+    return select_removals(est, r.kind, k=r.k, seed=cfg.seed, indices=r.indices)
+
+
+def _run_parts(ctx: RunContext, cfg: Configuration, ledger: Ledger, table: str,
+               work: list[tuple[str, Callable[[], object]]], on_stats: Callable[[dict], None] | None = None) -> None:
+    """Schedule the parts the ledger lacks (at most max_in_flight at once), announce every part, landed
+    before or now, to the coordinator as it becomes available."""
+    coord, cid = ctx.coordinator, cfg.config_id
+    pending = []
+    for part, submit in work:
+        if ledger.done(table, cid, part):
+            path = tables.part_path(ctx.store, ctx.experiment, table, cid, part)
+            summary = ray.get(coord.ingest.remote(table, cid, path))
+            coord.task_done.remote(table, skipped=True)
+            if on_stats and summary:
+                on_stats(summary)
+        else:
+            pending.append(submit)
+    in_flight: list = []
+    while pending or in_flight:
+        while pending and len(in_flight) < ctx.max_in_flight:
+            in_flight.append(pending.pop(0)())
+        ready, in_flight = ray.wait(in_flight, num_returns=1)
+        path = ray.get(ready[0])
+        summary = ray.get(coord.ingest.remote(table, cid, path))
+        coord.task_done.remote(table)
+        if on_stats and summary:
+            on_stats(summary)
+
+
+@dataclass
+class RunResult:
+    results: object  # tune.ResultGrid
+    progress: dict
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def write_configs(store: Store, spec: Spec, configs: list[Configuration], version: str) -> None:
+    """One `configs` row per configuration, with the spec hash and project version it was made with."""
+    for cfg in configs:
+        d = cfg.to_dict()
+        tables.write_part(store, spec.experiment, "configs", cfg.config_id, "config", {
+            "spec_hash": [spec.spec_hash], "version": [version], "experiment": [spec.experiment],
+            "config": [cfg.canonical_json()], "dataset": [cfg.dataset], "model": [cfg.model],
+            "depth": [cfg.depth], "width": [cfg.width], "activation": [cfg.activation],
+            "weight_decay": [cfg.weight_decay], "lr": [cfg.lr], "epochs": [cfg.epochs], "seed": [cfg.seed],
+            "retrain_epochs": [cfg.retrain_epochs], "damping": [cfg.damping], "methods": [",".join(d["methods"])],
+        })
+
+
+def _ignore(*args, **kwargs) -> None:
+    return None
+
+
+class _ProgressCallback(tune.Callback):
+    """Runs in the driver during Tuner.fit: polls the coordinator for the progress bars and hands
+    every finished configuration to `on_config_done`."""
+
+    def __init__(self, coordinator, on_progress, on_config_done, configs: dict[str, Configuration]):
+        self.coord, self.on_progress, self.on_config_done = coordinator, on_progress, on_config_done
+        self.configs = configs
+        self._last = 0.0
+
+    def __getstate__(self):
+        # Tuner pickles its run config for restoring; the display hooks hold locks and are driver-only.
+        return {**self.__dict__, "on_progress": _ignore, "on_config_done": _ignore}
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self._last > 0.25:
+            self._last = now
+            self.on_progress(ray.get(self.coord.progress.remote()))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("done"):
+            self.on_config_done(self.configs[trial.config["config_id"]], result)
+
+
+def run_sweep(spec: Spec, store: Store, *, version: str, n_train_of: Callable[[Configuration], int],
+              on_progress=lambda p: None, on_config_done=lambda cfg, r: None, max_concurrent_trials: int | None = None
+              ) -> RunResult:
+    """Run every configuration of `spec` as a Tune trial on the connected Ray cluster."""
+    from influence.data import load_dataset
+
+    start = time.perf_counter()
+    configs = spec.configurations()
+    write_configs(store, spec, configs, version)
+    coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}").remote(
+        store, spec.experiment)
+    counts = {
+        "train": len(configs),
+        "influence": sum(len(c.methods) * math.ceil(_n_test_points(c) / plan.TEST_CHUNK) for c in configs),
+        "retrain": sum(_planned_retrain_tasks(c, n_train_of(c)) for c in configs),
+    }
+    ray.get(coord.set_totals.remote(counts, len(configs)))
+
+    datasets = {}
+    for cfg in configs:
+        key = dataset_key(cfg)
+        if key not in datasets:
+            datasets[key] = ray.put(load_dataset(cfg.dataset, split_seed=cfg.split_seed, test_fraction=cfg.test_fraction))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ctx = RunContext(store=store, experiment=spec.experiment, configs={c.config_id: c for c in configs},
+                     resources={k: v.ray_options() for k, v in spec.resources.items()}, coordinator=coord,
+                     datasets=datasets, max_in_flight=max(2, 2 * cpus))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"memory": TRIAL_MEMORY_BYTES})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"config_id": tune.grid_search([c.config_id for c in configs])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials or max(2, 2 * cpus)),
+        run_config=tune.RunConfig(
+            name=spec.experiment, storage_path=_tune_dir(store, spec.experiment), verbose=0,
+            callbacks=[_ProgressCallback(coord, on_progress, on_config_done, ctx.configs)],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    results = tuner.fit()
+    progress = ray.get(coord.progress.remote())
+    on_progress(progress)
+    errors = []
+    for r in results:
+        if r.error is not None:
+            cid = r.config.get("config_id", "?") if r.config else "?"
+            errors.append(f"{ctx.configs[cid].label() if cid in ctx.configs else cid} [{cid}]: {_root_cause(r.error)}")
+    ray.kill(coord)
+    return RunResult(results=results, progress=progress, errors=errors, seconds=time.perf_counter() - start)
+
+
+def _n_test_points(cfg: Configuration) -> int:
+    return sum(len(r.indices) if r.kind == "explicit" else r.k for r in cfg.test_points)
+
+
+def _root_cause(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    # Ray wraps the task's exception; its last line carries our TaskError message.
+    for line in reversed(text):
+        if "task " in line and "failed" in line:
+            return line.strip()
+    return text[-1] if text else repr(error)
+
+
+def _tune_dir(store: Store, experiment: str) -> str:
+    """Tune's own bookkeeping (not our results; resume uses the ledger). Kept beside the tables under an
+    underscore name that table readers ignore."""
+    return store.path(experiment, "_tune")

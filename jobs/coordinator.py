@@ -1,0 +1,195 @@
+"""The coordinator: consumes landed parts and keeps the fragility statistics up to date.
+
+`StatsBook` is the plain-Python core (testable without Ray): it ingests `influence` and `retrain` parts in
+any order and in any chunking, and produces `stats` rows that equal a one-shot computation over the same
+rows. `Coordinator` is the thin Ray actor around it that also writes the snapshots and counts progress.
+
+A configuration's statistics live in one part that is replaced as results arrive: `running` while the
+configuration is in progress, `final` (with final = true) once every task landed. The `final` part is what
+resume looks for, and what `stats` queries see for a finished configuration.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from influence.metrics import PairAccumulator, spearman
+from storage import tables
+from storage.uri import Store
+
+RUNNING_PART = "running"
+FINAL_PART = "final"
+TASK_KINDS = ("train", "influence", "retrain")
+
+
+@dataclass
+class _Config:
+    methods: tuple[str, ...]
+    test_points: list[tuple[int, str]]
+    degenerate_reason: str | None
+    pairs: dict[tuple[str, int], PairAccumulator] = field(default_factory=dict)
+    predicted_dtheta: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    actual_dtheta: dict[int, float] = field(default_factory=dict)
+    controls: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    snapshot: int = 0
+
+
+class StatsBook:
+    """Incremental statistics per (configuration, method, test point)."""
+
+    def __init__(self) -> None:
+        self._configs: dict[str, _Config] = {}
+
+    def register(self, config_id: str, methods, test_points, degenerate_reason: str | None = None) -> None:
+        if config_id in self._configs:
+            return
+        c = _Config(tuple(methods), [(int(i), str(s)) for i, s in test_points], degenerate_reason)
+        for m in c.methods:
+            for t, _ in c.test_points:
+                c.pairs[(m, t)] = PairAccumulator()
+        self._configs[config_id] = c
+
+    def ingest(self, table: str, config_id: str, rows: pa.Table) -> None:
+        c = self._configs[config_id]
+        cols = rows.to_pydict()
+        if table == "influence":
+            by_key: dict[tuple[str, int], tuple[list, list]] = defaultdict(lambda: ([], []))
+            for m, t, i, e, p in zip(cols["method"], cols["test_idx"], cols["train_idx"], cols["estimate"],
+                                     cols["predicted_dtheta"]):
+                keys, vals = by_key[(m, t)]
+                keys.append(i)
+                vals.append(e)
+                c.predicted_dtheta[m][i] = p
+            for key, (keys, vals) in by_key.items():
+                if key in c.pairs:
+                    c.pairs[key].add_estimates(keys, vals)
+        elif table == "retrain":
+            by_test: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
+            for r, t, a, d, lr in zip(cols["removed"], cols["test_idx"], cols["actual"], cols["dtheta"],
+                                      cols["loss_retrained"]):
+                if r < 0:  # control replicate -(k+1)
+                    c.controls[t][-r - 1] = lr
+                    continue
+                keys, vals = by_test[t]
+                keys.append(r)
+                vals.append(a)
+                c.actual_dtheta[r] = d
+            for t, (keys, vals) in by_test.items():
+                for m in c.methods:
+                    if (m, t) in c.pairs:
+                        c.pairs[(m, t)].add_actuals(keys, vals)
+        else:
+            raise ValueError(f"the coordinator consumes influence and retrain parts, not {table!r}")
+
+    def rows(self, config_id: str, *, final: bool) -> dict[str, list]:
+        """The `stats` rows of one configuration as they stand now."""
+        c = self._configs[config_id]
+        c.snapshot += 1
+        out: dict[str, list] = defaultdict(list)
+        for m in c.methods:
+            dth = self._dtheta_spearman(c, m)
+            for t, selection in c.test_points:
+                acc = c.pairs[(m, t)]
+                s = acc.stats()
+                controls = list(c.controls.get(t, {}).values())
+                noise = float(np.std(controls, ddof=1)) if len(controls) >= 2 else math.nan
+                actual_std = float(np.std(acc.pairs()[1], ddof=1)) if acc.n >= 2 else math.nan
+                out["method"].append(m)
+                out["test_idx"].append(t)
+                out["snapshot"].append(c.snapshot)
+                out["n"].append(s["n"])
+                for k in ("pearson", "spearman", "pearson_lo", "pearson_hi", "spearman_lo", "spearman_hi",
+                          "sign_agreement", "top10_overlap"):
+                    out[k].append(s[k])
+                out["dtheta_spearman"].append(dth)
+                out["noise_floor"].append(noise)
+                out["actual_std"].append(actual_std)
+                out["selection"].append(selection)
+                out["final"].append(final)
+                out["degenerate_reason"].append(c.degenerate_reason)
+        return dict(out)
+
+    @staticmethod
+    def _dtheta_spearman(c: _Config, method: str) -> float:
+        pred = c.predicted_dtheta.get(method, {})
+        keys = sorted(set(pred) & set(c.actual_dtheta))
+        if len(keys) < 3:
+            return math.nan
+        return spearman([pred[k] for k in keys], [c.actual_dtheta[k] for k in keys])
+
+
+def summarise(rows: dict[str, list]) -> dict[str, float]:
+    """A few scalars of one configuration's stats rows, for Tune and the console."""
+    out: dict[str, float] = {}
+    sp = [v for v in rows.get("spearman", []) if v is not None and not math.isnan(v)]
+    pe = [v for v in rows.get("pearson", []) if v is not None and not math.isnan(v)]
+    out["spearman_mean"] = float(np.mean(sp)) if sp else math.nan
+    out["pearson_mean"] = float(np.mean(pe)) if pe else math.nan
+    out["pairs"] = float(sum(rows.get("n", [])))
+    for m, sel, s in zip(rows.get("method", []), rows.get("selection", []), rows.get("spearman", [])):
+        out[f"spearman/{m}/{sel}"] = s
+    return out
+
+
+class Coordinator:
+    """Ray actor (wrapped in cluster/sweep.py): every landed part is announced here."""
+
+    def __init__(self, store: Store, experiment: str) -> None:
+        self.store, self.experiment = store, experiment
+        self.book = StatsBook()
+        self.totals = {k: 0 for k in TASK_KINDS}
+        self.done = {k: 0 for k in TASK_KINDS}
+        self.skipped = {k: 0 for k in TASK_KINDS}
+        self.configs_done = 0
+        self.configs_total = 0
+
+    # -- progress -------------------------------------------------------------------------------
+    def set_totals(self, totals: dict[str, int], configs: int) -> None:
+        self.totals.update(totals)
+        self.configs_total = configs
+
+    def add_total(self, kind: str, n: int) -> None:
+        """Plans that depend on results (top-k removals) learn their task counts late."""
+        self.totals[kind] += n
+
+    def task_done(self, kind: str, n: int = 1, skipped: bool = False) -> None:
+        (self.skipped if skipped else self.done)[kind] += n
+
+    def progress(self) -> dict:
+        return {"totals": dict(self.totals), "done": dict(self.done), "skipped": dict(self.skipped),
+                "configs_done": self.configs_done, "configs_total": self.configs_total}
+
+    # -- statistics -----------------------------------------------------------------------------
+    def register(self, config_id: str, methods, test_points, degenerate_reason=None) -> None:
+        self.book.register(config_id, methods, test_points, degenerate_reason)
+
+    def ingest(self, table: str, config_id: str, path: str) -> dict[str, float]:
+        """Read a landed part from the store, update the statistics, write a running snapshot."""
+        self.book.ingest(table, config_id, tables.read_part(self.store, path))
+        if table != "retrain":
+            return {}
+        rows = self.book.rows(config_id, final=False)
+        tables.write_part(self.store, self.experiment, "stats", config_id, RUNNING_PART, rows)
+        return summarise(rows)
+
+    def finalize(self, config_id: str) -> dict[str, float]:
+        rows = self.book.rows(config_id, final=True)
+        # Running snapshot out first: a crash in between leaves no stats (resume rebuilds them from the
+        # landed parts) rather than a stale snapshot beside the final one.
+        tables.delete_part(self.store, self.experiment, "stats", config_id, RUNNING_PART)
+        tables.write_part(self.store, self.experiment, "stats", config_id, FINAL_PART, rows)
+        self.configs_done += 1
+        return summarise(rows)
+
+    def config_skipped(self, config_id: str, tasks: dict[str, int]) -> dict[str, float]:
+        """A configuration whose final statistics already exist: count its tasks as skipped."""
+        for kind, n in tasks.items():
+            self.skipped[kind] += n
+        self.configs_done += 1
+        rows = tables.read_part(self.store, tables.part_path(self.store, self.experiment, "stats", config_id,
+                                                             FINAL_PART)).to_pydict()
+        return summarise(rows)

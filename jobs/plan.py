@@ -1,0 +1,65 @@
+"""Configuration -> task graph: train -> influence chunks -> retrain chunks.
+
+Pure functions: which tasks a configuration needs, under which part names, and which of them the
+ledger already holds. The sweep (cluster/sweep.py) walks this plan and schedules only what is missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobs.coordinator import FINAL_PART
+from jobs.spec import Configuration
+from jobs.tasks import influence_part_name, retrain_part_name
+from storage.ledger import Ledger
+
+# Test points per influence task. Exact solves factor the Hessian once per task, so on small models one
+# task per method is cheapest; on a cluster the chunks spread test points over workers.
+TEST_CHUNK = 16
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)] or []
+
+
+@dataclass(frozen=True)
+class InfluenceTask:
+    method: str
+    chunk: int
+    test_idx: list[int]
+
+    @property
+    def part(self) -> str:
+        return influence_part_name(self.method, self.chunk)
+
+
+@dataclass(frozen=True)
+class RetrainTask:
+    chunk: int
+    removed: list[int]
+
+    @property
+    def part(self) -> str:
+        return retrain_part_name(self.chunk)
+
+
+def influence_tasks(cfg: Configuration, test_idx: list[int]) -> list[InfluenceTask]:
+    return [InfluenceTask(m, k, c) for m in cfg.methods for k, c in enumerate(chunks(test_idx, TEST_CHUNK))]
+
+
+def retrain_tasks(cfg: Configuration, removed: list[int]) -> list[RetrainTask]:
+    return [RetrainTask(k, c) for k, c in enumerate(chunks(sorted(removed), cfg.retrain_chunk))]
+
+
+def is_finished(ledger: Ledger, cfg: Configuration) -> bool:
+    return ledger.done("stats", cfg.config_id, FINAL_PART)
+
+
+def is_trained(ledger: Ledger, cfg: Configuration, checkpoint_present: bool) -> bool:
+    cid = cfg.config_id
+    return checkpoint_present and ledger.done("models", cid, "model") and ledger.done("test_points", cid, "test_points")
+
+
+def landed_task_counts(ledger: Ledger, cfg: Configuration) -> dict[str, int]:
+    """How many tasks of each kind a finished configuration holds, counted from its parts."""
+    cid = cfg.config_id
+    return {"train": 1, "influence": len(ledger.parts("influence", cid)), "retrain": len(ledger.parts("retrain", cid))}

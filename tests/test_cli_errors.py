@@ -1,0 +1,99 @@
+"""Every mistake a user can make at the command line: one message, exit code 2, nothing written.
+These never start Ray: the checks come before any work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from storage import tables
+from storage.uri import open_store
+
+SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "specs" / "iris-smoke.yaml"
+
+
+def _spec(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("experiment: x\nmodel: {depth: 0}\n", ["model.depth", "0"]),
+    ("experiment: x\ndata: {name: cifar100}\n", ["data.name", "cifar100", "iris"]),
+    ("experiment: x\nmodel: {activation: swish}\n", ["model.activation", "swish", "tanh"]),
+    ("experiment: x\ninfluence: {methods: [magic]}\n", ["influence.methods", "magic", "exact"]),
+    ("experiment: x\ntrain: {weight_decay: -0.1}\n", ["train.weight_decay", "-0.1"]),
+    ("experiment: x\nsweep: {depth: []}\n", ["sweep.depth", "at least one value"]),
+    ("experiment: x\nmodel: {depht: 2}\n", ["depht", "depth"]),
+    ("experiment: x\ntrain: {epochs: many}\n", ["train.epochs", "many"]),
+])
+def test_bad_spec_message_exit_2_and_nothing_written(tmp_path, capsys, text, expected):
+    store = tmp_path / "store"
+    code = main(["run", _spec(tmp_path, text), "--store", str(store)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("error:") == 1
+    for word in expected:
+        assert word in err, (word, err)
+    assert not store.exists()
+
+
+def test_validate_reports_the_same_errors(tmp_path, capsys):
+    assert main(["validate", _spec(tmp_path, "experiment: x\nmodel: {width: 0}\n")]) == 2
+    assert "model.width" in capsys.readouterr().err
+
+
+def test_missing_spec_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml"), "--store", str(tmp_path / "s")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/prefix", "gs://bucket"])
+def test_unsupported_store_scheme(tmp_path, capsys, uri):
+    assert main(["run", str(SMOKE), "--store", uri]) == 2
+    assert uri.split(":")[0] in capsys.readouterr().err
+
+
+def test_store_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["run", str(SMOKE), "--store", str(f)]) == 2
+    assert str(f) in capsys.readouterr().err
+
+
+def test_validate_prints_configurations_and_task_counts(capsys):
+    assert main(["validate", str(SMOKE)]) == 0
+    out = capsys.readouterr().out
+    assert "4 configurations" in out
+    assert "train 4, influence 4, retrain 8" in out
+
+
+def _store_with_two_experiments(tmp_path):
+    store = open_store(str(tmp_path / "s"))
+    for exp in ("a", "b"):
+        tables.write_part(store, exp, "test_points", "c1", "test_points",
+                          {"test_idx": [1], "loss": [0.5], "label": [0], "selection": ["highest"]})
+    return store
+
+
+def test_query_needs_experiment_when_ambiguous(tmp_path, capsys):
+    store = _store_with_two_experiments(tmp_path)
+    assert main(["query", "select 1", "--store", store.uri]) == 2
+    err = capsys.readouterr().err
+    assert "--experiment" in err and "a, b" in err
+
+
+def test_bad_sql_names_the_tables(tmp_path, capsys):
+    store = _store_with_two_experiments(tmp_path)
+    assert main(["query", "select nope from stats", "--store", store.uri, "--experiment", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "test_points" in err
+
+
+def test_query_of_absent_store(tmp_path, capsys):
+    assert main(["query", "select 1", "--store", str(tmp_path / "absent")]) == 2
+    assert "absent" in capsys.readouterr().err
+    assert not (tmp_path / "absent").exists()

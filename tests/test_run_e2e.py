@@ -1,0 +1,106 @@
+"""iris-smoke end to end through Ray Tune and Ray tasks: every table written, statistics equal a one-shot
+recomputation from the stored rows, and a second run schedules nothing."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from influence.metrics import pearson, spearman
+from jobs.cli import main
+from jobs.spec import load_spec
+from storage import tables
+from storage.query import query
+from storage.uri import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "jobs" / "specs" / "iris-smoke.yaml"
+TABLES = ("configs", "models", "test_points", "influence", "retrain", "stats")
+
+
+def _counts(store, experiment) -> dict[str, int]:
+    return {t: tables.read_table(store, experiment, t).num_rows for t in TABLES}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_cluster, tmp_path_factory):
+    store_dir = tmp_path_factory.mktemp("store")
+    assert main(["run", str(SMOKE), "--store", str(store_dir)]) == 0
+    return open_store(str(store_dir)), load_spec(SMOKE)
+
+
+def test_every_table_written_with_expected_rows(smoke_run):
+    store, spec = smoke_run
+    configs = spec.configurations()
+    counts = _counts(store, spec.experiment)
+    n_train, n_cfg = 120, len(configs)
+    tp = tables.read_table(store, spec.experiment, "test_points")
+    T = tp.num_rows // n_cfg
+    assert T == 2 and set(tp["selection"].to_pylist()) == {"highest", "median"}
+    controls = configs[0].controls
+    assert counts["configs"] == n_cfg and counts["models"] == n_cfg
+    assert counts["influence"] == n_cfg * T * n_train
+    assert counts["retrain"] == n_cfg * T * (n_train + controls)
+    assert counts["stats"] == n_cfg * T
+    stats = tables.read_table(store, spec.experiment, "stats")
+    assert all(stats["final"].to_pylist())
+    # the checkpoint of every base model is in the store
+    models = tables.read_table(store, spec.experiment, "models")
+    for uri in models["checkpoint"].to_pylist():
+        assert store.fs.get_file_info(uri).size > 0
+
+
+def test_final_stats_equal_one_shot_recomputation(smoke_run):
+    """The coordinator's incremental numbers must equal the metrics over the stored rows."""
+    store, spec = smoke_run
+    joined = query("""
+        select i.config_id, i.test_idx, i.estimate, r.actual
+        from influence i join retrain r
+          on r.config_id = i.config_id and r.test_idx = i.test_idx and r.removed = i.train_idx
+        where i.method = 'exact' order by all""", store, spec.experiment).to_pandas()
+    stats = tables.read_table(store, spec.experiment, "stats").to_pandas()
+    checked = 0
+    for (cid, t), g in joined.groupby(["config_id", "test_idx"]):
+        row = stats[(stats.config_id == cid) & (stats.test_idx == t)].iloc[0]
+        assert row.n == len(g) == 120
+        for ours, fn in ((row.spearman, spearman), (row.pearson, pearson)):
+            expected = fn(g.estimate.to_numpy(), g.actual.to_numpy())
+            assert (math.isnan(ours) and math.isnan(expected)) or ours == pytest.approx(expected, abs=1e-12)
+        checked += 1
+    assert checked == len(stats)
+
+
+def test_actual_is_retrained_minus_control_and_controls_give_noise_floor(smoke_run):
+    store, spec = smoke_run
+    r = tables.read_table(store, spec.experiment, "retrain").to_pandas()
+    np.testing.assert_allclose(r.actual, r.loss_retrained - r.loss_control, rtol=0, atol=1e-15)
+    stats = tables.read_table(store, spec.experiment, "stats").to_pandas()
+    ctrl = r[r.removed < 0]
+    for _, row in stats.iterrows():
+        losses = ctrl[(ctrl.config_id == row.config_id) & (ctrl.test_idx == row.test_idx)].loss_retrained
+        assert row.noise_floor == pytest.approx(float(np.std(losses, ddof=1)), rel=1e-9, abs=1e-300)
+
+
+def test_second_run_schedules_nothing_and_changes_no_row(smoke_run, capsys):
+    store, spec = smoke_run
+    before = _counts(store, spec.experiment)
+    capsys.readouterr()
+    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    out = capsys.readouterr().out
+    assert "0 tasks run" in out
+    assert _counts(store, spec.experiment) == before
+
+
+def test_query_cli_formats(smoke_run, capsys):
+    store, spec = smoke_run
+    capsys.readouterr()
+    sql = "select count(*) as n, count(distinct config_id) as configs from stats where final"
+    assert main(["query", sql, "--store", store.uri, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [{"n": 2 * len(spec.configurations()), "configs": len(spec.configurations())}]
+    assert main(["query", "select depth from configs order by depth limit 1", "--store", store.uri,
+                 "--experiment", spec.experiment, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ['"depth"', "1"]
