@@ -13,6 +13,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from jobs.spec import SpecError, load_spec, task_counts
@@ -116,7 +117,7 @@ def cmd_run(args) -> int:
         parts = [f"{k.split('/', 1)[1]} {v:+.2f}" for k, v in sorted(result.items())
                  if k.startswith("spearman/") and isinstance(v, float) and not math.isnan(v)]
         tag = " (already in the store)" if result.get("skipped") else ""
-        progress.console.print(f"{cfg.label()}: Spearman {', '.join(parts) or 'undefined'}{tag}")
+        progress.console.print(f"{cfg.label()}: Spearman {', '.join(parts) or 'undefined'}{tag}", markup=False)
 
     try:
         with progress:
@@ -129,9 +130,9 @@ def cmd_run(args) -> int:
     console.print(f"{ran} tasks run, {skipped} skipped (already in the store), {res.seconds:.0f} s")
     if res.errors:
         for e in res.errors:
-            console.print(f"[red]failed:[/] {e}", highlight=False)
-        console.print(f"{len(res.errors)} configuration(s) failed; rerun the same command to retry them "
-                      "(landed parts are kept)")
+            console.print(f"[red]failed:[/] {escape(e)}", highlight=False)
+        console.print(f"{len(res.errors)} configuration(s) failed; fix the cause and rerun the same command: "
+                      "parts that landed are kept and only missing ones are computed")
         return 1
     for title, tbl in summary_tables(store, spec):
         _print_table(console, tbl, title=f"Spearman and Pearson {title} (mean over seeds)")

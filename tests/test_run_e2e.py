@@ -104,3 +104,39 @@ def test_query_cli_formats(smoke_run, capsys):
     assert main(["query", "select depth from configs order by depth limit 1", "--store", store.uri,
                  "--experiment", spec.experiment, "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ['"depth"', "1"]
+
+
+def test_resume_recomputes_only_what_is_missing(smoke_run, capsys):
+    """Lose one retrain part and one configuration's final statistics: the rerun schedules exactly that
+    retrain task, and the rebuilt statistics equal the lost ones."""
+    store, spec = smoke_run
+    cid = spec.configurations()[0].config_id
+    before = tables.read_table(store, spec.experiment, "stats", config_ids=[cid]).to_pandas()
+    assert tables.delete_part(store, spec.experiment, "retrain", cid, "retrain-00001")
+    assert tables.delete_part(store, spec.experiment, "stats", cid, "final")
+    capsys.readouterr()
+    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    assert "1 tasks run" in capsys.readouterr().out
+    after = tables.read_table(store, spec.experiment, "stats", config_ids=[cid]).to_pandas()
+    cols = ["test_idx", "n", "spearman", "pearson", "noise_floor", "final"]
+    assert after[cols].sort_values("test_idx").reset_index(drop=True).equals(
+        before[cols].sort_values("test_idx").reset_index(drop=True))
+
+
+def test_failing_task_names_configuration_and_task_and_exits_1(ray_cluster, tmp_path, capsys):
+    """Without weight decay or damping, softmax regression's Hessian is singular: the influence task fails
+    with a message naming the configuration, the task key and what to change; what landed stays whole."""
+    spec = tmp_path / "singular.yaml"
+    spec.write_text("experiment: singular\nmodel: {family: logistic}\ntrain: {weight_decay: 0.0, epochs: 50}\n"
+                    "influence: {damping_policy: never}\nground_truth: {epochs: 5, controls: 2}\n")
+    store = tmp_path / "store"
+    assert main(["run", str(spec), "--store", str(store)]) == 1
+    out = capsys.readouterr().out
+    cid = load_spec(spec).configurations()[0].config_id
+    assert f"[{cid}]" in out and f"influence/{cid}/exact-000" in out and "damping" in out
+    s = open_store(str(store))
+    assert tables.read_table(s, "singular", "models").num_rows == 1
+    assert tables.read_table(s, "singular", "influence").num_rows == 0
+    assert tables.read_table(s, "singular", "stats").num_rows == 0
+    leftovers = [p for p in store.rglob(".*") if "_tune" not in p.parts]  # Tune keeps its own markers
+    assert not leftovers  # no temporary part files left
