@@ -9,7 +9,6 @@ each wait forever for a CPU of their own.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,8 +18,8 @@ from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from jobs import plan, tasks
-from jobs.coordinator import Coordinator, summarise
-from jobs.spec import Configuration, Spec, task_counts
+from jobs.coordinator import Coordinator
+from jobs.spec import Configuration, Spec
 from storage import tables
 from storage.checkpoints import checkpoint_exists, load_checkpoint
 from storage.ledger import Ledger
@@ -94,12 +93,12 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
         tp = tables.read_part(store, tables.part_path(store, ctx.experiment, "test_points", cid, "test_points"))
         models = tables.read_part(store, tables.part_path(store, ctx.experiment, "models", cid, "model"))
         test_points = list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist()))
-        degenerate = models["degenerate_reason"][0].as_py()
+        degenerate, n_train = models["degenerate_reason"][0].as_py(), models["n_train"][0].as_py()
         coord.task_done.remote("train", skipped=True)
     else:
         theta_ref, out_ref = train_remote.options(**_outside_trial(ctx.resources["train"])).remote(store, cfg, data_ref)
         out = ray.get(out_ref)
-        test_points, degenerate = out.test_points, out.degenerate_reason
+        test_points, degenerate, n_train = out.test_points, out.degenerate_reason, out.n_train
         coord.task_done.remote("train")
     ray.get(coord.register.remote(cid, cfg.methods, test_points, degenerate))
     test_idx = [i for i, _ in test_points]
@@ -111,9 +110,9 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
             store, cfg, data_ref, theta_ref, t.method, t.chunk, t.test_idx)) for t in inf_tasks])
 
     # 3. which training points to retrain without
-    removed = _removals(ctx, cfg, data_ref)
+    removed = _removals(ctx, cfg, n_train)
     rt_tasks = plan.retrain_tasks(cfg, removed)
-    extra = len(rt_tasks) - _planned_retrain_tasks(cfg, ray.get(data_ref).n_train)
+    extra = len(rt_tasks) - plan.task_counts([cfg], lambda c: n_train)["retrain"]
     if extra:
         coord.add_total.remote("retrain", extra)
 
@@ -129,17 +128,10 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
     tune.report({**summary, "done": True, "skipped": False})
 
 
-def _planned_retrain_tasks(cfg: Configuration, n_train: int) -> int:
-    r = cfg.removals
-    n = n_train if r.kind == "all" else (len(r.indices) if r.kind == "explicit" else r.k)
-    return math.ceil(n / cfg.retrain_chunk)
-
-
-def _removals(ctx: RunContext, cfg: Configuration, data_ref) -> list[int]:
+def _removals(ctx: RunContext, cfg: Configuration, n: int) -> list[int]:
     from influence.scores import select_removals  # torch stays out of the driver's import path
 
     r = cfg.removals
-    n = ray.get(data_ref).n_train
     if r.kind == "all":
         return list(range(n))
     if r.kind == "explicit":
@@ -244,12 +236,7 @@ def run_sweep(spec: Spec, store: Store, *, version: str, n_train_of: Callable[[C
     write_configs(store, spec, configs, version)
     coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}").remote(
         store, spec.experiment)
-    counts = {
-        "train": len(configs),
-        "influence": sum(len(c.methods) * math.ceil(_n_test_points(c) / plan.TEST_CHUNK) for c in configs),
-        "retrain": sum(_planned_retrain_tasks(c, n_train_of(c)) for c in configs),
-    }
-    ray.get(coord.set_totals.remote(counts, len(configs)))
+    ray.get(coord.set_totals.remote(plan.task_counts(configs, n_train_of), len(configs)))
 
     datasets = {}
     for cfg in configs:
@@ -281,10 +268,6 @@ def run_sweep(spec: Spec, store: Store, *, version: str, n_train_of: Callable[[C
             errors.append(f"{ctx.configs[cid].label() if cid in ctx.configs else cid} [{cid}]: {_root_cause(r.error)}")
     ray.kill(coord)
     return RunResult(results=results, progress=progress, errors=errors, seconds=time.perf_counter() - start)
-
-
-def _n_test_points(cfg: Configuration) -> int:
-    return sum(len(r.indices) if r.kind == "explicit" else r.k for r in cfg.test_points)
 
 
 def _root_cause(error: BaseException) -> str:

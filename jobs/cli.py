@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from jobs.spec import SpecError, load_spec, task_counts
+from jobs.spec import SpecError, load_spec
 from storage.query import QueryError, experiments, query
 from storage.uri import StoreError, open_store
 
@@ -83,8 +83,9 @@ def cmd_validate(args) -> int:
     for c in configs:
         table.add_row(c.config_id, c.label())
     console.print(table)
-    counts = task_counts(spec, n_train_of=lambda dataset, test_fraction: _n_train_of(
-        next(c for c in configs if c.dataset == dataset and c.test_fraction == test_fraction)))
+    from jobs.plan import task_counts
+
+    counts = task_counts(configs, _n_train_of)
     console.print("tasks: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

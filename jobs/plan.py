@@ -5,7 +5,9 @@ ledger already holds. The sweep (cluster/sweep.py) walks this plan and schedules
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 from jobs.coordinator import FINAL_PART
 from jobs.spec import Configuration
@@ -48,6 +50,22 @@ def influence_tasks(cfg: Configuration, test_idx: list[int]) -> list[InfluenceTa
 
 def retrain_tasks(cfg: Configuration, removed: list[int]) -> list[RetrainTask]:
     return [RetrainTask(k, c) for k, c in enumerate(chunks(sorted(removed), cfg.retrain_chunk))]
+
+
+def n_test_points(cfg: Configuration) -> int:
+    """Test points the rules ask for (an upper bound: a point picked by two rules is studied once)."""
+    return sum(r.k for r in cfg.test_points)
+
+
+def task_counts(configs: list[Configuration], n_train_of: Callable[[Configuration], int]) -> dict[str, int]:
+    """Tasks per kind for a set of configurations: one train task each (it reuses a stored checkpoint of an
+    identical base model), one influence task per method and chunk of test points, one retrain task per
+    chunk of removals."""
+    return {
+        "train": len(configs),
+        "influence": sum(len(c.methods) * math.ceil(n_test_points(c) / TEST_CHUNK) for c in configs),
+        "retrain": sum(math.ceil(c.removals.count(n_train_of(c)) / c.retrain_chunk) for c in configs),
+    }
 
 
 def is_finished(ledger: Ledger, cfg: Configuration) -> bool:

@@ -30,6 +30,8 @@ from typing import Callable
 
 import yaml
 
+from jobs.spec_yaml import SpecLoader
+
 # Allowed names. Kept here as constants so that validating a spec imports nothing heavy; `influence/` must
 # offer each of them.
 DATASETS = ("iris", "digits", "synthetic")
@@ -446,7 +448,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError("", source, str(e), source, "cannot be read") from None
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=SpecLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -604,55 +606,3 @@ def _grids(value: object) -> tuple[tuple[dict[str, tuple], ...], tuple[str, ...]
             checked[axis] = tuple(dict.fromkeys(_CHECKS[axis](path, v) for v in values))
         grids.append(checked)
     return tuple(grids), tuple(where for _, where in items)
-
-
-# ---- the YAML dialect: safe, no duplicate keys, 1e-12 is a float ---------------------------------------------
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
-    loader.flatten_mapping(node)
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            first = seen.get(key)
-        except TypeError:
-            continue  # unhashable key: construct_mapping reports it
-        if first is not None:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first given on line {first + 1})", key_node.start_mark)
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=True)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-# YAML 1.1 (PyYAML) reads 1e-12 as a string; YAML 1.2 and every user read it as a number.
-_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
-
-
-# ---- sizes --------------------------------------------------------------------------------------------------
-
-def task_counts(spec: Spec, n_train: int | None = None, *,
-                n_train_of: Callable[[str, float], int] | None = None) -> dict[str, int | None]:
-    """Tasks per kind for the whole spec: train, 1 per distinct model_key; influence, 1 per configuration and
-    method; retrain, ceil(removals / retrain_chunk) per configuration.
-
-    Removing ``all`` needs the training-set size: ``n_train`` (one size for every configuration) or
-    ``n_train_of(dataset, test_fraction)``; without either, the retrain count is None.
-    """
-    configs = spec.configurations()
-    retrain: int | None = 0
-    for c in configs:
-        n = n_train_of(c.dataset, c.test_fraction) if n_train_of is not None else n_train
-        removals = c.removals.count(n)
-        if removals is None:
-            retrain = None
-            break
-        retrain += math.ceil(removals / c.retrain_chunk)
-    return {"train": len({c.model_key for c in configs}),
-            "influence": sum(len(c.methods) for c in configs),
-            "retrain": retrain}

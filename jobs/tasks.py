@@ -66,6 +66,7 @@ class TrainOutput:
     """What the trial needs from the train task (θ̂ itself travels separately as an object reference)."""
 
     test_points: list[tuple[int, str]]
+    n_train: int
     degenerate_reason: str | None
     trained: bool  # False when θ̂ came from a stored checkpoint
 
@@ -127,7 +128,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
         "test_idx": idx, "loss": [float(test_losses[i]) for i in idx],
         "label": [int(data.y_test[i]) for i in idx], "selection": [s for _, s in chosen],
     })
-    return theta, TrainOutput(test_points=chosen, degenerate_reason=reason, trained=trained)
+    return theta, TrainOutput(test_points=chosen, n_train=data.n_train, degenerate_reason=reason, trained=trained)
 
 
 def influence_part_name(method: str, chunk: int) -> str:

@@ -20,3 +20,14 @@ def ray_cluster():
     yield ray
     if runtime.started_here:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation, and on a busy machine a lot of it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,13 +24,7 @@ from influence.train import removal_weights, retrain_batched, train
 WEIGHT_DECAY = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation, and on a busy machine a lot of it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def newton(model, theta0, x, y, weights, tol=1e-12, max_iter=30):

@@ -17,12 +17,7 @@ from influence.train import removal_weights, retrain_batched, retrain_loop, trai
 WEIGHT_DECAY = 0.005
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ import pytest
 import yaml
 
 from jobs import spec as S
-from jobs.spec import (Configuration, RemovalRule, Resources, SpecError, TestPointRule, load_spec, parse_spec,
-                       task_counts)
+from jobs.spec import Configuration, RemovalRule, Resources, SpecError, TestPointRule, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "jobs" / "specs").glob("*.yaml"))
@@ -100,10 +99,10 @@ def test_iris_smoke_spec():
 def test_iris_spec_is_the_papers_grid():
     spec = load_spec(ROOT / "jobs/specs/iris.yaml")
     configs = spec.configurations()
-    assert len(configs) == 8 * 2 * 2 + 6 * 2 * 2 == 56
+    assert len(configs) == 8 * 2 * 3 + 6 * 2 * 3 == 84
     assert {(c.depth, c.width) for c in configs} == {(d, 5) for d in range(1, 9)} | {
         (1, w) for w in (8, 14, 20, 30, 40, 50)}
-    assert {c.weight_decay for c in configs} == {0.005, 0.0} and {c.seed for c in configs} == {0, 1}
+    assert {c.weight_decay for c in configs} == {0.005, 0.0} and {c.seed for c in configs} == {0, 1, 2}
     c = configs[0]
     assert (c.epochs, c.lr, c.retrain_epochs, c.controls, c.retrain_chunk, c.damping, c.damping_policy) == (
         4000, 0.01, 240, 3, 128, 0.01, "if_indefinite")
@@ -269,24 +268,6 @@ def test_values_pickle():
     assert again == c and again.config_id == c.config_id and hash(again) == hash(c)
     err = pickle.loads(pickle.dumps(SpecError("a.b", 3, "b must be 4", "f.yaml")))
     assert str(err) == "spec f.yaml: a.b: 3 is not allowed (b must be 4)" and err.key == "a.b" and err.value == 3
-
-
-# ---- task counts --------------------------------------------------------------------------------------------
-
-def test_task_counts_iris_smoke():
-    spec = load_spec(ROOT / "jobs/specs/iris-smoke.yaml")
-    assert task_counts(spec, 120) == {"train": 4, "influence": 4, "retrain": 8}
-    assert task_counts(spec, n_train_of=lambda name, fraction: round(150 * (1 - fraction))) == task_counts(spec, 120)
-    assert task_counts(spec) == {"train": 4, "influence": 4, "retrain": None}
-
-
-def test_task_counts_other_removals():
-    spec = parse_spec({"experiment": "x", "ground_truth": {"removals": {"top_k": 40}, "chunk": 16},
-                       "sweep": {"retrain_epochs": [10, 20]}})
-    assert task_counts(spec) == {"train": 1, "influence": 2, "retrain": 6}
-    assert task_counts(spec, 20)["retrain"] == 4  # no more removals than training points
-    spec = parse_spec({"experiment": "x", "ground_truth": {"removals": {"explicit": [1, 2, 3]}, "chunk": 2}})
-    assert task_counts(spec)["retrain"] == 2
 
 
 # ---- one clear message per mistake --------------------------------------------------------------------------
