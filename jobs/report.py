@@ -1,8 +1,9 @@
 """Paper-style summary tables from the stored tables (every number traceable to `stats` rows).
 
 One table per sweep grid of the spec, grouped by the axes that grid varies (seeds are averaged), by test-point
-selection and by method: mean Spearman and Pearson over seeds, with the mean noise ratio (the spread of the
-actual effects over the spread of the control retrains) so a correlation can be read against its noise floor.
+selection and by method: mean Spearman and Pearson over seeds, the Spearman of predicted vs retrained ‖Δθ‖, and
+the mean noise ratio (the spread of the actual effects over the spread of the control retrains) so a
+correlation can be read against its noise floor.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def summary_tables(store: Store, spec: Spec) -> list[tuple[str, pa.Table]]:
             select {cols},
                    round(avg(nullif(s.spearman, 'NaN'::double)), 3) as spearman,
                    round(avg(nullif(s.pearson, 'NaN'::double)), 3) as pearson,
+                   round(avg(nullif(s.dtheta_spearman, 'NaN'::double)), 3) as "‖Δθ‖ spearman",
                    avg(nullif(s.actual_std / nullif(s.noise_floor, 0), 'NaN'::double)) as "actual/noise",
                    count(distinct c.seed) as seeds,
                    count(*) filter (where s.degenerate_reason is not null) as degenerate

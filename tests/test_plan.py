@@ -32,3 +32,14 @@ def test_chunks_cover_every_removal_once():
     assert sum((t.removed for t in tasks), []) == list(range(30))
     inf = plan.influence_tasks(cfg, list(range(20)))
     assert [(t.method, t.chunk, len(t.test_idx)) for t in inf] == [("exact", 0, 16), ("exact", 1, 4)]
+
+
+def test_spec_vocabulary_is_what_influence_offers():
+    """The spec validates names without importing torch; every name it accepts must exist in influence/."""
+    from influence import data, ihvp, models
+    from jobs import spec
+
+    assert spec.DATASETS == data.DATASETS
+    assert spec.MODELS == models.MODELS
+    assert spec.ACTIVATIONS == models.ACTIVATIONS
+    assert spec.METHODS == ihvp.METHODS

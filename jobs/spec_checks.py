@@ -1,0 +1,140 @@
+"""The vocabulary of experiment specs and the single-value checks behind every spec error.
+
+Allowed names are constants here so that validating a spec imports nothing heavy; `influence/` must offer
+each of them. Each check returns the normalised value or raises :class:`SpecError` naming the key path, the
+bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from typing import Callable
+
+DATASETS = ("iris", "digits", "synthetic")
+MODELS = ("mlp", "logistic")
+ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
+METHODS = ("exact",)
+DAMPING_POLICIES = ("if_indefinite", "always", "never")
+OPTIMIZERS = ("adam",)
+TEST_POINT_KINDS = ("highest", "median", "random", "explicit")
+REMOVAL_KINDS = ("all", "top_k", "random", "explicit")
+RESOURCE_KINDS = ("train", "influence", "retrain")
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class SpecError(Exception):
+    """A mistake in a spec: where it is (``key``, a path like ``sweep[0].depth``), the offending ``value``,
+    and what is ``allowed`` instead. ``str(e)`` is one line:
+    ``spec iris.yaml: sweep[0].depth: 0 is not allowed (depth must be an integer >= 1)``."""
+
+    def __init__(self, key: str, value: object, allowed: str, source: str = "<spec>", problem: str | None = None):
+        super().__init__(key, value, allowed, source, problem)  # args = the init arguments: pickles as is
+        self.key, self.value, self.allowed, self.source, self.problem = key, value, allowed, source, problem
+
+    def __str__(self) -> str:
+        where = f"{self.key}: " if self.key else ""
+        what = self.problem or f"{_show(self.value)} is not allowed"
+        return " ".join(f"spec {self.source}: {where}{what} ({self.allowed})".split())
+
+    def moved(self, key: str | None = None, source: str | None = None) -> SpecError:
+        """The same mistake, reported at another key path and/or in another file."""
+        return SpecError(self.key if key is None else key, self.value, self.allowed,
+                         self.source if source is None else source, self.problem)
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A value as the user wrote it, on one short line."""
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = repr(value)
+    else:
+        try:
+            text = json.dumps(value, default=repr)
+        except (TypeError, ValueError):
+            text = repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _leaf(key: str) -> str:
+    """``sweep[0].depth`` -> ``depth``: the name a rule is stated for."""
+    return key.rsplit(".", 1)[-1].split("[", 1)[0]
+
+
+def _closest(word: object, choices) -> str | None:
+    found = difflib.get_close_matches(str(word), list(choices), n=1)
+    return found[0] if found else None
+
+
+def _one_of(choices, word: object = None) -> str:
+    guess = _closest(word, choices) if isinstance(word, str) else None
+    return f"one of {', '.join(choices)}" + (f"; did you mean {guess!r}?" if guess else "")
+
+
+# ---- single-value checks: each returns the normalised value or raises SpecError(key, ...) -------------------
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # bool is an int to Python, not to a spec
+
+
+def _int(key: str, value: object, minimum: int) -> int:
+    if not _is_int(value) or value < minimum:
+        raise SpecError(key, value, f"{_leaf(key)} must be an integer >= {minimum}")
+    return value
+
+
+def _number(key: str, value: object, ok: Callable[[float], bool], rule: str) -> float:
+    """A finite number (an int is fine) satisfying `ok`, as a float; -0.0 becomes 0.0 so ids do not split."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and ok(value)):
+        raise SpecError(key, value, f"{_leaf(key)} must be {rule}")
+    return float(value) + 0.0
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise SpecError(key, value, f"{_leaf(key)} must be {_one_of(choices, value)}")
+    return value
+
+
+def _experiment(key: str, value: object) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        hint = f'; quote it: experiment: "{value}"' if isinstance(value, (int, float)) else ""
+        raise SpecError(key, value, f"the experiment name is the folder under the store: letters, digits, _ and - "
+                                    f"only{hint}")
+    return value
+
+
+def _size(key: str, value: object) -> int:
+    # Depth and width: >= 1 for an mlp. 0 passes here because logistic (depth 0) is decided per configuration.
+    if not _is_int(value) or value < 0:
+        raise SpecError(key, value, f"{_leaf(key)} must be an integer >= 1")
+    return value
+
+
+def _indices(key: str, value: object) -> tuple[int, ...]:
+    """A non-empty list of data-point indices, duplicates dropped (order kept)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise SpecError(key, value, "explicit takes a non-empty list of indices, e.g. explicit: [0, 5]")
+    for v in value:
+        if not _is_int(v) or v < 0:
+            raise SpecError(key, v, "indices must be integers >= 0")
+    return tuple(dict.fromkeys(value))
+
+
+def _methods(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise SpecError(key, value, f"methods must be a non-empty list of {', '.join(METHODS)}, e.g. methods: [exact]")
+    for v in value:
+        _choice(key, v, METHODS)
+    return tuple(dict.fromkeys(value))
+
+
+def _optional(check: Callable[[str, object], object]) -> Callable[[str, object], object]:
+    return lambda key, value: None if value is None else check(key, value)
