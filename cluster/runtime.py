@@ -62,5 +62,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     if address:
         ray.init(address=address, **kwargs)
         return RayRuntime(address=address, started_here=True)
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **kwargs)
+    # address="local" always starts a new instance: without it Ray joins whatever cluster
+    # /tmp/ray/ray_current_cluster names, even one that has since been killed.
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **kwargs)
     return RayRuntime(address=None, started_here=True)

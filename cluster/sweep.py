@@ -18,7 +18,7 @@ from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from jobs import plan, tasks
-from jobs.coordinator import Coordinator
+from cluster.metrics import MeteredCoordinator
 from jobs.spec import Configuration, Spec
 from storage import tables
 from storage.checkpoints import checkpoint_exists, load_checkpoint
@@ -31,9 +31,18 @@ TASK_RETRIES = 2
 TRIAL_MEMORY_BYTES = 16 * 1024 * 1024
 
 
-def _outside_trial(options: dict) -> dict:
-    return {**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
+def _outside_trial(options: dict, name: str) -> dict:
+    return {**options, "name": name, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
             "max_retries": TASK_RETRIES, "retry_exceptions": [OSError, ConnectionError]}
+
+
+def _await(coord, kind: str, ref):
+    """ray.get that also tells the coordinator (and so the dashboard) about a failed task."""
+    try:
+        return ray.get(ref)
+    except Exception:
+        coord.task_failed.remote(kind)
+        raise
 
 
 def _with_own_threads(fn: Callable) -> Callable:
@@ -54,7 +63,7 @@ def _with_own_threads(fn: Callable) -> Callable:
 train_remote = ray.remote(num_returns=2)(_with_own_threads(tasks.train_task))
 influence_remote = ray.remote(_with_own_threads(tasks.influence_task))
 retrain_remote = ray.remote(_with_own_threads(tasks.retrain_task))
-CoordinatorActor = ray.remote(num_cpus=0)(Coordinator)
+CoordinatorActor = ray.remote(num_cpus=0)(MeteredCoordinator)
 
 
 @dataclass
@@ -96,8 +105,9 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
         degenerate, n_train = models["degenerate_reason"][0].as_py(), models["n_train"][0].as_py()
         coord.task_done.remote("train", skipped=True)
     else:
-        theta_ref, out_ref = train_remote.options(**_outside_trial(ctx.resources["train"])).remote(store, cfg, data_ref)
-        out = ray.get(out_ref)
+        theta_ref, out_ref = train_remote.options(**_outside_trial(ctx.resources["train"], f"train {cid}")).remote(
+            store, cfg, data_ref)
+        out = _await(coord, "train", out_ref)
         test_points, degenerate, n_train = out.test_points, out.degenerate_reason, out.n_train
         coord.task_done.remote("train")
     ray.get(coord.register.remote(cid, cfg.methods, test_points, degenerate))
@@ -106,7 +116,8 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
     # 2. influence estimates per (method, chunk of test points)
     inf_tasks = plan.influence_tasks(cfg, test_idx)
     _run_parts(ctx, cfg, ledger, "influence", [
-        (t.part, lambda t=t: influence_remote.options(**_outside_trial(ctx.resources["influence"])).remote(
+        (t.part, lambda t=t: influence_remote.options(**_outside_trial(ctx.resources["influence"],
+                                                                       f"influence {cid} {t.part}")).remote(
             store, cfg, data_ref, theta_ref, t.method, t.chunk, t.test_idx)) for t in inf_tasks])
 
     # 3. which training points to retrain without
@@ -121,7 +132,8 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
         tune.report({**summary, "done": False})
 
     _run_parts(ctx, cfg, ledger, "retrain", [
-        (t.part, lambda t=t: retrain_remote.options(**_outside_trial(ctx.resources["retrain"])).remote(
+        (t.part, lambda t=t: retrain_remote.options(**_outside_trial(ctx.resources["retrain"],
+                                                                     f"retrain {cid} {t.part}")).remote(
             store, cfg, data_ref, theta_ref, t.chunk, t.removed, test_idx)) for t in rt_tasks], on_stats=report)
 
     summary = ray.get(coord.finalize.remote(cid))
@@ -169,7 +181,7 @@ def _run_parts(ctx: RunContext, cfg: Configuration, ledger: Ledger, table: str,
         while pending and len(in_flight) < ctx.max_in_flight:
             in_flight.append(pending.pop(0)())
         ready, in_flight = ray.wait(in_flight, num_returns=1)
-        path = ray.get(ready[0])
+        path = _await(coord, table, ready[0])
         summary = ray.get(coord.ingest.remote(table, cid, path))
         coord.task_done.remote(table)
         if on_stats and summary:
@@ -251,7 +263,9 @@ def run_sweep(spec: Spec, store: Store, *, version: str, n_train_of: Callable[[C
     tuner = tune.Tuner(
         trainable,
         param_space={"config_id": tune.grid_search([c.config_id for c in configs])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials or max(2, 2 * cpus)),
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials or max(2, 2 * cpus),
+                                    trial_name_creator=lambda trial: _trial_name(ctx, trial),
+                                    trial_dirname_creator=lambda trial: _trial_name(ctx, trial).replace(" ", "_")),
         run_config=tune.RunConfig(
             name=spec.experiment, storage_path=_tune_dir(store, spec.experiment), verbose=0,
             callbacks=[_ProgressCallback(coord, on_progress, on_config_done, ctx.configs)],
@@ -268,6 +282,12 @@ def run_sweep(spec: Spec, store: Store, *, version: str, n_train_of: Callable[[C
             errors.append(f"{ctx.configs[cid].label() if cid in ctx.configs else cid} [{cid}]: {_root_cause(r.error)}")
     ray.kill(coord)
     return RunResult(results=results, progress=progress, errors=errors, seconds=time.perf_counter() - start)
+
+
+def _trial_name(ctx: RunContext, trial) -> str:
+    """`mlp d3 w5 tanh wd0.005 s1 [0123456789ab]`: readable in the dashboard's actor list and in Tune's output."""
+    cid = trial.config["config_id"]
+    return f"{ctx.configs[cid].label()} [{cid}]"
 
 
 def _root_cause(error: BaseException) -> str:

@@ -144,6 +144,8 @@ class Coordinator:
         self.totals = {k: 0 for k in TASK_KINDS}
         self.done = {k: 0 for k in TASK_KINDS}
         self.skipped = {k: 0 for k in TASK_KINDS}
+        self.failed = {k: 0 for k in TASK_KINDS}
+        self.retrains_landed = 0  # single-point retrains (controls not counted) ingested by this coordinator
         self.configs_done = 0
         self.configs_total = 0
 
@@ -159,9 +161,12 @@ class Coordinator:
     def task_done(self, kind: str, n: int = 1, skipped: bool = False) -> None:
         (self.skipped if skipped else self.done)[kind] += n
 
+    def task_failed(self, kind: str) -> None:
+        self.failed[kind] += 1
+
     def progress(self) -> dict:
         return {"totals": dict(self.totals), "done": dict(self.done), "skipped": dict(self.skipped),
-                "configs_done": self.configs_done, "configs_total": self.configs_total}
+                "failed": dict(self.failed), "configs_done": self.configs_done, "configs_total": self.configs_total}
 
     # -- statistics -----------------------------------------------------------------------------
     def register(self, config_id: str, methods, test_points, degenerate_reason=None) -> None:
@@ -169,9 +174,11 @@ class Coordinator:
 
     def ingest(self, table: str, config_id: str, path: str) -> dict[str, float]:
         """Read a landed part from the store, update the statistics, write a running snapshot."""
-        self.book.ingest(table, config_id, tables.read_part(self.store, path))
+        part = tables.read_part(self.store, path)
+        self.book.ingest(table, config_id, part)
         if table != "retrain":
             return {}
+        self.retrains_landed += len({r for r in part["removed"].to_pylist() if r >= 0})
         rows = self.book.rows(config_id, final=False)
         tables.write_part(self.store, self.experiment, "stats", config_id, RUNNING_PART, rows)
         return summarise(rows)

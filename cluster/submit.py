@@ -1,0 +1,111 @@
+"""Ray Jobs: submit `fragile run` to a cluster, and follow, inspect or stop what was submitted.
+
+The job ships the project's packages and the spec as its working directory, so the cluster runs exactly the
+code that was submitted (a later edit on the submitting machine cannot mix versions into a running job).
+Secrets never travel: the runtime environment is visible on the dashboard, so workers take S3 credentials
+from their own environment.
+"""
+from __future__ import annotations
+
+import asyncio
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("influence", "storage", "jobs", "cluster")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Only settings that are safe to show on the dashboard.
+_JOB_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
+class SubmitError(Exception):
+    """A user-facing problem with the cluster address or a job id."""
+
+
+def client(address: str):
+    """A JobSubmissionClient for the dashboard at `address`, or a SubmitError saying how to get one."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, ValueError or RuntimeError here
+        raise SubmitError(f"cannot reach a Ray dashboard at {address} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); start a local cluster with "
+                          "`fragile cluster up` or pass --address http://HEAD:8265") from None
+
+
+def _stage(spec: Path) -> Path:
+    """A temporary working directory with the project's packages and the spec (as spec.yaml)."""
+    stage = Path(tempfile.mkdtemp(prefix="fragile-job-"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for pkg in PACKAGES:
+        shutil.copytree(PROJECT_ROOT / pkg, stage / pkg, ignore=ignore)
+    shutil.copyfile(spec, stage / "spec.yaml")
+    return stage
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    dashboard: str
+    entrypoint: str
+
+
+def submit(spec: str | Path, address: str, store: str, *, extra_args: tuple[str, ...] = ()) -> Submitted:
+    """Submit `fragile run SPEC --store STORE` as a Ray job running on the cluster itself."""
+    spec = Path(spec)
+    if not spec.is_file():
+        raise SubmitError(f"spec {spec} not found")
+    c = client(address)
+    stage = _stage(spec)
+    try:
+        # `python -m` puts the working directory first on sys.path: the shipped code, not an installed copy.
+        entrypoint = " ".join(["python -m jobs.cli run spec.yaml --address auto --store", shlex.quote(store),
+                               *map(shlex.quote, extra_args)])
+        job_id = c.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(stage), "env_vars": _JOB_ENV},
+                              metadata={"spec": spec.name, "store": store})
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return Submitted(job_id=job_id, dashboard=f"{address.rstrip('/')}/#/jobs/{job_id}", entrypoint=entrypoint)
+
+
+def status(address: str, job_id: str | None = None) -> list[dict]:
+    """One job's status, or every job's, newest first."""
+    c = client(address)
+    if job_id:
+        try:
+            info = c.get_job_info(job_id)
+        except RuntimeError as exc:
+            raise SubmitError(f"no job {job_id} at {address}: {exc}") from None
+        infos = [info]
+    else:
+        infos = sorted(c.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
+    return [{"job": i.submission_id or i.job_id, "status": str(i.status.value if hasattr(i.status, "value") else i.status),
+             "entrypoint": i.entrypoint, "message": i.message or ""} for i in infos]
+
+
+def logs(address: str, job_id: str, *, follow: bool = False, out=print) -> None:
+    c = client(address)
+    try:
+        if not follow:
+            out(c.get_job_logs(job_id), end="")
+            return
+
+        async def tail():
+            async for chunk in c.tail_job_logs(job_id):
+                out(chunk, end="")
+
+        asyncio.run(tail())
+    except RuntimeError as exc:
+        raise SubmitError(f"no job {job_id} at {address}: {exc}") from None
+
+
+def stop(address: str, job_id: str) -> bool:
+    try:
+        return client(address).stop_job(job_id)
+    except RuntimeError as exc:
+        raise SubmitError(f"no job {job_id} at {address}: {exc}") from None

@@ -1,0 +1,45 @@
+"""The cloud configs parse and name the real entry point, the real specs and a real install step."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import yaml
+
+from jobs.cli import _parser
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "cluster" / "configs"
+
+
+def _check_fragile_command(command: str) -> None:
+    argv = shlex.split(command)
+    assert argv[0] == "fragile"
+    args = _parser().parse_args(argv[1:])  # the real CLI accepts it
+    assert args.command == "run" and (ROOT / args.spec).is_file(), args.spec
+    assert args.store.startswith("s3://")
+
+
+def test_ray_launcher_config():
+    cfg = yaml.safe_load((CONFIGS / "aws-gpu.yaml").read_text())
+    assert cfg["provider"]["type"] == "aws"
+    workers = cfg["available_node_types"]["gpu_worker"]
+    assert workers["resources"]["GPU"] >= 1
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+    assert any("pip install -e /home/ubuntu/fragile" in c for c in cfg["setup_commands"])
+    assert "/home/ubuntu/fragile" in cfg["file_mounts"]
+    for node in cfg["available_node_types"].values():
+        assert "IamInstanceProfile" in node["node_config"]  # S3 through the instance profile, no keys
+    usage = [line.lstrip("# ") for line in (CONFIGS / "aws-gpu.yaml").read_text().splitlines() if "fragile run" in line]
+    assert usage  # the header shows how to run the study on this cluster
+    _check_fragile_command(usage[0])
+
+
+def test_kuberay_rayjob_manifest():
+    job = yaml.safe_load((CONFIGS / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    _check_fragile_command(job["spec"]["entrypoint"])
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert not any("AWS_" in k for k in runtime_env.get("env_vars", {}))  # secrets never in the runtime env
+    gpu = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
