@@ -1,9 +1,9 @@
 """SQL over the result tables with DuckDB, reading the Parquet parts as Arrow datasets.
 
 Each table is registered as a view from a ``pyarrow.dataset`` built on the store's filesystem, so the same
-code works for a local folder and (later) for S3 without DuckDB's httpfs extension, which is not available
-offline. A table with no parts yet is registered as an empty Arrow table with its full schema: SQL over it
-returns 0 rows instead of failing with "table does not exist".
+code works for a local folder and for S3 (pyarrow reads the objects) without DuckDB's httpfs extension,
+which is not available offline. A table with no parts yet is registered as an empty Arrow table with its
+full schema: SQL over it returns 0 rows instead of failing with "table does not exist".
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def describe(store: Store, experiment: str) -> str:
 
 
 def experiments(store: Store) -> list[str]:
-    """The experiment folders present in ``store``, sorted (hidden folders excluded)."""
+    """The experiment folders (S3: prefixes) present in ``store``, sorted (hidden ones excluded)."""
     selector = pafs.FileSelector(store.root, allow_not_found=True, recursive=False)
     names = (info.base_name for info in store.fs.get_file_info(selector)
              if info.type == pafs.FileType.Directory)

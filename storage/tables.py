@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .uri import Store, StoreError, check_name, write_atomic
+from .uri import Store, StoreError, check_name, read_bytes, write_atomic
 
 __all__ = [
     "TABLES", "PARTITION", "table_schema", "table_dir", "part_path", "write_part", "part_exists",
@@ -200,7 +200,8 @@ def write_part(store: Store, experiment: str, table: str, config_id: str, part: 
     ``rows`` (an Arrow table or a dict of columns) is cast to the table's schema: absent nullable columns
     become nulls, unknown columns or uncastable values raise ``StoreError`` naming the column. The file is
     serialised in memory first, so a failure of the cast or of the encoding writes nothing at all; then it
-    is put in place by ``write_atomic`` (temporary name + move). Writing a part again replaces it.
+    is put in place by ``write_atomic`` (temporary name + rename locally, one whole PUT on S3; transient
+    errors retried). Writing a part again replaces it.
     """
     path = part_path(store, experiment, table, config_id, part)
     data = _conform(table, rows, config_id)
@@ -232,11 +233,11 @@ def read_part(store: Store, path: str) -> pa.Table:
     if parsed is None:
         raise StoreError(f"{path!r} is not a part: expected .../<table>/config_id=<id>/<part>{_SUFFIX}")
     table, config_id, _ = parsed
-    try:
-        with store.fs.open_input_file(path) as src:
-            data = pq.read_table(src)
-    except FileNotFoundError as exc:
-        raise StoreError(f"no part at {path}") from exc
+    # One whole read (a part is small) rather than Parquet's several ranged reads: one request on S3.
+    raw = read_bytes(store, path)
+    if raw is None:
+        raise StoreError(f"no part at {path}")
+    data = pq.read_table(pa.BufferReader(raw))
     # Conform to today's schema, so that one part and the whole dataset read with the same types.
     data = _conform(table, data, config_id)
     ids = pa.array([config_id] * data.num_rows, pa.string())

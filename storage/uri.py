@@ -1,11 +1,14 @@
 """Where a store lives: a URI turned into a ``pyarrow.fs`` filesystem and a root path inside it.
 
 Every other module of ``storage`` reaches the data only through ``Store.fs`` and paths built by
-``Store.path``, so that an S3 filesystem can replace the local one without touching them. This version
-opens local stores only (a plain path or a ``file://`` URI); other schemes are refused with a message.
+``Store.path``, so the same code serves a local folder (a plain path or a ``file://`` URI) and S3
+(``s3://bucket/prefix``, opened by ``storage.s3`` from the standard AWS_* environment). Other schemes are
+refused with a message.
 
-The one write primitive, ``write_atomic``, lives here as well: parts and checkpoints both need "the reader
-never sees half a file", and the way to get it depends on the filesystem, not on what is written.
+The two I/O primitives live here as well. ``write_atomic``: parts and checkpoints both need "the reader
+never sees half a file", and the way to get it depends on the filesystem, not on what is written (a
+temporary file and a rename locally; one whole PUT on S3, where a move is a copy plus a delete).
+``read_bytes``: one whole read. Both retry transient errors (``storage.retry``).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
+
+from .retry import with_retries
 
 __all__ = ["StoreError", "Store", "open_store", "write_atomic", "read_bytes", "check_name"]
 
@@ -29,7 +34,7 @@ _NAME_MAX = 200
 
 
 class StoreError(Exception):
-    """A problem with a store that the user can fix (bad URI, unsupported scheme, bad name)."""
+    """A problem with a store that the user can fix (bad URI, unsupported scheme, bad name, S3 access)."""
 
 
 def check_name(kind: str, name: str) -> str:
@@ -51,7 +56,7 @@ class Store:
 
     ``uri`` is what the user gave, normalised (a local path is made absolute), and is enough to open the
     same store again: pickling sends only the URI, and the receiver (a Ray worker) rebuilds the filesystem
-    in its own process. That keeps pickles small and lets a worker pick up its own credentials later (S3).
+    in its own process from its own environment. That keeps pickles small and S3 secrets out of them.
     """
 
     uri: str
@@ -70,20 +75,28 @@ class Store:
 
 
 def open_store(uri: str, *, create: bool = True) -> Store:
-    """Open the store at ``uri``: a local path or a ``file://`` URI.
+    """Open the store at ``uri``: a local path, a ``file://`` URI or ``s3://bucket/prefix``.
 
-    With ``create`` the folder is created if absent; without it an absent folder is fine too (reads see an
-    empty store). A path that exists but is a file, or a scheme other than ``file``, raises ``StoreError``.
+    Local: with ``create`` the folder is created if absent; without it an absent folder is fine too (reads
+    see an empty store). A path that exists but is a file raises ``StoreError``.
+    S3: the bucket is checked first (credentials, existence, reachability; see ``storage.s3``), and any
+    failure is a ``StoreError`` saying what to fix. ``create`` has no effect: prefixes need no creating,
+    and buckets are never created. Any other scheme raises ``StoreError``.
     """
     if not isinstance(uri, str) or not uri.strip():
         raise StoreError(f"store URI must be a non-empty string, got {uri!r}")
     uri = uri.strip()
     match = _SCHEME.match(uri)
-    if match and match.group(1).lower() != "file":
-        scheme = match.group(1).lower()
+    scheme = match.group(1).lower() if match else "file"
+    if scheme == "s3":
+        from .s3 import open_s3  # boto3 is imported by the processes that use S3 only
+
+        normalised, fs, root = open_s3(uri)
+        return Store(uri=normalised, fs=fs, root=root)
+    if scheme != "file":
         raise StoreError(
-            f"store {uri!r} uses the {scheme}:// scheme, but this version of fragile supports local stores "
-            f"only: give a local path (e.g. ./results) or a file:// URI"
+            f"store {uri!r} uses the {scheme}:// scheme, which fragile does not support: give a local path "
+            f"(e.g. ./results), a file:// URI or s3://bucket/prefix"
         )
     if match:
         parsed = urlparse(uri)
@@ -117,42 +130,64 @@ def _reopen(uri: str) -> Store:
 def write_atomic(store: Store, path: str, data: bytes) -> str:
     """Write ``data`` to ``path`` so that a reader sees either nothing, the old file, or the whole new file.
 
-    The bytes go to a hidden temporary sibling (".<stem>.tmp-<uuid><ext>", ignored by every listing) which
-    is then moved onto ``path``; moving onto an existing file replaces it, so writing twice is idempotent.
-    On any failure the temporary file is removed. Returns ``path``.
+    The one place that decides how, by filesystem:
+    - S3: the bytes are PUT whole to ``path`` (one write of the complete buffer; ``storage.s3`` opens the
+      filesystem with delayed open, so the object is sent on close, in one request). S3 shows a PUT to
+      readers all at once, and there is no rename to use: a move would be a copy plus a delete.
+    - Local: the bytes go to a hidden temporary sibling (".<stem>.tmp-<uuid><ext>", ignored by every
+      listing) which is then renamed onto ``path``; on failure the temporary file is removed.
+    Either way writing twice replaces the file (idempotent), transient errors are retried, and a failure
+    keeps its exception type with a note naming ``path``. Returns ``path``.
     """
+    put = _put_whole if store.fs.type_name == "s3" else _write_then_move
+    try:
+        with_retries(lambda: put(store.fs, path, data))
+    except Exception as exc:
+        # Keep the exception's type (callers retry transient OSErrors by type) but say which file it was.
+        exc.add_note(f"while writing {path}")
+        raise
+    return path
+
+
+def _put_whole(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    # No create_dir: S3 prefixes need none, and pyarrow would PUT an empty "folder/" marker object.
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def _write_then_move(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     folder, _, name = path.rpartition("/")
     stem, dot, ext = name.rpartition(".")
     if not dot:
         stem, ext = name, ""
     temp = f"{folder}/.{stem}.tmp-{uuid.uuid4().hex}{dot}{ext}"
-    store.fs.create_dir(folder, recursive=True)
+    fs.create_dir(folder, recursive=True)
     try:
-        with store.fs.open_output_stream(temp) as out:
+        with fs.open_output_stream(temp) as out:
             out.write(data)
-        # LocalFileSystem.move is rename(2): atomic and replacing. (S3 will want a single whole PUT instead.)
-        store.fs.move(temp, path)
+        fs.move(temp, path)  # LocalFileSystem.move is rename(2): atomic, and it replaces an existing file
     except BaseException as exc:
-        _remove_quietly(store, temp)
-        # Keep the exception's type (callers retry transient OSErrors by type) but say which file it was.
+        _remove_quietly(fs, temp)
         if isinstance(exc, Exception):
-            exc.add_note(f"while writing {path} (through the temporary file {temp})")
+            exc.add_note(f"the bytes went to the temporary file {temp}, removed again")
         raise
-    return path
 
 
 def read_bytes(store: Store, path: str) -> bytes | None:
-    """The whole content of the file at ``path``, or None when there is no such file."""
-    try:
-        with store.fs.open_input_stream(path) as src:
-            return src.read()
-    except FileNotFoundError:
-        return None
+    """The whole content of the file at ``path`` (one read, transient errors retried); None when absent."""
+    def read() -> bytes | None:
+        try:
+            with store.fs.open_input_stream(path) as src:
+                return src.read()
+        except FileNotFoundError:
+            return None
+
+    return with_retries(read)
 
 
-def _remove_quietly(store: Store, path: str) -> None:
+def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:
     # Used while another error propagates: that error is the one worth reporting.
     try:
-        store.fs.delete_file(path)
+        fs.delete_file(path)
     except (FileNotFoundError, OSError):
         pass

@@ -1,4 +1,8 @@
-"""Result tables and the ledger: round trips, validation messages, atomic and idempotent part writes."""
+"""Result tables and the ledger: round trips, validation messages, atomic and idempotent part writes.
+
+Every test taking ``store`` runs twice (conftest): on a local folder and on a fresh prefix of a real S3
+server; the assertions are the same on both.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -13,11 +17,6 @@ from storage.tables import (
 from storage.uri import StoreError, open_store
 
 EXP = "iris"
-
-
-@pytest.fixture
-def store(tmp_path):
-    return open_store(str(tmp_path / "results"))
 
 
 def _files(store, folder: str) -> list[str]:
@@ -151,8 +150,10 @@ def test_an_empty_part_records_a_task_with_no_rows(store):
     assert Ledger(store, EXP).done("retrain", "abc", "retrain-00000")
 
 
-def test_failure_while_moving_in_place_leaves_no_temp_file(store):
-    # A non-empty folder where the part should go makes the final move fail after the temp file is written.
+def test_failure_while_moving_in_place_leaves_no_temp_file(tmp_path):
+    # Local only: S3 has no move. A non-empty folder where the part should go makes the final move fail
+    # after the temp file is written.
+    store = open_store(str(tmp_path / "results"))
     path = part_path(store, EXP, "influence", "abc", "p")
     store.fs.create_dir(path + "/blocker", recursive=True)
     with store.fs.open_output_stream(path + "/blocker/x") as out:
@@ -225,3 +226,65 @@ def test_ledger_of_absent_experiment_is_empty(store):
     ledger = Ledger(store, "nothing-here")
     assert ledger.parts("configs") == [] and len(ledger) == 0
     assert not ledger.done("models", "abc", "train")
+
+
+class RecordingFs:
+    """The store's filesystem, recording calls and failing some with an error pyarrow would raise on S3.
+
+    (pyarrow filesystems cannot be monkeypatched, so the test wraps the one the store holds.)
+    """
+
+    def __init__(self, fs, fail: dict[str, int] | None = None,
+                 error: str = "AWS Error SLOW_DOWN during PutObject operation: Please reduce your request rate."):
+        self.fs, self.calls, self.fail, self.error = fs, [], dict(fail or {}), error
+
+    def __getattr__(self, name):
+        target = getattr(self.fs, name)
+        if not callable(target):
+            return target  # type_name: the backend decides how write_atomic writes
+
+        def call(*args, **kwargs):
+            self.calls.append((name, args[0] if args else None))
+            if self.fail.get(name):
+                self.fail[name] -= 1
+                raise OSError(f"When writing to '{args[0]}': {self.error}")
+            return target(*args, **kwargs)
+        return call
+
+
+def _recorded(store, **kwargs):
+    fs = RecordingFs(store.fs, **kwargs)
+    return type(store)(uri=store.uri, fs=fs, root=store.root), fs
+
+
+def test_a_part_is_put_whole_on_s3_and_renamed_into_place_locally(store):
+    recording, fs = _recorded(store)
+    path = write_part(recording, EXP, "influence", "abc", "p", _influence())
+    if store.fs.type_name == "s3":
+        # One PUT of the finished bytes to the final key: no temporary object, no copy, no folder marker.
+        assert fs.calls == [("open_output_stream", path)]
+    else:
+        names = [name for name, _ in fs.calls]
+        assert names == ["create_dir", "open_output_stream", "move"]
+        temp = fs.calls[1][1]
+        assert temp.rsplit("/", 1)[1].startswith(".p.tmp-") and fs.calls[2][1] == temp
+    assert read_part(store, path).num_rows == 3
+    assert _files(store, table_dir(store, EXP, "influence")) == ["p.parquet"]
+
+
+def test_transient_errors_are_retried_by_part_writes_and_reads(store):
+    recording, fs = _recorded(store, fail={"open_output_stream": 2, "open_input_stream": 2})
+    path = write_part(recording, EXP, "influence", "abc", "p", _influence())
+    assert read_part(recording, path).column("estimate").to_pylist() == [0.0, 1.0, 2.0]
+    names = [name for name, _ in fs.calls]
+    assert names.count("open_output_stream") == 3 and names.count("open_input_stream") == 3
+    assert _files(store, table_dir(store, EXP, "influence")) == ["p.parquet"]  # no temp file left by a failure
+
+
+def test_permanent_errors_are_not_retried(store):
+    recording, fs = _recorded(store, fail={"open_output_stream": 1},
+                              error="AWS Error ACCESS_DENIED during PutObject operation: Access Denied")
+    with pytest.raises(OSError, match="ACCESS_DENIED") as info:
+        write_part(recording, EXP, "influence", "abc", "p", _influence())
+    assert [name for name, _ in fs.calls].count("open_output_stream") == 1
+    assert any("while writing" in note and "p.parquet" in note for note in info.value.__notes__)
