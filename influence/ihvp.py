@@ -1,69 +1,157 @@
-"""Inverse-Hessian-vector products s = (H + δI)^{-1} v, one class per method.
+"""Inverse-Hessian-vector products s = (C + δI)^{-1} v, one class per method, and the registry of methods.
 
 Every influence method needs the same thing, s_test = (H + δI)^{-1} ∇L(z_t, θ̂), and differs only in how it
-solves for it. So the interface is one method, :meth:`InverseHVP.solve`, plus a ``diagnostics`` dict of facts
-about the solve worth storing next to the estimates (damping used, curvature, later: iterations, residuals).
-A new method (CG, LiSSA, Arnoldi, EK-FAC) is a new subclass and a new entry in :func:`make_solver`.
+solves for it. So the interface is one method, :meth:`InverseHVP.solve_with_info` (``solve`` is derived), which
+returns a :class:`Solve`: the solutions and, per right-hand side, iterations, relative residual and whether the
+method diverged. Facts about the solver as a whole (damping used, scale chosen, rank, seconds of one-off
+fitting, curvature) are in its ``diagnostics`` dict, to be stored next to the estimates.
 
-H is the Hessian of the *full* objective R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)‖θ‖², so it already contains λI; the
-damping δ is on top of that and exists for non-convex models, where H at θ̂ can be indefinite.
+C is the Hessian H of the *full* objective R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)‖θ‖² (or its Gauss-Newton matrix G,
+``curvature="ggn"``, see :mod:`influence.curvature`), so it already contains λI; the damping δ is on top of that
+and exists for non-convex models, where H at θ̂ can be indefinite. δ means the same in every method.
+
+Methods (:data:`METHODS`; settings and defaults in :data:`SETTINGS`):
+  ``exact``    dense C, one eigendecomposition                                       this module
+  ``cg``       conjugate gradient on a block of right-hand sides, HVPs only          :mod:`influence.ihvp_krylov`
+  ``lissa``    Agarwal et al.'s stochastic Neumann recursion (Koh & Liang)           :mod:`influence.ihvp_lissa`
+  ``arnoldi``  top-k eigenpairs by Arnoldi/Lanczos, then projections (Schioppa et al.) :mod:`influence.ihvp_krylov`
+  ``ekfac``    eigenvalue-corrected Kronecker factors (George et al. 2018)           :mod:`influence.ihvp_ekfac`
 """
 
 from __future__ import annotations
 
+import math
+import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.func import jacrev
 
+from influence.curvature import CURVATURES, CurvatureOperator, curvature_matrix, hessian  # noqa: F401
 from influence.models import MLP
-from influence.objective import objective
 
 DAMPING_POLICIES: tuple[str, ...] = ("always", "if_indefinite", "never")
 
-# Eigenvalues of H + δI smaller than this (relative to the largest |eigenvalue|) make the solve meaningless.
+METHODS: tuple[str, ...] = ("exact", "cg", "lissa", "arnoldi", "ekfac")
+
+# Per method, the settings make_solver accepts and their defaults; plain data, so that a spec can be validated
+# against it cheaply. None means "derived", as each class's docstring says (LiSSA's depth: ≈ n / repeats, the
+# paper's rule; Arnoldi's iterations: 2·rank). Defaults follow the papers: CG tol 1e-8 and 100 iterations and
+# LiSSA scale 10 from Koh & Liang's code; damping 0, so that every method solves the same system as ``exact``.
+SETTINGS: dict[str, dict[str, object]] = {
+    "exact": {"damping": 0.0, "damping_policy": "if_indefinite", "curvature": "hessian"},
+    "cg": {"damping": 0.0, "curvature": "hessian", "tol": 1e-8, "max_iter": 100},
+    "lissa": {"damping": 0.0, "scale": 10.0, "depth": None, "repeats": 1, "batch_size": 10, "seed": 0},
+    "arnoldi": {"damping": 0.0, "curvature": "hessian", "rank": 20, "iterations": None, "seed": 0},
+    "ekfac": {"damping": 0.0, "labels": "true", "seed": 0},
+}
+
+# Eigenvalues of C + δI smaller than this (relative to the largest |eigenvalue|) make the solve meaningless.
 _SINGULAR_RTOL = 1e-12
 
 
 class SingularHessian(ValueError):
-    """H + δI is (numerically) singular, so (H + δI)^{-1} v does not exist; the message suggests a damping."""
+    """C + δI is (numerically) singular, so (C + δI)^{-1} v does not exist; the message suggests a damping."""
 
 
-def hessian(
-    model: MLP, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight_decay: float
-) -> torch.Tensor:
-    """H = ∇²_θ R(θ) ∈ R^{P×P} of the full objective (data term and λI), by ``torch.func`` over flat θ.
+# eq=False: the generated __eq__/__hash__ would compare tensors elementwise and fail; identity is right.
+@dataclass(frozen=True, eq=False)
+class Solve:
+    """Solutions of (C + δI) x_b = v_b for B right-hand sides, and what each one cost and how good it is.
 
-    Computed in float64 whatever the inputs are: the study's small models are exactly where the Hessian's
-    smallest eigenvalues decide the answer, and float32 round-off (~1e-7 relative) would swamp them.
-    Reverse-over-reverse (``jacrev(jacrev(R))``) rather than ``torch.func.hessian``'s forward-over-reverse:
-    same matrix, similar cost at this size, and it avoids torch's forward-AD set-up, which emits a
-    deprecation warning (``torch.jit.script``) in every fresh worker process.
+    x:           [B, P] float64; a row is NaN where ``diverged`` (never a number that only looks like one)
+    iterations:  [B] int64, products with C spent on that right-hand side (0 for one-off factorisations)
+    residual:    [B] float64, ‖(C + δI) x_b − v_b‖ / ‖v_b‖ where the method defines it (see each class), else NaN
+    diverged:    [B] bool, the method detected that its iteration failed for that right-hand side
     """
-    theta64 = theta.detach().to(torch.float64)
-    x64 = x.to(torch.float64)
-    h = jacrev(jacrev(lambda t: objective(model, t, x64, y, weight_decay)))(theta64)
-    # Autograd's H is symmetric only up to round-off; eigh reads one triangle, so make both triangles agree.
-    return 0.5 * (h + h.T)
+
+    x: torch.Tensor
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    diverged: torch.Tensor
+
+    def __post_init__(self) -> None:
+        b = self.x.shape[0]
+        if self.x.ndim != 2 or any(t.shape != (b,) for t in (self.iterations, self.residual, self.diverged)):
+            raise ValueError(
+                f"Solve needs x [B, P] and [B] iterations/residual/diverged; got {tuple(self.x.shape)}, "
+                f"{tuple(self.iterations.shape)}, {tuple(self.residual.shape)}, {tuple(self.diverged.shape)}"
+            )
+
+
+def relative_residual(av: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """‖A x − v‖ / ‖v‖ per row, given A x; 0 for v = 0 solved by x = 0 (the only sensible convention)."""
+    num = (av - v).norm(dim=1)
+    den = v.norm(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num)
 
 
 class InverseHVP(ABC):
-    """Solves (H + δI) s = v. Subclasses set ``name`` and fill ``diagnostics``."""
+    """Solves (C + δI) x = v. Subclasses set ``name``, ``amortised`` and ``diagnostics`` and supply ``_solve``.
+
+    ``amortised``: solving many right-hand sides costs little beyond the one-off fit (exact, arnoldi, ekfac), so
+    per-training-point solves (the predicted ‖Δθ‖) are worth doing by default.
+    """
 
     name: str
+    amortised: bool = False
     diagnostics: dict[str, Any]
 
     @abstractmethod
+    def _solve(self, v: torch.Tensor) -> Solve:
+        """The method itself, for v [B, P] float64 with B >= 1."""
+
+    def solve_with_info(self, v: torch.Tensor) -> Solve:
+        """x = (C + δI)^{-1} v for v [P] or [B, P] (one row per vector), with per-row diagnostics.
+
+        Rows the method reports as diverged come back as NaN, whatever the method left in them.
+        """
+        if v.ndim not in (1, 2):
+            raise ValueError(f"v must be [P] or [B, P]; got shape {tuple(v.shape)}")
+        block = v.detach().to(torch.float64).reshape(-1, v.shape[-1])
+        if block.shape[0] == 0:
+            empty = torch.empty(0, dtype=torch.float64)
+            return Solve(block.clone(), torch.empty(0, dtype=torch.int64), empty, torch.empty(0, dtype=torch.bool))
+        out = self._solve(block)
+        if bool(out.diverged.any()):
+            x = out.x.clone()
+            x[out.diverged] = math.nan
+            out = Solve(x, out.iterations, out.residual, out.diverged)
+        return out
+
     def solve(self, v: torch.Tensor) -> torch.Tensor:
-        """s = (H + δI)^{-1} v, for v of shape [P] or a batch [B, P] (one row per vector)."""
+        """x = (C + δI)^{-1} v for v of shape [P] or [B, P]; NaN rows where the method diverged."""
+        x = self.solve_with_info(v).x
+        return x[0] if v.ndim == 1 else x
+
+
+def check_damping(damping: float) -> float:
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
+        raise ValueError(f"damping must be a number >= 0; got {damping!r}")
+    return float(damping)
+
+
+def check_spectrum(shifted: torch.Tensor, damping: float, min_eigenvalue: float, policy_hint: bool = False) -> None:
+    """Raise :class:`SingularHessian` if the eigenvalues ``shifted`` (of C + δI) include a numerical zero."""
+    scale = float(shifted.abs().max())
+    smallest = int(shifted.abs().argmin())
+    if scale == 0.0 or abs(float(shifted[smallest])) < _SINGULAR_RTOL * scale:
+        policy = " with damping_policy='always' (or 'if_indefinite')" if policy_hint else ""
+        raise SingularHessian(
+            f"H + δI is singular: eigenvalue {float(shifted[smallest]):.3e} (δ = {damping:g}, "
+            f"largest |eigenvalue| {scale:.3e}). Pass a damping larger than "
+            f"{max(-min_eigenvalue, 0.0) + 1e-3 * max(scale, 1e-12):.1e}{policy}, "
+            f"or train with weight decay so that H contains λI."
+        )
 
 
 class ExactIHVP(InverseHVP):
-    """Exact solves from one eigendecomposition H = Q diag(μ) Qᵀ: s = Q diag(1/(μ + δ)) Qᵀ v.
+    """Exact solves from one eigendecomposition C = Q diag(μ) Qᵀ: x = Q diag(1/(μ + δ)) Qᵀ v.
 
     The decomposition costs O(P³) once; each solve is then two [P, P] products, and it hands over the
-    curvature facts (top and minimum eigenvalue) the study reports for free.
+    curvature facts (top and minimum eigenvalue) the study reports for free. ``residual`` is the true
+    ‖(C + δI) x − v‖ / ‖v‖ (round-off, unless C + δI is badly conditioned); ``iterations`` is 0.
 
     ``damping_policy``: ``"always"`` adds δ = ``damping``; ``"if_indefinite"`` adds it only when the minimum
     eigenvalue is <= 0, zero meaning below 1e-12 of the largest |eigenvalue| (so the convex case stays
@@ -71,17 +159,18 @@ class ExactIHVP(InverseHVP):
     """
 
     name = "exact"
+    amortised = True
 
     def __init__(self, H: torch.Tensor, *, damping: float = 0.0, damping_policy: str = "if_indefinite") -> None:
         if damping_policy not in DAMPING_POLICIES:
             raise ValueError(
                 f"unknown damping_policy {damping_policy!r}; choose one of {', '.join(DAMPING_POLICIES)}"
             )
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0; got {damping}")
+        damping = check_damping(damping)
         if H.ndim != 2 or H.shape[0] != H.shape[1]:
             raise ValueError(f"H must be a square [P, P] matrix; got shape {tuple(H.shape)}")
-        eigenvalues, self._eigenvectors = torch.linalg.eigh(H)
+        self._matrix = H.to(torch.float64)
+        eigenvalues, self._eigenvectors = torch.linalg.eigh(self._matrix)
         self.min_eigenvalue = float(eigenvalues[0])
         self.top_eigenvalue = float(eigenvalues[-1])
         # "<= 0" up to round-off: an eigenvalue of +1e-18 next to a top eigenvalue of 1 is a zero that eigh
@@ -91,15 +180,7 @@ class ExactIHVP(InverseHVP):
         self.damping_used = damping if add else 0.0
 
         shifted = eigenvalues + self.damping_used
-        scale = float(shifted.abs().max())
-        smallest = int(shifted.abs().argmin())
-        if scale == 0.0 or abs(float(shifted[smallest])) < _SINGULAR_RTOL * scale:
-            raise SingularHessian(
-                f"H + δI is singular: eigenvalue {float(shifted[smallest]):.3e} (δ = {self.damping_used:g}, "
-                f"largest |eigenvalue| {scale:.3e}). Pass a damping larger than "
-                f"{max(-self.min_eigenvalue, 0.0) + 1e-3 * max(scale, 1e-12):.1e} with damping_policy='always' "
-                f"(or 'if_indefinite'), or train with weight decay so that H contains λI."
-            )
+        check_spectrum(shifted, self.damping_used, self.min_eigenvalue, policy_hint=True)
         self._inverse_eigenvalues = 1.0 / shifted
         self.diagnostics = {
             "damping_used": self.damping_used,
@@ -109,14 +190,13 @@ class ExactIHVP(InverseHVP):
             "positive_definite": bool(shifted[0] > 0),
         }
 
-    def solve(self, v: torch.Tensor) -> torch.Tensor:
+    def _solve(self, v: torch.Tensor) -> Solve:
         q = self._eigenvectors
-        vv = v.to(q.dtype)
-        # Row-vector form s = ((v Q) / (μ + δ)) Qᵀ handles [P] and [B, P] alike.
-        return ((vv @ q) * self._inverse_eigenvalues) @ q.T
-
-
-METHODS: tuple[str, ...] = ("exact",)
+        # Row-vector form x = ((v Q) / (μ + δ)) Qᵀ handles a block of right-hand sides at once.
+        x = ((v @ q) * self._inverse_eigenvalues) @ q.T
+        residual = relative_residual(x @ self._matrix + self.damping_used * x, v)
+        b = v.shape[0]
+        return Solve(x, torch.zeros(b, dtype=torch.int64), residual, torch.zeros(b, dtype=torch.bool))
 
 
 def make_solver(
@@ -128,10 +208,49 @@ def make_solver(
     weight_decay: float,
     **settings: Any,
 ) -> InverseHVP:
-    """The solver for ``method`` at θ̂ on the training data (x, y); ``settings`` go to its constructor.
+    """The solver for ``method`` at θ̂ on the training data (x, y), with ``settings`` from :data:`SETTINGS`.
 
-    ``exact``: ``damping`` (δ, default 0) and ``damping_policy`` (default ``"if_indefinite"``).
+    Settings not given take the defaults in :data:`SETTINGS`; a name not listed there for ``method`` is an
+    error (a typo must not silently run the default). ``diagnostics["seconds_fit"]`` is the one-off cost:
+    forming and factorising C (exact), the eigenpairs (arnoldi), the factors (ekfac); ~0 for cg and lissa,
+    whose cost is in every solve.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown influence method {method!r}; choose one of {', '.join(METHODS)}")
+    allowed = SETTINGS[method]
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        listing = ", ".join(f"{k} (default {v!r})" for k, v in allowed.items())
+        raise ValueError(
+            f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for influence "
+            f"method {method!r}; its settings are: {listing}"
+        )
+    kw = {**allowed, **settings}
+    curvature = kw.get("curvature")
+    start = time.perf_counter()
+    solver = _build(method, model, theta, x, y, weight_decay, kw)
+    solver.diagnostics["seconds_fit"] = time.perf_counter() - start
+    if curvature is not None:
+        solver.diagnostics["curvature"] = curvature
+    return solver
+
+
+def _build(method: str, model: MLP, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight_decay: float,
+           kw: dict[str, Any]) -> InverseHVP:
+    # The other methods' modules subclass InverseHVP from this one, so they are imported here, on first use,
+    # rather than at the top (which would be a circular import).
     if method == "exact":
-        return ExactIHVP(hessian(model, theta, x, y, weight_decay), **settings)
-    raise ValueError(f"unknown influence method {method!r}; choose one of {', '.join(METHODS)}")
+        matrix = curvature_matrix(model, theta, x, y, weight_decay, kw.pop("curvature"))
+        return ExactIHVP(matrix, **kw)
+    if method == "ekfac":
+        from influence.ihvp_ekfac import EkfacIHVP
+
+        return EkfacIHVP(model, theta, x, y, weight_decay, **kw)
+    if method == "lissa":
+        from influence.ihvp_lissa import LissaIHVP
+
+        return LissaIHVP(CurvatureOperator(model, theta, x, y, weight_decay), **kw)
+    from influence.ihvp_krylov import ArnoldiIHVP, ConjugateGradientIHVP
+
+    op = CurvatureOperator(model, theta, x, y, weight_decay, curvature=kw.pop("curvature"))
+    return ConjugateGradientIHVP(op, **kw) if method == "cg" else ArnoldiIHVP(op, **kw)

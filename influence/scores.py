@@ -10,6 +10,7 @@ by Δθ ≈ (1/n) (H + δI)^{-1} ∇L(z_i, θ̂), so the test loss changes by
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,37 +51,73 @@ def per_example_grads(
 # eq=False: the generated __eq__/__hash__ would compare tensors elementwise and fail; identity is right.
 @dataclass(frozen=True, eq=False)
 class Influence:
-    """Influence of every training point on T test points.
+    """Influence of every training point on T test points, and how the T solves went.
 
-    estimate:          [T, n], (1/n) ∇L(z_t)ᵀ (H + δI)^{-1} ∇L(z_i); positive = test loss goes UP without z_i
-    predicted_dtheta:  [n], ‖(H + δI)^{-1} ∇L(z_i)‖ / n, the predicted ‖θ̂₋ᵢ − θ̂‖
+    estimate:          [T, n], (1/n) ∇L(z_t)ᵀ (H + δI)^{-1} ∇L(z_i); positive = test loss goes UP without z_i;
+                       NaN in the rows of test points whose solve diverged
+    predicted_dtheta:  [n], ‖(H + δI)^{-1} ∇L(z_i)‖ / n, the predicted ‖θ̂₋ᵢ − θ̂‖; NaN where not computed
+                       (see ``dtheta``) or where that solve diverged
     test_loss:         [T], L(z_t, θ̂)
+    iterations:        [T] int64, residual: [T] float64, diverged: [T] bool: the solve of s_t (:class:`Solve`)
     """
 
     estimate: torch.Tensor
     predicted_dtheta: torch.Tensor
     test_loss: torch.Tensor
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    diverged: torch.Tensor
 
 
 def influence_estimates(
-    model: MLP, theta: torch.Tensor, data: Dataset, test_idx: Sequence[int], solver: InverseHVP
+    model: MLP,
+    theta: torch.Tensor,
+    data: Dataset,
+    test_idx: Sequence[int],
+    solver: InverseHVP,
+    *,
+    chunk_size: int = 1024,
+    dtheta: bool | None = None,
 ) -> Influence:
     """Estimates for the test points ``test_idx`` of ``data`` over all n training points, at θ̂ = ``theta``.
 
-    One solve per test point, s_t = (H + δI)^{-1} ∇L(z_t) (Koh & Liang's s_test), then estimate = S Gᵀ / n.
-    ``predicted_dtheta`` needs one solve per *training* point; batched, that is cheap for ``exact``.
+    One solve for the test points, s_t = (H + δI)^{-1} ∇L(z_t) (Koh & Liang's s_test), then
+    estimate[t, i] = s_tᵀ ∇L(z_i) / n with the training gradients streamed ``chunk_size`` at a time, so memory is
+    O((T + chunk_size) · P), never n · P. Each estimate depends only on its own test and training point, so any
+    chunking, and any split of ``test_idx`` over calls, gives the same numbers.
+
+    ``dtheta``: the predicted ‖Δθ‖ needs a solve per *training* point. True computes it, False does not (NaN);
+    None (default) computes it for solvers whose many-right-hand-side solves are cheap (``solver.amortised``:
+    exact, arnoldi, ekfac) and not for cg and lissa, where it would cost n iterative solves.
     """
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
     test_idx = _check_indices(test_idx, data.n_test, "test_idx")
     n = data.n_train
+    want_dtheta = solver.amortised if dtheta is None else bool(dtheta)
     x_test, y_test = data.x_test[test_idx], data.y_test[test_idx]
-    train_grads = per_example_grads(model, theta, data.x_train, data.y_train)
-    test_grads = per_example_grads(model, theta, x_test, y_test)
-    s_test = solver.solve(test_grads)  # [T, P]
-    estimate = (s_test @ train_grads.T.to(s_test.dtype)) / n
-    predicted_dtheta = solver.solve(train_grads).norm(dim=1) / n
+    test_grads = per_example_grads(model, theta, x_test, y_test, chunk_size)
+    solved = solver.solve_with_info(test_grads)  # NaN rows where diverged
+    s_test = solved.x  # [T, P], float64
+    estimate = torch.empty(len(test_idx), n, dtype=s_test.dtype)
+    predicted_dtheta = torch.full((n,), math.nan, dtype=s_test.dtype)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        grads = per_example_grads(model, theta, data.x_train[start:stop], data.y_train[start:stop], chunk_size)
+        grads = grads.to(s_test.dtype)
+        estimate[:, start:stop] = (s_test @ grads.T) / n
+        if want_dtheta:
+            predicted_dtheta[start:stop] = solver.solve(grads).norm(dim=1) / n
     with torch.no_grad():
         test_loss = per_example_loss(model, theta, x_test, y_test)
-    return Influence(estimate=estimate, predicted_dtheta=predicted_dtheta, test_loss=test_loss)
+    return Influence(
+        estimate=estimate,
+        predicted_dtheta=predicted_dtheta,
+        test_loss=test_loss,
+        iterations=solved.iterations,
+        residual=solved.residual,
+        diverged=solved.diverged,
+    )
 
 
 def _check_indices(indices: Sequence[int] | torch.Tensor, size: int, what: str) -> list[int]:
