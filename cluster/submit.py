@@ -8,9 +8,11 @@ from their own environment.
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +30,25 @@ class SubmitError(Exception):
 
 def client(address: str):
     """A JobSubmissionClient for the dashboard at `address`, or a SubmitError saying how to get one."""
+    import logging
+
     from ray.job_submission import JobSubmissionClient
 
+    # Ray's job SDK loggers set themselves to INFO ("Uploading package ...", "WebSocket closed ...").
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address given here (and ray.init sets
+    # RAY_ADDRESS in its own process); the address the user named must win.
+    saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, ValueError or RuntimeError here
         raise SubmitError(f"cannot reach a Ray dashboard at {address} ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); start a local cluster with "
                           "`fragile cluster up` or pass --address http://HEAD:8265") from None
+    finally:
+        os.environ.update(saved)
 
 
 def _stage(spec: Path) -> Path:
@@ -66,11 +79,23 @@ def submit(spec: str | Path, address: str, store: str, *, extra_args: tuple[str,
         # `python -m` puts the working directory first on sys.path: the shipped code, not an installed copy.
         entrypoint = " ".join(["python -m jobs.cli run spec.yaml --address auto --store", shlex.quote(store),
                                *map(shlex.quote, extra_args)])
-        job_id = c.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(stage), "env_vars": _JOB_ENV},
-                              metadata={"spec": spec.name, "store": store})
+        job_id = _submit_when_ready(c, entrypoint=entrypoint, metadata={"spec": spec.name, "store": store},
+                                    runtime_env={"working_dir": str(stage), "env_vars": _JOB_ENV})
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return Submitted(job_id=job_id, dashboard=f"{address.rstrip('/')}/#/jobs/{job_id}", entrypoint=entrypoint)
+
+
+def _submit_when_ready(c, *, wait: float = 60.0, **job) -> str:
+    """submit_job, waiting while a freshly started head has no job agent yet (Ray answers HTTP 500 then)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return c.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise SubmitError(f"the cluster refused the job: {exc}") from None
+            time.sleep(1)
 
 
 def status(address: str, job_id: str | None = None) -> list[dict]:
@@ -84,8 +109,15 @@ def status(address: str, job_id: str | None = None) -> list[dict]:
         infos = [info]
     else:
         infos = sorted(c.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
-    return [{"job": i.submission_id or i.job_id, "status": str(i.status.value if hasattr(i.status, "value") else i.status),
-             "entrypoint": i.entrypoint, "message": i.message or ""} for i in infos]
+    return [{"job": i.submission_id or i.job_id, "status": str(getattr(i.status, "value", i.status)),
+             "entrypoint": i.entrypoint, "message": _last_line(i.message)} for i in infos]
+
+
+def _last_line(message: str | None, limit: int = 160) -> str:
+    """A failed job's message ends with its traceback; its last line says what went wrong."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def logs(address: str, job_id: str, *, follow: bool = False, out=print) -> None:

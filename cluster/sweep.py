@@ -103,12 +103,13 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
         models = tables.read_part(store, tables.part_path(store, ctx.experiment, "models", cid, "model"))
         test_points = list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist()))
         degenerate, n_train = models["degenerate_reason"][0].as_py(), models["n_train"][0].as_py()
+        damping = tasks.effective_damping(cfg, models["min_eigenvalue"][0].as_py(), models["top_eigenvalue"][0].as_py())
         coord.task_done.remote("train", skipped=True)
     else:
         theta_ref, out_ref = train_remote.options(**_outside_trial(ctx.resources["train"], f"train {cid}")).remote(
             store, cfg, data_ref)
         out = _await(coord, "train", out_ref)
-        test_points, degenerate, n_train = out.test_points, out.degenerate_reason, out.n_train
+        test_points, degenerate, n_train, damping = out.test_points, out.degenerate_reason, out.n_train, out.damping
         coord.task_done.remote("train")
     ray.get(coord.register.remote(cid, cfg.methods, test_points, degenerate))
     test_idx = [i for i, _ in test_points]
@@ -118,7 +119,7 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
     _run_parts(ctx, cfg, ledger, "influence", [
         (t.part, lambda t=t: influence_remote.options(**_outside_trial(ctx.resources["influence"],
                                                                        f"influence {cid} {t.part}")).remote(
-            store, cfg, data_ref, theta_ref, t.method, t.chunk, t.test_idx)) for t in inf_tasks])
+            store, cfg, data_ref, theta_ref, t.method, t.chunk, t.test_idx, damping)) for t in inf_tasks])
 
     # 3. which training points to retrain without
     removed = _removals(ctx, cfg, n_train)
@@ -267,7 +268,8 @@ def run_sweep(spec: Spec, store: Store, *, version: str, n_train_of: Callable[[C
                                     trial_name_creator=lambda trial: _trial_name(ctx, trial),
                                     trial_dirname_creator=lambda trial: _trial_name(ctx, trial).replace(" ", "_")),
         run_config=tune.RunConfig(
-            name=spec.experiment, storage_path=_tune_dir(store, spec.experiment), verbose=0,
+            name=spec.experiment, storage_path=_tune_dir(store, spec.experiment), storage_filesystem=store.fs,
+            verbose=0,
             callbacks=[_ProgressCallback(coord, on_progress, on_config_done, ctx.configs)],
             failure_config=tune.FailureConfig(max_failures=0),
         ),

@@ -9,13 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shlex
 import sys
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cluster.submit import DEFAULT_ADDRESS as _DEFAULT_ADDRESS
+from cluster.local import ClusterError
+from cluster.submit import SubmitError
 from jobs.spec import SpecError, load_spec
 from storage.query import QueryError, experiments, query
 from storage.uri import StoreError, open_store
@@ -41,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run an experiment spec (embedded Ray unless --address is given)")
     r.add_argument("spec", help="experiment spec (YAML), e.g. jobs/specs/iris.yaml")
-    r.add_argument("--store", default=DEFAULT_STORE, help=f"results folder (default {DEFAULT_STORE})")
+    r.add_argument("--store", default=None,
+                   help=f"results folder or s3://bucket/prefix (default: $FRAGILE_STORE, else {DEFAULT_STORE})")
     r.add_argument("--address", default=None, help="Ray cluster address (default: start an embedded Ray)")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
 
@@ -51,18 +58,46 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="SQL over the result tables (views: configs, models, test_points, "
                                      "influence, retrain, stats)")
     q.add_argument("sql")
-    q.add_argument("--store", default=DEFAULT_STORE)
+    q.add_argument("--store", default=None, help=f"default: $FRAGILE_STORE, else {DEFAULT_STORE}")
     q.add_argument("--experiment", default=None, help="experiment folder (default: the only one in the store)")
     q.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    s = sub.add_parser("submit", help="submit `fragile run SPEC` as a Ray job to a cluster")
+    s.add_argument("spec")
+    s.add_argument("--address", default=None, help=f"Ray dashboard address (default {_DEFAULT_ADDRESS})")
+    s.add_argument("--store", default=None, help="results store as the cluster sees it, e.g. s3://bucket/prefix "
+                                                  "(default: the store `fragile cluster up` printed)")
+    st = sub.add_parser("status", help="status of one job, or of every job on the cluster")
+    st.add_argument("job", nargs="?")
+    st.add_argument("--address", default=None)
+    lg = sub.add_parser("logs", help="a job's output")
+    lg.add_argument("job")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    lg.add_argument("--address", default=None)
+    sp = sub.add_parser("stop", help="stop a running job")
+    sp.add_argument("job")
+    sp.add_argument("--address", default=None)
+    c = sub.add_parser("cluster", help="a local Ray head + S3 server on loopback: up | down | status | env")
+    c.add_argument("action", choices=("up", "down", "status", "env"))
+    c.add_argument("--dir", default=None, help="state folder (default ~/.fragile/cluster or $FRAGILE_CLUSTER_DIR)")
+    c.add_argument("--ray-port", type=int, default=6379)
+    c.add_argument("--dashboard-port", type=int, default=8265)
+    c.add_argument("--s3-port", type=int, default=8333)
+    c.add_argument("--num-cpus", type=int, default=None)
+    c.add_argument("--bucket", default="fragile")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(args, "store") and args.command in ("run", "query"):
+        # `fragile cluster env` exports FRAGILE_STORE, so a shell set up for the cluster needs no --store
+        args.store = args.store or os.environ.get("FRAGILE_STORE") or DEFAULT_STORE
     err = Console(stderr=True)
     try:
-        return {"run": cmd_run, "validate": cmd_validate, "query": cmd_query}[args.command](args)
-    except USER_ERRORS + (UsageError,) as exc:
+        commands = {"run": cmd_run, "validate": cmd_validate, "query": cmd_query, "submit": cmd_submit,
+                    "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "cluster": cmd_cluster}
+        return commands[args.command](args)
+    except USER_ERRORS + (UsageError, SubmitError, ClusterError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         return 2
 
@@ -161,6 +196,96 @@ def cmd_query(args) -> int:
     else:
         _print_table(Console(), result)
     return 0
+
+
+def _address(args) -> str:
+    return args.address or os.environ.get("FRAGILE_ADDRESS") or _DEFAULT_ADDRESS
+
+
+def cmd_submit(args) -> int:
+    from cluster import submit
+
+    spec = load_spec(args.spec)  # a bad spec fails here, before anything reaches the cluster
+    store = args.store or os.environ.get("FRAGILE_STORE")
+    if not store:
+        raise UsageError("say where the cluster should write results: --store s3://bucket/prefix "
+                         "(or export FRAGILE_STORE as `fragile cluster up` prints it)")
+    job = submit.submit(args.spec, _address(args), store)
+    console = Console()
+    console.print(f"submitted {spec.experiment} as job [bold]{job.job_id}[/]")
+    console.print(f"dashboard: {job.dashboard}", highlight=False)
+    console.print(f"follow it: fragile logs {job.job_id} --follow --address {_address(args)}", highlight=False)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from cluster import submit
+
+    rows = submit.status(_address(args), args.job)
+    console = Console()
+    t = Table(title=f"jobs at {_address(args)}")
+    for col in ("job", "status", "entrypoint", "message"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["job"], r["status"], r["entrypoint"], r["message"])
+    console.print(t)
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from cluster import submit
+
+    submit.logs(_address(args), args.job, follow=args.follow, out=lambda text, end="": print(text, end=end, flush=True))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from cluster import submit
+
+    stopped = submit.stop(_address(args), args.job)
+    print(f"{args.job}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from cluster import local
+
+    state_dir = Path(args.dir).expanduser() if args.dir else local.DEFAULT_DIR
+    console = Console()
+    if args.action == "up":
+        state = local.up(state_dir, ray_port=args.ray_port, dashboard_port=args.dashboard_port,
+                         s3_port=args.s3_port, num_cpus=args.num_cpus, bucket=args.bucket)
+        console.print(f"Ray head: {state.address} (dashboard), GCS port {state.ray_port}", highlight=False)
+        console.print(f"S3 server: {state.s3_endpoint}, results go to {state.store}", highlight=False)
+        console.print(f"use it from this shell:  eval \"$(fragile cluster env{_dir_flag(args)})\"", highlight=False)
+        console.print(f"then: fragile submit jobs/specs/iris-smoke.yaml   and   fragile query \"select * from stats\" "
+                      f"--store {state.store}", highlight=False)
+        return 0
+    if args.action == "env":
+        state = local.load_state(state_dir)
+        if state is None:
+            raise ClusterError(f"no cluster state in {state_dir}: start one with `fragile cluster up`")
+        for key, value in state.env().items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+    if args.action == "down":
+        state = local.down(state_dir)
+        console.print("nothing to stop" if state is None else
+                      f"stopped the Ray head (pid {state.ray_pid}) and the S3 server (pid {state.s3_pid}); "
+                      f"the S3 data stays in {state.dir}", highlight=False)
+        return 0
+    report = local.status(state_dir)
+    if report is None:
+        console.print(f"no cluster started from {state_dir}", highlight=False)
+        return 1
+    for name, (alive, reachable, where) in report.items():
+        console.print(f"{name:10} {'running' if alive else 'not running':12} "
+                      f"{'reachable' if reachable else 'unreachable':12} {where}", highlight=False)
+    return 0 if all(a and r for a, r, _ in report.values()) else 1
+
+
+def _dir_flag(args) -> str:
+    return f" --dir {shlex.quote(args.dir)}" if args.dir else ""
 
 
 def _print_table(console: Console, tbl, title: str | None = None) -> None:

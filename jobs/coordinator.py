@@ -35,6 +35,7 @@ class _Config:
     predicted_dtheta: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
     actual_dtheta: dict[int, float] = field(default_factory=dict)
     controls: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    diverged: set[tuple[str, int]] = field(default_factory=set)  # (method, test point) whose solve diverged
     snapshot: int = 0
 
 
@@ -67,6 +68,9 @@ class StatsBook:
             for key, (keys, vals) in by_key.items():
                 if key in c.pairs:
                     c.pairs[key].add_estimates(keys, vals)
+            for m, t, d in zip(cols["method"], cols["test_idx"], cols.get("diverged") or [False] * rows.num_rows):
+                if d:
+                    c.diverged.add((m, t))
         elif table == "retrain":
             by_test: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
             for r, t, a, d, lr in zip(cols["removed"], cols["test_idx"], cols["actual"], cols["dtheta"],
@@ -110,7 +114,8 @@ class StatsBook:
                 out["actual_std"].append(actual_std)
                 out["selection"].append(selection)
                 out["final"].append(final)
-                out["degenerate_reason"].append(c.degenerate_reason)
+                out["degenerate_reason"].append(
+                    c.degenerate_reason or (f"the {m} solve diverged for this test point" if (m, t) in c.diverged else None))
         return dict(out)
 
     @staticmethod

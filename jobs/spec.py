@@ -29,7 +29,7 @@ import yaml
 
 from jobs.spec_checks import (  # noqa: F401 (the vocabulary is part of this module's interface)
     ACTIVATIONS, DAMPING_POLICIES, DATASETS, METHODS, MODELS, OPTIMIZERS, REMOVAL_KINDS, RESOURCE_KINDS,
-    TEST_POINT_KINDS, SpecError, _choice, _closest, _experiment, _indices, _int, _leaf, _methods, _number,
+    TEST_POINT_KINDS, METHOD_SETTINGS, SpecError, _choice, _closest, _experiment, _indices, _int, _leaf, _methods, _number,
     _one_of, _optional, _show, _size,
 )
 from jobs.spec_yaml import SpecLoader
@@ -67,6 +67,7 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "weight_decay": lambda k, v: _number(k, v, lambda x: x >= 0, _NON_NEGATIVE),
     "seed": lambda k, v: _int(k, v, 0),
     "methods": _methods,
+    "solvers": lambda k, v: v,  # checked against the methods in __post_init__
     "damping": lambda k, v: _number(k, v, lambda x: x >= 0, _NON_NEGATIVE),
     "damping_policy": lambda k, v: _choice(k, v, DAMPING_POLICIES),
     "test_points": _rules,
@@ -196,6 +197,9 @@ class Configuration:
     methods: tuple[str, ...] = ("exact",)
     damping: float = 0.01
     damping_policy: str = "if_indefinite"
+    # per method its settings, named as in the papers: {method: {setting: value}} in, and after construction
+    # ((method, ((setting, value), ...)), ...) with every default filled in, so the id covers them all
+    solvers: object = ()
     test_points: tuple[TestPointRule, ...] = _DEFAULT_TEST_POINTS
     # ground truth (warm-started retraining)
     removals: RemovalRule = RemovalRule("all")
@@ -215,6 +219,7 @@ class Configuration:
             for name in ("depth", "width"):
                 if getattr(self, name) < 1:
                     raise SpecError(name, getattr(self, name), f"{name} must be an integer >= 1")
+        object.__setattr__(self, "solvers", _resolve_solvers(self.methods, self.solvers))
         if self.retrain_epochs is None:
             object.__setattr__(self, "retrain_epochs", int(round(RETRAIN_FRACTION * self.epochs)))
         if self.retrain_lr is None:
@@ -224,6 +229,7 @@ class Configuration:
         """Every field, JSON-able (rules as mappings, tuples as lists)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["methods"] = list(self.methods)
+        out["solvers"] = {m: dict(settings) for m, settings in self.solvers}
         out["test_points"] = [r.to_dict() for r in self.test_points]
         out["removals"] = self.removals.to_dict()
         return out
@@ -241,16 +247,45 @@ class Configuration:
         """12 hex of the fields in MODEL_FIELDS only: the identity of the trained checkpoint θ̂."""
         return _hash({name: getattr(self, name) for name in MODEL_FIELDS})
 
+    def solver_settings(self, method: str) -> dict:
+        """The settings of one method, every default filled in."""
+        return dict(dict(self.solvers)[method])
+
     def label(self) -> str:
         """A short human name, e.g. ``mlp d3 w5 tanh wd0.005 s1``."""
         shape = "logistic" if self.model == "logistic" else f"mlp d{self.depth} w{self.width} {self.activation}"
         return f"{shape} wd{self.weight_decay:g} s{self.seed}"
 
 
+def _resolve_solvers(methods: tuple[str, ...], given: object) -> tuple:
+    """Settings of every method in `methods`, defaults filled in; settings for other methods are a mistake."""
+    if isinstance(given, tuple):  # already resolved (a Configuration rebuilt from another one)
+        given = {m: dict(settings) for m, settings in given}
+    if not isinstance(given, dict):
+        raise SpecError("solvers", given, "per-method settings are mappings, e.g. lissa: {scale: auto}")
+    for method in given:
+        if method not in methods:
+            raise SpecError(f"influence.{method}", given[method], f"settings for {method}, which influence.methods does not "
+                                                   f"run ({', '.join(methods)}); add it there or remove them")
+    out = []
+    for method in methods:
+        allowed = METHOD_SETTINGS[method]
+        body = given.get(method) or {}
+        if not isinstance(body, dict):
+            raise SpecError(f"influence.{method}", body, f"{method} settings are a mapping of {', '.join(allowed)}")
+        for key in body:
+            if key not in allowed:
+                raise _unknown(f"influence.{method}", key, tuple(allowed))
+        settings = tuple((k, check(f"influence.{method}.{k}", body.get(k, default))) for k, (default, check) in allowed.items())
+        out.append((method, settings))
+    return tuple(out)
+
+
 FIELDS = tuple(f.name for f in fields(Configuration))
 _NOT_SWEEPABLE = {
     "experiment": "one spec is one experiment",
     "methods": "set influence.methods; every configuration runs all of its methods",
+    "solvers": "set each method's settings in the influence section, e.g. influence.lissa.scale",
     "test_points": "set test_points; every configuration studies the same rules",
     "removals": "set ground_truth.removals",
 }
@@ -348,8 +383,12 @@ def _parse(data: object, source: str) -> Spec:
                                             "e.g. experiment: iris", problem="missing")
     values: dict[str, object] = {"experiment": top["experiment"]}
     for section, keys in _SECTIONS.items():
-        for key, raw in _mapping(section, top.get(section), keys).items():
-            values[keys[key]] = raw
+        allowed = tuple(keys) + (METHODS if section == "influence" else ())
+        for key, raw in _mapping(section, top.get(section), allowed).items():
+            if key in keys:
+                values[keys[key]] = raw
+            else:  # influence.<method>: that method's settings
+                values.setdefault("solvers", {})[key] = raw
     if "removals" in values:
         values["removals"] = _removal_rule(_PATHS["removals"], values["removals"])
     if "test_points" in top:

@@ -15,7 +15,9 @@ from typing import Callable
 DATASETS = ("iris", "digits", "synthetic")
 MODELS = ("mlp", "logistic")
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
-METHODS = ("exact",)
+METHODS = ("exact", "cg", "lissa", "arnoldi", "ekfac")
+CURVATURES = ("hessian", "ggn")
+EKFAC_LABELS = ("true", "sampled")
 DAMPING_POLICIES = ("if_indefinite", "always", "never")
 OPTIMIZERS = ("adam",)
 TEST_POINT_KINDS = ("highest", "median", "random", "explicit")
@@ -138,3 +140,31 @@ def _methods(key: str, value: object) -> tuple[str, ...]:
 
 def _optional(check: Callable[[str, object], object]) -> Callable[[str, object], object]:
     return lambda key, value: None if value is None else check(key, value)
+
+
+def _positive_int_or_derived(key: str, value: object) -> int | None:
+    return None if value is None else _int(key, value, 1)
+
+
+def _scale(key: str, value: object) -> float | str:
+    if value == "auto":
+        return "auto"
+    return _number(key, value, lambda x: x > 0, "a number > 0, or auto (retry with larger scales until LiSSA converges)")
+
+
+# Per method: each setting with its default and its check (the names and defaults are influence.ihvp.SETTINGS,
+# without damping and damping_policy, which the influence section sets for every method alike).
+METHOD_SETTINGS: dict[str, dict[str, tuple[object, Callable[[str, object], object]]]] = {
+    "exact": {"curvature": ("hessian", lambda k, v: _choice(k, v, CURVATURES))},
+    "cg": {"curvature": ("hessian", lambda k, v: _choice(k, v, CURVATURES)),
+           "tol": (1e-8, lambda k, v: _number(k, v, lambda x: 0 < x < 1, "a number strictly between 0 and 1")),
+           "max_iter": (100, lambda k, v: _int(k, v, 1))},
+    "lissa": {"scale": (10.0, _scale), "depth": (None, _positive_int_or_derived),
+              "repeats": (1, lambda k, v: _int(k, v, 1)), "batch_size": (10, lambda k, v: _int(k, v, 1)),
+              "seed": (0, lambda k, v: _int(k, v, 0))},
+    "arnoldi": {"curvature": ("hessian", lambda k, v: _choice(k, v, CURVATURES)),
+                "rank": (20, lambda k, v: _int(k, v, 1)), "iterations": (None, _positive_int_or_derived),
+                "seed": (0, lambda k, v: _int(k, v, 0))},
+    "ekfac": {"labels": ("true", lambda k, v: _choice(k, v, EKFAC_LABELS)), "seed": (0, lambda k, v: _int(k, v, 0))},
+}
+

@@ -67,6 +67,7 @@ class TrainOutput:
 
     test_points: list[tuple[int, str]]
     n_train: int
+    damping: float  # δ every method uses for this configuration (see effective_damping)
     degenerate_reason: str | None
     trained: bool  # False when θ̂ came from a stored checkpoint
 
@@ -128,7 +129,20 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
         "test_idx": idx, "loss": [float(test_losses[i]) for i in idx],
         "label": [int(data.y_test[i]) for i in idx], "selection": [s for _, s in chosen],
     })
-    return theta, TrainOutput(test_points=chosen, n_train=data.n_train, degenerate_reason=reason, trained=trained)
+    return theta, TrainOutput(test_points=chosen, n_train=data.n_train, damping=effective_damping(cfg, min_eig, top_eig),
+                              degenerate_reason=reason, trained=trained)
+
+
+def effective_damping(cfg: Configuration, min_eigenvalue: float, top_eigenvalue: float) -> float:
+    """The δ of (H + δI) for every method of a configuration, decided once so that all methods solve the same
+    system. `if_indefinite` adds δ only when H has an eigenvalue <= 0 (relative to its largest); where the
+    spectrum is unknown (models too large for an exact Hessian) it adds δ, the safe choice."""
+    if cfg.damping_policy == "never":
+        return 0.0
+    if cfg.damping_policy == "always" or math.isnan(min_eigenvalue):
+        return cfg.damping
+    indefinite = min_eigenvalue <= 1e-12 * max(abs(top_eigenvalue), abs(min_eigenvalue))
+    return cfg.damping if indefinite else 0.0
 
 
 def influence_part_name(method: str, chunk: int) -> str:
@@ -136,29 +150,32 @@ def influence_part_name(method: str, chunk: int) -> str:
 
 
 def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Tensor, method: str,
-                   chunk: int, test_idx: list[int]) -> str:
-    """Estimates of `method` for every (test point in this chunk, training point); returns the part path."""
+                   chunk: int, test_idx: list[int], damping: float) -> str:
+    """Estimates of `method` for every (test point in this chunk, training point) with δ = `damping`;
+    returns the part path. A test point whose solve diverged gets NaN estimates and diverged = true."""
     part = influence_part_name(method, chunk)
     where = tables.part_path(store, cfg.experiment, "influence", cfg.config_id, part)
     try:
         start = time.perf_counter()
         model = model_for(cfg, data)
-        solver = make_solver(method, model, theta, data.x_train, data.y_train, cfg.weight_decay,
-                             damping=cfg.damping, damping_policy=cfg.damping_policy)
+        settings = {**cfg.solver_settings(method), "damping": damping}
+        if method == "exact":
+            settings["damping_policy"] = "always"  # δ is already decided for the configuration
+        solver = make_solver(method, model, theta, data.x_train, data.y_train, cfg.weight_decay, **settings)
         inf = influence_estimates(model, theta, data, test_idx, solver)
         seconds = time.perf_counter() - start
         T, n = inf.estimate.shape
-        diag = solver.diagnostics
+        per_test = lambda t: np.repeat(t.numpy(), n)  # noqa: E731 - one value per test point, on each row
         rows = {
             "method": [method] * (T * n),
             "test_idx": np.repeat(np.asarray(test_idx, dtype=np.int64), n),
             "train_idx": np.tile(np.arange(n, dtype=np.int64), T),
             "estimate": inf.estimate.reshape(-1).numpy(),
             "predicted_dtheta": np.tile(inf.predicted_dtheta.numpy(), T),
-            "damping": [float(diag.get("damping_used", cfg.damping))] * (T * n),
-            "iterations": [int(diag.get("iterations", 0))] * (T * n),
-            "residual": [float(diag.get("residual", 0.0))] * (T * n),
-            "diverged": [bool(diag.get("diverged", False))] * (T * n),
+            "damping": [damping] * (T * n),
+            "iterations": per_test(inf.iterations),
+            "residual": per_test(inf.residual),
+            "diverged": per_test(inf.diverged),
             "seconds": [seconds / max(T, 1)] * (T * n),
         }
         return tables.write_part(store, cfg.experiment, "influence", cfg.config_id, part, rows)

@@ -84,3 +84,13 @@ def test_degenerate_configuration_reason_travels_to_stats():
     book.register("c2", ["exact"], [(0, "highest")], degenerate_reason="constant predictor")
     rows = book.rows("c2", final=True)
     assert rows["degenerate_reason"] == ["constant predictor"] and math.isnan(rows["spearman"][0])
+
+
+def test_diverged_solve_is_named_not_averaged():
+    book = StatsBook()
+    book.register("c3", ["lissa"], [(1, "highest")])
+    book.ingest("influence", "c3", pa.table({"method": ["lissa"] * 3, "test_idx": [1] * 3, "train_idx": [0, 1, 2],
+                                             "estimate": [math.nan] * 3, "predicted_dtheta": [math.nan] * 3,
+                                             "diverged": [True] * 3}))
+    rows = book.rows("c3", final=True)
+    assert rows["degenerate_reason"] == ["the lissa solve diverged for this test point"]

@@ -208,7 +208,7 @@ def test_config_id_is_stable_across_processes():
 
 def test_config_id_golden():
     # Changing the canonical form orphans every stored result: do it only on purpose, and update this value.
-    assert Configuration("iris").config_id == "b53626f00e8c"
+    assert Configuration("iris").config_id == "669aa3c7c3d2"
 
 
 def test_config_id_ignores_sweep_list_order_and_number_spelling():
@@ -222,7 +222,8 @@ def test_config_id_ignores_sweep_list_order_and_number_spelling():
 ALTERNATIVES = {
     "experiment": "y", "dataset": "digits", "test_fraction": 0.3, "split_seed": 1, "model": "logistic",
     "depth": 2, "width": 6, "activation": "relu", "optimizer": None, "lr": 0.02, "epochs": 10,
-    "weight_decay": 0.0, "seed": 1, "methods": None, "damping": 0.1, "damping_policy": "always",
+    "weight_decay": 0.0, "seed": 1, "methods": ("exact", "cg"), "damping": 0.1,
+    "solvers": {"exact": {"curvature": "ggn"}}, "damping_policy": "always",
     "test_points": (TestPointRule("highest", 1),), "removals": RemovalRule("top_k", 5), "retrain_epochs": 3,
     "retrain_lr": 0.5, "controls": 1, "perturbation": 0.0, "retrain_chunk": 7,
 }
@@ -308,7 +309,11 @@ MISTAKES = [
     ("data:\n  name: irsi", ["data.name", "'irsi'", "iris, digits, synthetic", "did you mean 'iris'"]),
     ("model:\n  family: cnn", ["model.family", "'cnn'", "mlp, logistic"]),
     ("model:\n  activation: tahn", ["model.activation", "'tahn'", "did you mean 'tanh'"]),
-    ("influence:\n  methods: [cg]", ["influence.methods", "'cg'", "exact"]),
+    ("influence:\n  methods: [magic]", ["influence.methods", "'magic'", "exact"]),
+    ("influence:\n  methods: [exact]\n  lissa: {scale: auto}", ["influence.lissa", "does not run"]),
+    ("influence:\n  methods: [lissa]\n  lissa: {scal: auto}", ["influence.lissa.scal", "did you mean 'scale'"]),
+    ("influence:\n  methods: [lissa]\n  lissa: {scale: -1}", ["influence.lissa.scale", "-1", "auto"]),
+    ("influence:\n  methods: [cg]\n  cg: {tol: 2}", ["influence.cg.tol", "2"]),
     ("influence:\n  methods: exact", ["influence.methods", "'exact'", "list"]),
     ("influence:\n  methods: []", ["influence.methods", "[]"]),
     ("train:\n  optimizer: sgd", ["train.optimizer", "'sgd'", "adam"]),
