@@ -2,7 +2,9 @@
 
 Modules: ``data`` (datasets as tensors), ``models`` (functional MLPs over a flat θ), ``objective`` (R(θ; w)),
 ``train`` (θ̂, and batched leave-one-out retraining), ``stacked`` (the hand-derived gradient that batched
-retraining runs on), ``ihvp`` ((H + δI)^{-1} v, one class per method), ``scores`` (estimates, choice of test
+retraining runs on), ``curvature`` (Hessian and Gauss-Newton products), ``ihvp`` ((H + δI)^{-1} v: the interface, ``exact``,
+``make_solver``) with one module per family of methods (``ihvp_krylov``: cg, arnoldi; ``ihvp_lissa``;
+``ihvp_ekfac``), ``scores`` (estimates, choice of test
 points and removals), ``metrics`` (correlations, streaming accumulator). Nothing is re-exported here.
 Sign convention everywhere: positive = the test loss goes up when the training point is removed.
 This package never imports ``storage``, ``jobs``, ``cluster`` or ``ray``.

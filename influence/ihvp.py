@@ -11,11 +11,11 @@ C is the Hessian H of the *full* objective R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)�
 and exists for non-convex models, where H at θ̂ can be indefinite. δ means the same in every method.
 
 Methods (:data:`METHODS`; settings and defaults in :data:`SETTINGS`):
-  ``exact``    dense C, one eigendecomposition                                       this module
-  ``cg``       conjugate gradient on a block of right-hand sides, HVPs only          :mod:`influence.ihvp_krylov`
-  ``lissa``    Agarwal et al.'s stochastic Neumann recursion (Koh & Liang)           :mod:`influence.ihvp_lissa`
-  ``arnoldi``  top-k eigenpairs by Arnoldi/Lanczos, then projections (Schioppa et al.) :mod:`influence.ihvp_krylov`
-  ``ekfac``    eigenvalue-corrected Kronecker factors (George et al. 2018)           :mod:`influence.ihvp_ekfac`
+  ``exact``    dense C, one eigendecomposition                                  this module
+  ``cg``       conjugate gradient on a block of right-hand sides, HVPs only     :mod:`influence.ihvp_krylov`
+  ``lissa``    stochastic Neumann recursion (Agarwal et al.; Koh & Liang)       :mod:`influence.ihvp_lissa`
+  ``arnoldi``  top-k eigenpairs by Arnoldi, then projections (Schioppa et al.)  :mod:`influence.ihvp_krylov`
+  ``ekfac``    eigenvalue-corrected Kronecker factors (George et al. 2018)      :mod:`influence.ihvp_ekfac`
 """
 
 from __future__ import annotations

@@ -42,9 +42,11 @@ def test_every_table_written_with_expected_rows(smoke_run):
     assert T == 2 and set(tp["selection"].to_pylist()) == {"highest", "median"}
     controls = configs[0].controls
     assert counts["configs"] == n_cfg and counts["models"] == n_cfg
-    assert counts["influence"] == n_cfg * T * n_train
+    M = len(configs[0].methods)
+    assert M == 5
+    assert counts["influence"] == n_cfg * M * T * n_train
     assert counts["retrain"] == n_cfg * T * (n_train + controls)
-    assert counts["stats"] == n_cfg * T
+    assert counts["stats"] == n_cfg * M * T
     stats = tables.read_table(store, spec.experiment, "stats")
     assert all(stats["final"].to_pylist())
     # the checkpoint of every base model is in the store
@@ -57,20 +59,36 @@ def test_final_stats_equal_one_shot_recomputation(smoke_run):
     """The coordinator's incremental numbers must equal the metrics over the stored rows."""
     store, spec = smoke_run
     joined = query("""
-        select i.config_id, i.test_idx, i.estimate, r.actual
+        select i.config_id, i.method, i.test_idx, i.estimate, r.actual
         from influence i join retrain r
           on r.config_id = i.config_id and r.test_idx = i.test_idx and r.removed = i.train_idx
-        where i.method = 'exact' order by all""", store, spec.experiment).to_pandas()
+        order by all""", store, spec.experiment).to_pandas()
     stats = tables.read_table(store, spec.experiment, "stats").to_pandas()
     checked = 0
-    for (cid, t), g in joined.groupby(["config_id", "test_idx"]):
-        row = stats[(stats.config_id == cid) & (stats.test_idx == t)].iloc[0]
+    for (cid, m, t), g in joined.groupby(["config_id", "method", "test_idx"]):
+        row = stats[(stats.config_id == cid) & (stats.method == m) & (stats.test_idx == t)].iloc[0]
         assert row.n == len(g) == 120
         for ours, fn in ((row.spearman, spearman), (row.pearson, pearson)):
             expected = fn(g.estimate.to_numpy(), g.actual.to_numpy())
             assert (math.isnan(ours) and math.isnan(expected)) or ours == pytest.approx(expected, abs=1e-12)
         checked += 1
     assert checked == len(stats)
+
+
+def test_methods_side_by_side_cg_agrees_with_exact(smoke_run):
+    """Through the whole pipeline, CG solves the same damped system as the exact method."""
+    store, spec = smoke_run
+    est = query("""
+        select e.config_id, e.test_idx, e.train_idx, e.estimate as exact, c.estimate as cg, c.diverged,
+               e.damping as d_exact, c.damping as d_cg
+        from influence e join influence c using (config_id, test_idx, train_idx)
+        where e.method = 'exact' and c.method = 'cg'""", store, spec.experiment).to_pandas()
+    assert len(est) == 4 * 2 * 120 and not est.diverged.any()
+    assert (est.d_exact == est.d_cg).all()  # one damping per configuration, whatever the method
+    scale = est.groupby(["config_id", "test_idx"]).exact.transform(lambda v: v.abs().max())
+    assert ((est.cg - est.exact).abs() / scale).max() < 1e-4
+    methods = set(tables.read_table(store, spec.experiment, "stats")["method"].to_pylist())
+    assert methods == {"exact", "cg", "lissa", "arnoldi", "ekfac"}
 
 
 def test_actual_is_retrained_minus_control_and_controls_give_noise_floor(smoke_run):
@@ -100,7 +118,7 @@ def test_query_cli_formats(smoke_run, capsys):
     sql = "select count(*) as n, count(distinct config_id) as configs from stats where final"
     assert main(["query", sql, "--store", store.uri, "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows == [{"n": 2 * len(spec.configurations()), "configs": len(spec.configurations())}]
+    assert rows == [{"n": 10 * len(spec.configurations()), "configs": len(spec.configurations())}]
     assert main(["query", "select depth from configs order by depth limit 1", "--store", store.uri,
                  "--experiment", spec.experiment, "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ['"depth"', "1"]
@@ -118,9 +136,9 @@ def test_resume_recomputes_only_what_is_missing(smoke_run, capsys):
     assert main(["run", str(SMOKE), "--store", store.uri]) == 0
     assert "1 tasks run" in capsys.readouterr().out
     after = tables.read_table(store, spec.experiment, "stats", config_ids=[cid]).to_pandas()
-    cols = ["test_idx", "n", "spearman", "pearson", "noise_floor", "final"]
-    assert after[cols].sort_values("test_idx").reset_index(drop=True).equals(
-        before[cols].sort_values("test_idx").reset_index(drop=True))
+    cols = ["method", "test_idx", "n", "spearman", "pearson", "noise_floor", "final"]
+    assert after[cols].sort_values(cols[:2]).reset_index(drop=True).equals(
+        before[cols].sort_values(cols[:2]).reset_index(drop=True))
 
 
 def test_failing_task_names_configuration_and_task_and_exits_1(ray_cluster, tmp_path, capsys):
