@@ -27,8 +27,8 @@ from influence.models import build_model
 from influence.objective import per_example_loss
 from influence.scores import influence_estimates, per_example_grads
 from influence.train import train
+from iris_models import WEIGHT_DECAY, trained_iris
 
-WEIGHT_DECAY = 0.005
 MODELS = [("logistic", 0), ("mlp", 1), ("mlp", 2)]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,17 +39,15 @@ def iris():
     return load_dataset("iris")
 
 
-_TRAINED: dict[tuple[str, int], tuple] = {}
+_GRADS: dict[tuple[str, int], tuple] = {}
 
 
 def trained(iris, name: str, depth: int):
     """(model, θ̂, test gradients [30, P]) for one of MODELS; trained once per module."""
-    if (name, depth) not in _TRAINED:
-        model = build_model(name, in_features=4, num_classes=3, depth=depth, width=5)
-        theta = train(model, iris.x_train, iris.y_train, weight_decay=WEIGHT_DECAY, lr=0.05, epochs=500,
-                      seed=0).theta
-        _TRAINED[(name, depth)] = (model, theta, per_example_grads(model, theta, iris.x_test, iris.y_test))
-    return _TRAINED[(name, depth)]
+    if (name, depth) not in _GRADS:
+        model, theta = trained_iris(iris, name, depth)
+        _GRADS[(name, depth)] = (model, theta, per_example_grads(model, theta, iris.x_test, iris.y_test))
+    return _GRADS[(name, depth)]
 
 
 def solver(iris, method, name, model_depth, **settings):

@@ -25,12 +25,10 @@ from influence.data import load_dataset
 from influence.ihvp import ExactIHVP, make_solver
 from influence.ihvp_ekfac import EkfacIHVP
 from influence.metrics import pearson, spearman
-from influence.models import build_model
 from influence.objective import per_example_loss
 from influence.scores import influence_estimates, per_example_grads
-from influence.train import train
+from iris_models import WEIGHT_DECAY, trained_iris
 
-WEIGHT_DECAY = 0.005
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,16 +38,8 @@ def iris():
     return load_dataset("iris")
 
 
-_TRAINED: dict[tuple[str, int], tuple] = {}
-
-
 def trained(iris, name: str, depth: int):
-    if (name, depth) not in _TRAINED:
-        model = build_model(name, in_features=4, num_classes=3, depth=depth, width=5)
-        theta = train(model, iris.x_train, iris.y_train, weight_decay=WEIGHT_DECAY, lr=0.05, epochs=500,
-                      seed=0).theta
-        _TRAINED[(name, depth)] = (model, theta)
-    return _TRAINED[(name, depth)]
+    return trained_iris(iris, name, depth)
 
 
 def layer_blocks(model, flat: torch.Tensor) -> list[torch.Tensor]:

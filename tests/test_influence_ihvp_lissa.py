@@ -18,11 +18,9 @@ from influence.curvature import MatrixOperator, hessian
 from influence.data import load_dataset
 from influence.ihvp import ExactIHVP, make_solver
 from influence.ihvp_lissa import AUTO_SCALES, LissaIHVP
-from influence.models import build_model
 from influence.scores import per_example_grads
-from influence.train import train
+from iris_models import WEIGHT_DECAY, trained_iris
 
-WEIGHT_DECAY = 0.005
 DAMPING = 0.01
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,17 +31,15 @@ def iris():
     return load_dataset("iris")
 
 
-_TRAINED: dict[tuple[str, int], tuple] = {}
+_GRADS: dict[tuple[str, int], tuple] = {}
 
 
 def trained(iris, name: str, depth: int):
     """(model, θ̂, gradients of the first 8 test points) for Iris, trained once per module."""
-    if (name, depth) not in _TRAINED:
-        model = build_model(name, in_features=4, num_classes=3, depth=depth, width=5)
-        theta = train(model, iris.x_train, iris.y_train, weight_decay=WEIGHT_DECAY, lr=0.05, epochs=500,
-                      seed=0).theta
-        _TRAINED[(name, depth)] = (model, theta, per_example_grads(model, theta, iris.x_test[:8], iris.y_test[:8]))
-    return _TRAINED[(name, depth)]
+    if (name, depth) not in _GRADS:
+        model, theta = trained_iris(iris, name, depth)
+        _GRADS[(name, depth)] = (model, theta, per_example_grads(model, theta, iris.x_test[:8], iris.y_test[:8]))
+    return _GRADS[(name, depth)]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
