@@ -14,11 +14,6 @@ from jobs.spec import Configuration
 from jobs.tasks import influence_part_name, retrain_part_name
 from storage.ledger import Ledger
 
-# Test points per influence task. Exact solves factor the Hessian once per task, so on small models one
-# task per method is cheapest; on a cluster the chunks spread test points over workers.
-TEST_CHUNK = 16
-
-
 def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)] or []
 
@@ -45,7 +40,9 @@ class RetrainTask:
 
 
 def influence_tasks(cfg: Configuration, test_idx: list[int]) -> list[InfluenceTask]:
-    return [InfluenceTask(m, k, c) for m in cfg.methods for k, c in enumerate(chunks(test_idx, TEST_CHUNK))]
+    # Exact solves factor the Hessian once per task, so on small models one task per method is cheapest; on a
+    # cluster the chunks (influence.test_chunk test points each) spread the test points over workers.
+    return [InfluenceTask(m, k, c) for m in cfg.methods for k, c in enumerate(chunks(test_idx, cfg.test_chunk))]
 
 
 def retrain_tasks(cfg: Configuration, removed: list[int]) -> list[RetrainTask]:
@@ -63,7 +60,7 @@ def task_counts(configs: list[Configuration], n_train_of: Callable[[Configuratio
     chunk of removals."""
     return {
         "train": len(configs),
-        "influence": sum(len(c.methods) * math.ceil(n_test_points(c) / TEST_CHUNK) for c in configs),
+        "influence": sum(len(c.methods) * math.ceil(n_test_points(c) / c.test_chunk) for c in configs),
         "retrain": sum(math.ceil(c.removals.count(n_train_of(c)) / c.retrain_chunk) for c in configs),
     }
 

@@ -68,6 +68,8 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "seed": lambda k, v: _int(k, v, 0),
     "methods": _methods,
     "solvers": lambda k, v: v,  # checked against the methods in __post_init__
+    "test_chunk": lambda k, v: _int(k, v, 1),
+    "grad_chunk": lambda k, v: _int(k, v, 1),
     "damping": lambda k, v: _number(k, v, lambda x: x >= 0, _NON_NEGATIVE),
     "damping_policy": lambda k, v: _choice(k, v, DAMPING_POLICIES),
     "test_points": _rules,
@@ -200,6 +202,8 @@ class Configuration:
     # per method its settings, named as in the papers: {method: {setting: value}} in, and after construction
     # ((method, ((setting, value), ...)), ...) with every default filled in, so the id covers them all
     solvers: object = ()
+    test_chunk: int = 16  # test points per influence task
+    grad_chunk: int = 1024  # training gradients held at once: peak memory is grad_chunk x parameters
     test_points: tuple[TestPointRule, ...] = _DEFAULT_TEST_POINTS
     # ground truth (warm-started retraining)
     removals: RemovalRule = RemovalRule("all")
@@ -297,7 +301,8 @@ _SECTIONS = {
     "model": {"family": "model", "depth": "depth", "width": "width", "activation": "activation"},
     "train": {"optimizer": "optimizer", "lr": "lr", "epochs": "epochs", "weight_decay": "weight_decay",
               "seed": "seed"},
-    "influence": {"methods": "methods", "damping": "damping", "damping_policy": "damping_policy"},
+    "influence": {"methods": "methods", "damping": "damping", "damping_policy": "damping_policy",
+                  "test_chunk": "test_chunk", "grad_chunk": "grad_chunk"},
     "ground_truth": {"removals": "removals", "epochs": "retrain_epochs", "lr": "retrain_lr",
                      "controls": "controls", "perturbation": "perturbation", "chunk": "retrain_chunk"},
 }

@@ -81,7 +81,7 @@ def test_validate_prints_configurations_and_task_counts(capsys):
     assert main(["validate", str(SMOKE)]) == 0
     out = capsys.readouterr().out
     assert "4 configurations" in out
-    assert "train 4, influence 4, retrain 8" in out
+    assert "train 4, influence 20, retrain 8" in out  # 5 methods x 1 chunk of test points
 
 
 def _store_with_two_experiments(tmp_path):

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_task_counts_iris_smoke():
     configs = load_spec(ROOT / "jobs/specs/iris-smoke.yaml").configurations()
-    assert plan.task_counts(configs, lambda c: 120) == {"train": 4, "influence": 4, "retrain": 8}
+    assert plan.task_counts(configs, lambda c: 120) == {"train": 4, "influence": 4 * 5, "retrain": 8}
 
 
 def test_task_counts_other_removals():
