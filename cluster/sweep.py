@@ -9,6 +9,7 @@ each wait forever for a CPU of their own.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -45,24 +46,38 @@ def _await(coord, kind: str, ref):
         raise
 
 
-def _with_own_threads(fn: Callable) -> Callable:
-    """Run a task body with as many torch threads as CPUs Ray gave it. Small models on a shared node slow
-    down several times when every task spreads over all cores."""
+def _with_task_resources(fn: Callable) -> Callable:
+    """Run a task body on what Ray gave it: as many torch threads as CPUs (small models on a shared node slow
+    down several times when every task spreads over all cores), and the GPU, if it got one.
+
+    The GPU ids go to the body through `tasks.TASK_GPUS_ENV` (set for this call only: a worker process runs
+    tasks with and without GPUs in turn), and `tasks.device_for_task()` turns them into a device. Ray itself
+    points CUDA_VISIBLE_DEVICES at those GPUs."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import torch
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        context = ray.get_runtime_context()
+        cpus = context.get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
-        return fn(*args, **kwargs)
+        gpus = context.get_accelerator_ids().get("GPU", [])
+        previous = os.environ.get(tasks.TASK_GPUS_ENV)
+        os.environ[tasks.TASK_GPUS_ENV] = ",".join(str(g) for g in gpus)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if previous is None:
+                os.environ.pop(tasks.TASK_GPUS_ENV, None)
+            else:
+                os.environ[tasks.TASK_GPUS_ENV] = previous
 
     return wrapper
 
 
-train_remote = ray.remote(num_returns=2)(_with_own_threads(tasks.train_task))
-influence_remote = ray.remote(_with_own_threads(tasks.influence_task))
-retrain_remote = ray.remote(_with_own_threads(tasks.retrain_task))
+train_remote = ray.remote(num_returns=2)(_with_task_resources(tasks.train_task))
+influence_remote = ray.remote(_with_task_resources(tasks.influence_task))
+retrain_remote = ray.remote(_with_task_resources(tasks.retrain_task))
 CoordinatorActor = ray.remote(num_cpus=0)(MeteredCoordinator)
 
 

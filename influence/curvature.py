@@ -10,7 +10,9 @@ regression) that term is zero and G = H.
 
 Every iterative inverse-HVP method only needs ``v ↦ C v``; :class:`CurvatureOperator` supplies it for a block of
 vectors at once (``vmap``), over all training points or a minibatch (LiSSA), in float64 whatever the inputs are:
-the small models of the study are exactly where the smallest eigenvalues decide the answer.
+the small models of the study are exactly where the smallest eigenvalues decide the answer. Everything stays
+on the device of θ and x (CPU or CUDA); an operator's ``device`` is where its products live, so that solvers
+can allocate their workspaces there.
 """
 
 from __future__ import annotations
@@ -62,10 +64,12 @@ def hessian(
 
 class Operator(Protocol):
     """What the iterative solvers need: ``matvec(V)`` = C V for V [B, P] (rows are vectors), optionally over
-    the training points ``idx`` only (a minibatch estimate of C, for LiSSA)."""
+    the training points ``idx`` only (a minibatch estimate of C, for LiSSA). Products are float64 on
+    ``device``."""
 
     n_params: int
     n_examples: int
+    device: torch.device
 
     def matvec(self, v: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -82,6 +86,7 @@ class MatrixOperator:
         self.matrix = matrix.to(torch.float64)
         self.n_params = int(matrix.shape[0])
         self.n_examples = 1
+        self.device = matrix.device
 
     def matvec(self, v: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         return v.to(torch.float64) @ self.matrix  # symmetric: (C vᵀ)ᵀ = v C
@@ -110,8 +115,9 @@ class CurvatureOperator:
         _load_forward_ad()
         self.model = model
         self.theta = theta.detach().to(torch.float64)
-        self.x = x.detach().to(torch.float64)
-        self.y = y
+        self.x = x.detach().to(device=self.theta.device, dtype=torch.float64)
+        self.y = y.to(self.theta.device)
+        self.device = self.theta.device
         self.weight_decay = float(weight_decay)
         self.curvature = curvature
         self.n_params = model.n_params
@@ -121,6 +127,8 @@ class CurvatureOperator:
         """C v for v [P] or [B, P]; with ``idx``, C on those training points only."""
         vv = v.to(torch.float64)
         block = vv.unsqueeze(0) if vv.ndim == 1 else vv
+        if idx is not None:
+            idx = idx.to(self.device)
         x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
         if block.shape[0] == 0:
             return block.clone()
@@ -154,7 +162,7 @@ def gauss_newton(
 ) -> torch.Tensor:
     """G = (1/n) Σ_i J_iᵀ H_out,i J_i + λI ∈ R^{P×P}, formed from GGN-vector products with the identity."""
     op = CurvatureOperator(model, theta, x, y, weight_decay, curvature="ggn")
-    eye = torch.eye(model.n_params, dtype=torch.float64)
+    eye = torch.eye(model.n_params, dtype=torch.float64, device=op.device)
     g = torch.cat([op.matvec(eye[i : i + _MATRIX_BLOCK]) for i in range(0, model.n_params, _MATRIX_BLOCK)])
     return 0.5 * (g + g.T)
 

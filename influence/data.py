@@ -66,6 +66,21 @@ class Dataset:
     def n_test(self) -> int:
         return int(self.x_test.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """The same split with every tensor on ``device`` (tensors already there are shared, not copied)."""
+        return Dataset(
+            name=self.name,
+            x_train=self.x_train.to(device),
+            y_train=self.y_train.to(device),
+            x_test=self.x_test.to(device),
+            y_test=self.y_test.to(device),
+            num_classes=self.num_classes,
+        )
+
 
 def _synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` points from three isotropic Gaussian blobs (class sizes as equal as possible), fixed by ``seed``."""
@@ -126,11 +141,12 @@ def load_dataset(
     # NaNs. Leaving such a column merely centred keeps it constant, which is all the model can use from it anyway.
     std = np.where(std > 0.0, std, 1.0)
 
+    # Loaded on the CPU (and shipped to workers from there); a task moves it with Dataset.to(device).
     def as_x(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor((a - mean) / std, dtype=dtype)
+        return torch.as_tensor((a - mean) / std, dtype=dtype, device="cpu")
 
     def as_y(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=torch.int64)
+        return torch.as_tensor(a, dtype=torch.int64, device="cpu")
 
     return Dataset(
         name=name,

@@ -60,6 +60,8 @@ class SingularHessian(ValueError):
 class Solve:
     """Solutions of (C + δI) x_b = v_b for B right-hand sides, and what each one cost and how good it is.
 
+    All four live on the device of the right-hand sides.
+
     x:           [B, P] float64; a row is NaN where ``diverged`` (never a number that only looks like one)
     iterations:  [B] int64, products with C spent on that right-hand side (0 for one-off factorisations)
     residual:    [B] float64, ‖(C + δI) x_b − v_b‖ / ‖v_b‖ where the method defines it (see each class), else NaN
@@ -111,8 +113,10 @@ class InverseHVP(ABC):
             raise ValueError(f"v must be [P] or [B, P]; got shape {tuple(v.shape)}")
         block = v.detach().to(torch.float64).reshape(-1, v.shape[-1])
         if block.shape[0] == 0:
-            empty = torch.empty(0, dtype=torch.float64)
-            return Solve(block.clone(), torch.empty(0, dtype=torch.int64), empty, torch.empty(0, dtype=torch.bool))
+            device = block.device
+            return Solve(block.clone(), torch.empty(0, dtype=torch.int64, device=device),
+                         torch.empty(0, dtype=torch.float64, device=device),
+                         torch.empty(0, dtype=torch.bool, device=device))
         out = self._solve(block)
         if bool(out.diverged.any()):
             x = out.x.clone()
@@ -195,8 +199,17 @@ class ExactIHVP(InverseHVP):
         # Row-vector form x = ((v Q) / (μ + δ)) Qᵀ handles a block of right-hand sides at once.
         x = ((v @ q) * self._inverse_eigenvalues) @ q.T
         residual = relative_residual(x @ self._matrix + self.damping_used * x, v)
-        b = v.shape[0]
-        return Solve(x, torch.zeros(b, dtype=torch.int64), residual, torch.zeros(b, dtype=torch.bool))
+        iterations, _, diverged = direct_solve_info(v)
+        return Solve(x, iterations, residual, diverged)
+
+
+def direct_solve_info(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(iterations, residual, diverged)`` = (0, NaN, False) per row of v, on v's device: what a one-off
+    factorisation reports for its solves (each method overwrites the residual it can compute)."""
+    b, device = v.shape[0], v.device
+    return (torch.zeros(b, dtype=torch.int64, device=device),
+            torch.full((b,), torch.nan, dtype=torch.float64, device=device),
+            torch.zeros(b, dtype=torch.bool, device=device))
 
 
 def make_solver(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from influence.ihvp import InverseHVP, Solve, check_damping, check_spectrum
+from influence.ihvp import InverseHVP, Solve, check_damping, check_spectrum, direct_solve_info
 from influence.models import MLP
 
 LABELS: tuple[str, ...] = ("true", "sampled")
@@ -93,8 +93,7 @@ class EkfacIHVP(InverseHVP):
             back = q_s @ rotated @ q_a.T
             x[:, w_off:b_off] = back[:, :, :fan_in].reshape(b, -1)
             x[:, b_off : b_off + fan_out] = back[:, :, fan_in]
-        nan = torch.full((b,), float("nan"), dtype=torch.float64)
-        return Solve(x, torch.zeros(b, dtype=torch.int64), nan, torch.zeros(b, dtype=torch.bool))
+        return Solve(x, *direct_solve_info(v))
 
 
 def _activations_and_gradients(
@@ -107,7 +106,7 @@ def _activations_and_gradients(
     """
     theta64 = theta.detach().to(torch.float64).requires_grad_(True)
     h = x.detach().to(torch.float64)
-    ones = torch.ones(h.shape[0], 1, dtype=torch.float64)
+    ones = torch.ones(h.shape[0], 1, dtype=torch.float64, device=h.device)
     inputs, pre = [], []
     layers = model.unflatten(theta64)
     for l, (w, b) in enumerate(layers):
@@ -116,8 +115,10 @@ def _activations_and_gradients(
         pre.append(z)
         h = model._act(z) if l < len(layers) - 1 else z
     if labels == "sampled":
+        # Drawn on the CPU, so that a seed samples the same labels on every device.
         gen = torch.Generator().manual_seed(seed)
-        target = torch.multinomial(F.softmax(h.detach(), dim=1), 1, generator=gen).squeeze(1)
+        probs = F.softmax(h.detach(), dim=1).cpu()
+        target = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(h.device)
     else:
         target = y
     loss = F.cross_entropy(h, target, reduction="sum")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from influence.curvature import Operator
-from influence.ihvp import InverseHVP, Solve, check_damping, check_spectrum, relative_residual
+from influence.ihvp import InverseHVP, Solve, check_damping, check_spectrum, direct_solve_info, relative_residual
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -64,8 +64,8 @@ class ConjugateGradientIHVP(InverseHVP):
         p = r.clone()
         rs = (r * r).sum(1)
         v_norm = v.norm(dim=1)
-        iterations = torch.zeros(b, dtype=torch.int64)
-        diverged = torch.zeros(b, dtype=torch.bool)
+        iterations = torch.zeros(b, dtype=torch.int64, device=v.device)
+        diverged = torch.zeros(b, dtype=torch.bool, device=v.device)
         active = v_norm > 0  # v = 0 is solved by x = 0 before any iteration
         worst = float("inf")  # most negative Rayleigh quotient pᵀ(C + δI)p / pᵀp seen
         for _ in range(self.max_iter):
@@ -120,14 +120,17 @@ def arnoldi_eigenpairs(
     directions: one start vector's Krylov space holds one direction per eigenspace), the iteration restarts from
     a fresh random vector orthogonal to the basis, so ``iterations`` = P always spans all of R^P. ``residuals`` are
     ‖C u − θ u‖ per Ritz pair (θ, u): small means that pair has converged to an eigenpair.
+
+    Everything lives on ``op.device``; the random starts are drawn on the CPU and moved, so a seed gives the same
+    start vectors on every device.
     """
     p = op.n_params
     gen = torch.Generator().manual_seed(seed)
-    q = torch.zeros(iterations, p, dtype=torch.float64)
-    cq = torch.zeros(iterations, p, dtype=torch.float64)
+    q = torch.zeros(iterations, p, dtype=torch.float64, device=op.device)
+    cq = torch.zeros(iterations, p, dtype=torch.float64, device=op.device)
 
     def fresh(j: int) -> torch.Tensor:
-        w = torch.randn(p, generator=gen, dtype=torch.float64)
+        w = torch.randn(p, generator=gen, dtype=torch.float64, device="cpu").to(op.device)
         for _ in range(2):
             w -= q[:j].T @ (q[:j] @ w)
         return w
@@ -207,5 +210,5 @@ class ArnoldiIHVP(InverseHVP):
         coeff = v @ self.eigenvectors.T  # [B, rank]
         x = (coeff * self._inverse) @ self.eigenvectors
         residual = relative_residual(coeff @ self.eigenvectors, v)
-        b = v.shape[0]
-        return Solve(x, torch.zeros(b, dtype=torch.int64), residual, torch.zeros(b, dtype=torch.bool))
+        iterations, _, diverged = direct_solve_info(v)
+        return Solve(x, iterations, residual, diverged)

@@ -54,7 +54,8 @@ class LissaIHVP(InverseHVP):
 
     The minibatch stream is re-seeded from ``seed`` for every solve and drawn whatever the right-hand sides, so a
     right-hand side's answer does not depend on which others are solved with it (sharding gives the same
-    numbers). ``residual`` is the true ‖(C + δI) x − v‖ / ‖v‖ on the full data (one more product per solve):
+    numbers). The minibatches are drawn on the CPU (then moved), so a seed picks the same minibatches on every
+    device. ``residual`` is the true ‖(C + δI) x − v‖ / ‖v‖ on the full data (one more product per solve):
     LiSSA's error, stochastic and truncation together, is visible there.
     """
 
@@ -103,14 +104,14 @@ class LissaIHVP(InverseHVP):
         gen = torch.Generator().manual_seed(self.seed)
         v_norm = v.norm(dim=1)
         total = torch.zeros_like(v)
-        steps = torch.zeros(b, dtype=torch.int64)
-        diverged = torch.zeros(b, dtype=torch.bool)
+        steps = torch.zeros(b, dtype=torch.int64, device=v.device)
+        diverged = torch.zeros(b, dtype=torch.bool, device=v.device)
         keep = 1.0 - self.damping / scale
         for _ in range(self.repeats):
             h = v.clone()
             for j in range(1, self.depth + 1):
                 # Drawn even when nothing is left to run: the stream must not depend on the other columns.
-                batch = torch.randperm(n, generator=gen)[: self.batch_size]
+                batch = torch.randperm(n, generator=gen, device="cpu")[: self.batch_size].to(v.device)
                 cols = (~diverged).nonzero().squeeze(1)
                 if cols.numel() == 0:
                     continue
@@ -127,8 +128,8 @@ class LissaIHVP(InverseHVP):
     def _solve(self, v: torch.Tensor) -> Solve:
         b = v.shape[0]
         x = torch.full_like(v, math.nan)
-        iterations = torch.zeros(b, dtype=torch.int64)
-        pending = torch.arange(b)
+        iterations = torch.zeros(b, dtype=torch.int64, device=v.device)
+        pending = torch.arange(b, device=v.device)
         used: list[float] = []
         for scale in self.scales:
             est, steps, diverged = self._recursion(v[pending], scale)
@@ -140,9 +141,9 @@ class LissaIHVP(InverseHVP):
             pending = pending[diverged]
             if pending.numel() == 0:
                 break
-        diverged = torch.zeros(b, dtype=torch.bool)
+        diverged = torch.zeros(b, dtype=torch.bool, device=v.device)
         diverged[pending] = True
-        residual = torch.full((b,), math.nan, dtype=torch.float64)
+        residual = torch.full((b,), math.nan, dtype=torch.float64, device=v.device)
         ok = ~diverged
         if bool(ok.any()):
             xo = x[ok]

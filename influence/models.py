@@ -73,18 +73,22 @@ class MLP:
             f"width={self.width}, activation={self.activation!r}, n_params={self.n_params})"
         )
 
-    def init(self, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def init(
+        self, seed: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """θ0 drawn as ``nn.Linear`` draws it: W, b ~ U(-1/√fan_in, 1/√fan_in), from ``torch.Generator(seed)``.
 
         (``nn.Linear`` uses Kaiming-uniform with a = √5 for W, which reduces to the same bound.)
+        Always drawn on the CPU and then moved to ``device``: GPU generators give other numbers for the same
+        seed, and θ0 must be the same on every device for runs to be comparable.
         """
         gen = torch.Generator().manual_seed(seed)
-        theta = torch.empty(self.n_params, dtype=dtype)
+        theta = torch.empty(self.n_params, dtype=dtype, device="cpu")
         for fan_in, fan_out, w_off, b_off in self.layout:
             bound = 1.0 / math.sqrt(fan_in)
             block = theta[w_off : b_off + fan_out]
-            block.copy_(torch.rand(block.shape, generator=gen, dtype=dtype).mul_(2 * bound).sub_(bound))
-        return theta
+            block.copy_(torch.rand(block.shape, generator=gen, dtype=dtype, device="cpu").mul_(2 * bound).sub_(bound))
+        return theta.to(device)
 
     def unflatten(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Views ``(W_l, b_l)`` into θ: W_l is [out, in] for θ [P] and [K, out, in] for Θ [K, P]."""

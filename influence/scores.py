@@ -45,7 +45,7 @@ def per_example_grads(
         grad_one(theta, x[start : start + chunk_size], y[start : start + chunk_size])
         for start in range(0, x.shape[0], chunk_size)
     ]
-    return torch.cat(chunks) if chunks else torch.empty(0, model.n_params, dtype=theta.dtype)
+    return torch.cat(chunks) if chunks else torch.empty(0, model.n_params, dtype=theta.dtype, device=theta.device)
 
 
 # eq=False: the generated __eq__/__hash__ would compare tensors elementwise and fail; identity is right.
@@ -89,6 +89,8 @@ def influence_estimates(
     ``dtheta``: the predicted ‖Δθ‖ needs a solve per *training* point. True computes it, False does not (NaN);
     None (default) computes it for solvers whose many-right-hand-side solves are cheap (``solver.amortised``:
     exact, arnoldi, ekfac) and not for cg and lissa, where it would cost n iterative solves.
+
+    Runs on the device of θ̂, ``data`` and the solver (one device for all three); the results stay there.
     """
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
@@ -99,8 +101,8 @@ def influence_estimates(
     test_grads = per_example_grads(model, theta, x_test, y_test, chunk_size)
     solved = solver.solve_with_info(test_grads)  # NaN rows where diverged
     s_test = solved.x  # [T, P], float64
-    estimate = torch.empty(len(test_idx), n, dtype=s_test.dtype)
-    predicted_dtheta = torch.full((n,), math.nan, dtype=s_test.dtype)
+    estimate = torch.empty(len(test_idx), n, dtype=s_test.dtype, device=s_test.device)
+    predicted_dtheta = torch.full((n,), math.nan, dtype=s_test.dtype, device=s_test.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         grads = per_example_grads(model, theta, data.x_train[start:stop], data.y_train[start:stop], chunk_size)
@@ -176,7 +178,7 @@ def select_test_points(
             picks = sorted(range(m), key=lambda i: (abs(float(losses[i]) - median), i))[:arg]
         else:  # random
             pool = [i for i in range(m) if i not in chosen]
-            picks = [pool[j] for j in torch.randperm(len(pool), generator=gen)[:arg].tolist()]
+            picks = [pool[j] for j in torch.randperm(len(pool), generator=gen, device="cpu")[:arg].tolist()]
         for i in picks:
             chosen.setdefault(i, name)
     return list(chosen.items())
@@ -208,7 +210,7 @@ def select_removals(
         raise ValueError(f"removal rule {rule!r} needs 0 <= k <= n={n}; got k={k}")
     if rule == "random":
         gen = torch.Generator().manual_seed(seed)
-        return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+        return sorted(torch.randperm(n, generator=gen, device="cpu")[:k].tolist())
     # top_k; a stable sort on -|estimate| breaks ties towards the lower index.
     order = torch.sort(-estimate.detach().abs(), dim=1, stable=True).indices[:, :k]
     return sorted(set(order.flatten().tolist()))

@@ -57,7 +57,8 @@ class StackedMLP:
         if weights.ndim != 2 or weights.shape[1] != x.shape[0]:
             raise ValueError(f"weights must be [K, n] with n={x.shape[0]}; got {tuple(weights.shape)}")
         k, n = weights.shape
-        dtype = x.dtype
+        # Every buffer lives where the data does (CPU or CUDA) and in its dtype.
+        dtype, device = x.dtype, x.device
         self.model = model
         self.k = k
         self._act = _ACT_OUT[model.activation]
@@ -71,25 +72,25 @@ class StackedMLP:
             offset += k * fan_out * (fan_in + 1)
         self.size = offset
 
-        ones = torch.ones(n, 1, dtype=dtype)
+        ones = torch.ones(n, 1, dtype=dtype, device=device)
         self._x_aug = torch.cat([x, ones], dim=1)  # [n, d+1]: ∂W̃_1 = ∂z_1 x̃ is one product
         self._x_aug_t = self._x_aug.t().contiguous()  # [d+1, n]: z_1 = W̃_1 x̃ᵀ is one product for all K
-        self._z = [torch.empty(k, fan_out, n, dtype=dtype) for _, fan_out, _ in self._blocks]
+        self._z = [torch.empty(k, fan_out, n, dtype=dtype, device=device) for _, fan_out, _ in self._blocks]
         self._h_aug = []  # hidden activations with their constant row of ones (for the bias column)
         for _, fan_out, _ in self._blocks[:-1]:
-            h = torch.empty(k, fan_out + 1, n, dtype=dtype)
+            h = torch.empty(k, fan_out + 1, n, dtype=dtype, device=device)
             h[:, fan_out].fill_(1.0)
             self._h_aug.append(h)
-        self._dh = [torch.empty(k, fan_in, n, dtype=dtype) for fan_in, _, _ in self._blocks[1:]]
-        self._col = torch.empty(k, 1, n, dtype=dtype)  # per-example scalars: max logit, then w/(n Σ exp)
+        self._dh = [torch.empty(k, fan_in, n, dtype=dtype, device=device) for fan_in, _, _ in self._blocks[1:]]
+        self._col = torch.empty(k, 1, n, dtype=dtype, device=device)  # per-example scalars: max logit, then w/(n Σ exp)
         # ∂R/∂z_L = (w_i/n)(softmax(z_i) - e_{y_i}); the e_{y_i} w_i/n part is fixed, so it is precomputed.
-        self._scaled = (weights / n).to(dtype).unsqueeze(1)  # [K, 1, n]
-        onehot_t = F.one_hot(y, model.num_classes).to(dtype).t()  # [C, n]
+        self._scaled = (weights / n).to(device=device, dtype=dtype).unsqueeze(1)  # [K, 1, n]
+        onehot_t = F.one_hot(y.to(device), model.num_classes).to(dtype).t()  # [C, n]
         self._neg_target = -onehot_t * self._scaled  # [K, C, n]
 
         # The parameters and their gradient, flat (what the optimiser updates), and the views the step uses.
-        self.params = torch.zeros(self.size, dtype=dtype)
-        self.grads = torch.zeros(self.size, dtype=dtype)
+        self.params = torch.zeros(self.size, dtype=dtype, device=device)
+        self.grads = torch.zeros(self.size, dtype=dtype, device=device)
         self._weights = self._views(self.params)
         self._grads = self._views(self.grads)
         self._w_t = [None] + [w[:, :, :-1].transpose(1, 2) for w in self._weights[1:]]  # W_lᵀ, for ∂h
@@ -111,7 +112,7 @@ class StackedMLP:
 
     def theta(self) -> torch.Tensor:
         """The current parameters as Θ [K, P] in the model's layout (a copy)."""
-        theta = torch.empty(self.k, self.model.n_params, dtype=self.params.dtype)
+        theta = torch.empty(self.k, self.model.n_params, dtype=self.params.dtype, device=self.params.device)
         for (fan_in, fan_out, w_off, b_off), block in zip(self.model.layout, self._weights):
             theta[:, w_off:b_off].view(self.k, fan_out, fan_in).copy_(block[:, :, :fan_in])
             theta[:, b_off : b_off + fan_out].copy_(block[:, :, fan_in])

@@ -6,6 +6,9 @@ model is a few hundred parameters, so retraining them one by one is dominated by
 arithmetic. :func:`retrain_batched` therefore stacks the K models into one tensor Θ ∈ R^{K×P} and runs *one*
 forward, backward and Adam step per epoch for all of them. Adam is elementwise, so Adam on the stacked tensor is
 exactly K independent Adams; :func:`retrain_loop` is the plain one-model-at-a-time reference.
+
+Devices: everything runs where the data x is (CPU or CUDA) and in its dtype; θ0 must be there too. θ0 drawn
+here (``train`` without ``theta0``) is drawn on the CPU and moved, so it is the same on every device.
 """
 
 from __future__ import annotations
@@ -56,9 +59,13 @@ def train(
     assumes a stationary point, so this is the first thing to check when estimates look wrong.
     """
     start = time.perf_counter()
-    theta0 = model.init(seed, dtype=x.dtype) if theta0 is None else theta0
+    if theta0 is None:
+        theta0 = model.init(seed, dtype=x.dtype, device=x.device)
+    check_same_device(theta0=theta0, x=x, y=y)
     theta = theta0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([theta], lr=lr)
+    # foreach=False: one parameter tensor leaves foreach nothing to batch, and torch would pick it on CUDA only;
+    # the single-tensor update on every device keeps CPU and GPU runs the same arithmetic.
+    opt = torch.optim.Adam([theta], lr=lr, foreach=False)
     for _ in range(epochs):
         opt.zero_grad(set_to_none=True)
         objective(model, theta, x, y, weight_decay).backward()
@@ -78,8 +85,20 @@ def train(
     )
 
 
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Raise, naming the arguments, unless every tensor is on one device (torch's own error names none)."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"inputs are on different devices ({where}); move them to one with .to(device)")
+
+
 def removal_weights(
-    n: int, removed: Sequence[int], controls: int = 1, dtype: torch.dtype = torch.float64
+    n: int,
+    removed: Sequence[int],
+    controls: int = 1,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Weights [controls + len(removed), n]: ``controls`` rows of ones, then one row per removal with w_i = 0.
 
@@ -92,9 +111,9 @@ def removal_weights(
         raise ValueError(f"removed indices must lie in [0, {n}); got {bad[:5]}")
     if controls < 0:
         raise ValueError(f"controls must be >= 0; got {controls}")
-    weights = torch.ones(controls + len(removed), n, dtype=dtype)
-    rows = torch.arange(controls, controls + len(removed))
-    weights[rows, torch.as_tensor(removed, dtype=torch.long)] = 0.0
+    weights = torch.ones(controls + len(removed), n, dtype=dtype, device=device)
+    rows = torch.arange(controls, controls + len(removed), device=device)
+    weights[rows, torch.as_tensor(removed, dtype=torch.long, device=device)] = 0.0
     return weights
 
 
@@ -104,7 +123,8 @@ class _Adam:
     The same arithmetic, in the same order, as ``torch.optim.Adam``'s single-tensor path with default settings
     (``tests/test_influence_train.py`` checks they agree), written out so that the retraining loops pay for
     seven tensor ops per step and nothing else: no param groups, no state dicts, no hooks. Every entry of the
-    tensor is updated independently, so one ``_Adam`` over Θ [K, P] is K independent Adams.
+    tensor is updated independently, so one ``_Adam`` over Θ [K, P] is K independent Adams. Its state lives
+    where the parameter does (``*_like``), and the step count is a Python int, so a CUDA step never syncs.
     """
 
     def __init__(self, param: torch.Tensor, lr: float) -> None:
@@ -130,6 +150,7 @@ def _check_retrain_args(model: MLP, theta0: torch.Tensor, x: torch.Tensor, weigh
     k = weights.shape[0]
     if theta0.shape not in ((model.n_params,), (k, model.n_params)):
         raise ValueError(f"theta0 must be [{model.n_params}] or [{k}, {model.n_params}]; got {tuple(theta0.shape)}")
+    check_same_device(theta0=theta0, x=x, weights=weights)
     return k
 
 
@@ -182,7 +203,7 @@ def retrain_loop(
     against the definitions. Only the Adam update is shared (same math, so the two agree to round-off).
     """
     k = _check_retrain_args(model, theta0, x, weights)
-    out = torch.empty(k, model.n_params, dtype=theta0.dtype)
+    out = torch.empty(k, model.n_params, dtype=theta0.dtype, device=theta0.device)
     for i in range(k):
         theta = (theta0 if theta0.ndim == 1 else theta0[i]).detach().clone().requires_grad_(True)
         adam = _Adam(theta.detach(), lr)  # same storage: the update is invisible to autograd

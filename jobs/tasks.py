@@ -3,10 +3,14 @@
 Nothing here knows about Ray; `cluster/sweep.py` wraps these as remote tasks. Every function writes its
 parts atomically under names derived from its task key, so running a task twice writes the same files.
 Seeds are derived explicitly from the configuration (and the control replicate), never from global state.
+
+Devices: a task computes on `device_for_task()` (CUDA when Ray gave it a GPU, else the CPU) and hands back
+CPU results: θ̂ on the CPU, checkpoints of CPU tensors, rows from CPU arrays. Inputs arrive on the CPU.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -27,6 +31,28 @@ from storage.uri import Store
 # Exact Hessians (and their eigenvalues) are formed only up to this many parameters; larger models get
 # their curvature from iterative methods in a later version and report NaN here.
 EXACT_HESSIAN_MAX_PARAMS = 5000
+
+# The GPU ids Ray assigned to the running task, comma-separated, empty for none. The sweep's task wrapper sets
+# it around every task body (a Ray worker process runs many tasks, with and without GPUs); unset means "not
+# run by Ray", hence no GPU.
+TASK_GPUS_ENV = "FRAGILE_TASK_GPUS"
+
+
+def device_for_task() -> torch.device:
+    """CUDA when this task was given a GPU (see `TASK_GPUS_ENV`) and torch can use one, else the CPU.
+
+    Ray points CUDA_VISIBLE_DEVICES at the task's GPUs, so the task's first GPU is plain "cuda". A GPU that
+    torch cannot use (a CPU-only build, no driver) falls back to the CPU rather than failing the task.
+    """
+    if os.environ.get(TASK_GPUS_ENV, "").strip() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that a wall time read next measures the computation itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class TaskError(RuntimeError):
@@ -83,27 +109,31 @@ def train_task(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.T
 
 
 def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tensor, TrainOutput]:
+    device = device_for_task()
+    labels = data.y_test  # CPU, for the rows
+    data = data.to(device)
     model = model_for(cfg, data)
     start = time.perf_counter()
     state = load_checkpoint(store, cfg.experiment, cfg.model_key)
     trained = state is None
     if trained:
+        # θ0 is drawn on the CPU whatever the device, so a GPU task trains from the same θ0 as a CPU task.
         result = train(model, data.x_train, data.y_train, weight_decay=cfg.weight_decay, lr=cfg.lr,
                        epochs=cfg.epochs, seed=cfg.seed)
         theta, grad_norm, objective = result.theta.detach(), result.grad_norm, result.objective
         seconds = result.seconds
-        state = {"theta": theta, "grad_norm": grad_norm, "objective": objective, "seconds": seconds,
+        state = {"theta": theta.cpu(), "grad_norm": grad_norm, "objective": objective, "seconds": seconds,
                  "model_key": cfg.model_key, "configuration": cfg.to_dict()}
         checkpoint = save_checkpoint(store, cfg.experiment, cfg.model_key, state)
     else:
-        theta = state["theta"]
+        theta = state["theta"].to(device)
         grad_norm, objective, seconds = state["grad_norm"], state["objective"], state["seconds"]
         from storage.checkpoints import checkpoint_path
         checkpoint = checkpoint_path(store, cfg.experiment, cfg.model_key)
 
     with torch.no_grad():
         train_losses = per_example_loss(model, theta, data.x_train, data.y_train)
-        test_losses = per_example_loss(model, theta, data.x_test, data.y_test)
+        test_losses = per_example_loss(model, theta, data.x_test, data.y_test).cpu()
     train_acc, pred = _accuracy(model, theta, data.x_train, data.y_train)
     test_acc, _ = _accuracy(model, theta, data.x_test, data.y_test)
     reason = _degenerate_reason(pred, train_acc)
@@ -127,10 +157,11 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
     idx = [i for i, _ in chosen]
     tables.write_part(store, cfg.experiment, "test_points", cfg.config_id, "test_points", {
         "test_idx": idx, "loss": [float(test_losses[i]) for i in idx],
-        "label": [int(data.y_test[i]) for i in idx], "selection": [s for _, s in chosen],
+        "label": [int(labels[i]) for i in idx], "selection": [s for _, s in chosen],
     })
-    return theta, TrainOutput(test_points=chosen, n_train=data.n_train, damping=effective_damping(cfg, min_eig, top_eig),
-                              degenerate_reason=reason, trained=trained)
+    return theta.cpu(), TrainOutput(test_points=chosen, n_train=data.n_train,
+                                    damping=effective_damping(cfg, min_eig, top_eig), degenerate_reason=reason,
+                                    trained=trained)
 
 
 def effective_damping(cfg: Configuration, min_eigenvalue: float, top_eigenvalue: float) -> float:
@@ -157,21 +188,24 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
     where = tables.part_path(store, cfg.experiment, "influence", cfg.config_id, part)
     try:
         start = time.perf_counter()
+        device = device_for_task()
+        data, theta = data.to(device), theta.to(device)
         model = model_for(cfg, data)
         settings = {**cfg.solver_settings(method), "damping": damping}
         if method == "exact":
             settings["damping_policy"] = "always"  # δ is already decided for the configuration
         solver = make_solver(method, model, theta, data.x_train, data.y_train, cfg.weight_decay, **settings)
-        inf = influence_estimates(model, theta, data, test_idx, solver)
+        inf = influence_estimates(model, theta, data, test_idx, solver, chunk_size=cfg.grad_chunk)
+        _synchronize(device)
         seconds = time.perf_counter() - start
         T, n = inf.estimate.shape
-        per_test = lambda t: np.repeat(t.numpy(), n)  # noqa: E731 - one value per test point, on each row
+        per_test = lambda t: np.repeat(t.cpu().numpy(), n)  # noqa: E731 - one value per test point, on each row
         rows = {
             "method": [method] * (T * n),
             "test_idx": np.repeat(np.asarray(test_idx, dtype=np.int64), n),
             "train_idx": np.tile(np.arange(n, dtype=np.int64), T),
-            "estimate": inf.estimate.reshape(-1).numpy(),
-            "predicted_dtheta": np.tile(inf.predicted_dtheta.numpy(), T),
+            "estimate": inf.estimate.reshape(-1).cpu().numpy(),
+            "predicted_dtheta": np.tile(inf.predicted_dtheta.cpu().numpy(), T),
             "damping": [damping] * (T * n),
             "iterations": per_test(inf.iterations),
             "residual": per_test(inf.residual),
@@ -190,11 +224,12 @@ def retrain_part_name(chunk: int) -> str:
 def control_starts(cfg: Configuration, theta: torch.Tensor) -> torch.Tensor:
     """Starting points of the control retrains: θ̂ itself, then θ̂ perturbed by a relative
     `perturbation` (one seed per replicate, identical in every chunk). The spread of their final test
-    losses is the noise floor of the ground truth: warm-started Adam near a minimum amplifies round-off."""
+    losses is the noise floor of the ground truth: warm-started Adam near a minimum amplifies round-off.
+    The noise is drawn on the CPU (then moved to θ̂'s device), so the starts are the same on every device."""
     starts = [theta]
     for r in range(1, cfg.controls):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + r)
-        noise = torch.randn(theta.shape, generator=g, dtype=theta.dtype)
+        noise = torch.randn(theta.shape, generator=g, dtype=theta.dtype, device="cpu").to(theta.device)
         starts.append(theta + cfg.perturbation * theta.abs().clamp_min(1e-3) * noise)
     return torch.stack(starts)
 
@@ -212,18 +247,21 @@ def retrain_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.T
 
 
 def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part) -> str:
+    device = device_for_task()
+    data, theta = data.to(device), theta.to(device)
     model = model_for(cfg, data)
     c = cfg.controls
-    weights = removal_weights(data.n_train, removed, controls=c)
+    weights = removal_weights(data.n_train, removed, controls=c, dtype=data.x_train.dtype, device=device)
     starts = torch.cat([control_starts(cfg, theta), theta.expand(len(removed), -1)])
     start = time.perf_counter()
     thetas = retrain_batched(model, starts, data.x_train, data.y_train, weights,
                              weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs)
+    _synchronize(device)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         xt, yt = data.x_test[test_idx], data.y_test[test_idx]
-        losses = per_example_loss(model, thetas, xt, yt)  # [K, T]
-        dtheta = (thetas - thetas[0]).norm(dim=-1)  # distance to the unperturbed control
+        losses = per_example_loss(model, thetas, xt, yt).cpu()  # [K, T]
+        dtheta = (thetas - thetas[0]).norm(dim=-1).cpu()  # distance to the unperturbed control
     control = losses[0]
     T = len(test_idx)
     # Control replicates are identical in every chunk, so only the first chunk stores them.
