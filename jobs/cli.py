@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("stop", help="stop a running job")
     sp.add_argument("job")
     sp.add_argument("--address", default=None)
+    rp = sub.add_parser("report", help="paper-style tables (CSV, Markdown) and figures from a store")
+    rp.add_argument("--store", default=None, help=f"default: $FRAGILE_STORE, else {DEFAULT_STORE}")
+    rp.add_argument("--experiment", default=None, help="experiment folder (default: the only one in the store)")
+    rp.add_argument("--out", default="report", help="output folder (default ./report)")
     c = sub.add_parser("cluster", help="a local Ray head + S3 server on loopback: up | down | status | env")
     c.add_argument("action", choices=("up", "down", "status", "env"))
     c.add_argument("--dir", default=None, help="state folder (default ~/.fragile/cluster or $FRAGILE_CLUSTER_DIR)")
@@ -89,13 +93,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if hasattr(args, "store") and args.command in ("run", "query"):
+    if hasattr(args, "store") and args.command in ("run", "query", "report"):
         # `fragile cluster env` exports FRAGILE_STORE, so a shell set up for the cluster needs no --store
         args.store = args.store or os.environ.get("FRAGILE_STORE") or DEFAULT_STORE
     err = Console(stderr=True)
     try:
         commands = {"run": cmd_run, "validate": cmd_validate, "query": cmd_query, "submit": cmd_submit,
-                    "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "cluster": cmd_cluster}
+                    "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "cluster": cmd_cluster,
+                    "report": cmd_report}
         return commands[args.command](args)
     except USER_ERRORS + (UsageError, SubmitError, ClusterError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
@@ -177,16 +182,29 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _experiment(args, store) -> str:
+    if args.experiment is not None:
+        return args.experiment
+    found = experiments(store)
+    if len(found) != 1:
+        raise UsageError(f"store {store.uri} holds {len(found)} experiments ({', '.join(found) or 'none'}): "
+                         "choose one with --experiment NAME")
+    return found[0]
+
+
+def cmd_report(args) -> int:
+    from jobs.report import write_report
+
+    store = open_store(args.store, create=False)
+    experiment = _experiment(args, store)
+    for path in write_report(store, experiment, args.out):
+        print(path)
+    return 0
+
+
 def cmd_query(args) -> int:
     store = open_store(args.store, create=False)
-    experiment = args.experiment
-    if experiment is None:
-        found = experiments(store)
-        if len(found) != 1:
-            raise UsageError(f"store {store.uri} holds {len(found)} experiments ({', '.join(found) or 'none'}): "
-                             "choose one with --experiment NAME")
-        experiment = found[0]
-    result = query(args.sql, store, experiment)
+    result = query(args.sql, store, _experiment(args, store))
     if args.format == "csv":
         import pyarrow.csv as pacsv
 

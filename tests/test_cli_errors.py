@@ -110,3 +110,20 @@ def test_query_of_absent_store(tmp_path, capsys):
     assert main(["query", "select 1", "--store", str(tmp_path / "absent")]) == 2
     assert "absent" in capsys.readouterr().err
     assert not (tmp_path / "absent").exists()
+
+
+def test_submit_to_an_unreachable_cluster(capsys):
+    from cluster.s3server import free_port
+
+    address = f"http://127.0.0.1:{free_port()}"
+    assert main(["submit", str(SMOKE), "--address", address, "--store", "s3://b/p"]) == 2
+    err = capsys.readouterr().err
+    assert address in err and "fragile cluster up" in err
+    assert main(["status", "--address", address]) == 2
+    assert address in capsys.readouterr().err
+
+
+def test_submit_needs_a_store(monkeypatch, capsys):
+    monkeypatch.delenv("FRAGILE_STORE", raising=False)
+    assert main(["submit", str(SMOKE), "--address", "http://127.0.0.1:1"]) == 2
+    assert "--store" in capsys.readouterr().err

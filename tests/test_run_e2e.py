@@ -124,6 +124,23 @@ def test_query_cli_formats(smoke_run, capsys):
     assert capsys.readouterr().out.splitlines() == ['"depth"', "1"]
 
 
+def test_report_tables_and_figures(smoke_run, tmp_path, capsys):
+    store, spec = smoke_run
+    assert main(["report", "--store", store.uri, "--experiment", spec.experiment, "--out", str(tmp_path)]) == 0
+    import pyarrow.csv as pacsv
+
+    summary = pacsv.read_csv(tmp_path / "summary.csv")
+    assert set(summary.column_names) >= {"depth", "weight_decay", "selection", "method", "spearman", "pearson"}
+    assert summary.num_rows == 2 * 2 * 2 * 5  # depth x weight decay x test point x method, seeds averaged
+    exact = query("select avg(spearman) from stats s join configs c using (config_id) where s.method = 'exact' "
+                  "and c.depth = 1 and c.weight_decay = 0.005 and s.selection = 'highest'", store, spec.experiment)
+    row = [r for r in summary.to_pylist() if (r["depth"], r["weight_decay"], r["selection"], r["method"])
+           == (1, 0.005, "highest", "exact")][0]
+    assert row["spearman"] == pytest.approx(exact.column(0)[0].as_py())
+    assert (tmp_path / "spearman_by_depth.png").stat().st_size > 10_000
+    assert not (tmp_path / "spearman_by_width.png").exists()  # width does not vary in iris-smoke
+
+
 def test_resume_recomputes_only_what_is_missing(smoke_run, capsys):
     """Lose one retrain part and one configuration's final statistics: the rerun schedules exactly that
     retrain task, and the rebuilt statistics equal the lost ones."""
@@ -210,6 +227,12 @@ def test_cluster_up_submit_query_down(smoke_run, tmp_path, monkeypatch, capsys):
             local_rows = query(q, local_store, spec.experiment).to_pylist()
             assert len(remote) == len(local_rows) > 0
             assert remote == json.loads(json.dumps(local_rows, default=str))
+        # `fragile report` reads the S3 store like a local one
+        assert main(["report", "--experiment", spec.experiment, "--out", str(tmp_path / "s3-report")]) == 0
+        assert main(["report", "--store", local_store.uri, "--experiment", spec.experiment,
+                     "--out", str(tmp_path / "local-report")]) == 0
+        assert (tmp_path / "s3-report" / "summary.csv").read_text() == (
+            tmp_path / "local-report" / "summary.csv").read_text()
     finally:
         assert main(["cluster", "down", "--dir", str(state_dir)]) == 0
     time.sleep(0.5)
