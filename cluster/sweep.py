@@ -253,9 +253,8 @@ class _ProgressCallback(tune.Callback):
             self.on_config_done(self.configs[trial.config["config_id"]], result)
 
 
-def run_sweep(spec: Spec, store: Store, *, version: str, n_train_of: Callable[[Configuration], int],
-              on_progress=lambda p: None, on_config_done=lambda cfg, r: None, max_concurrent_trials: int | None = None
-              ) -> RunResult:
+def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: None,
+              on_config_done=lambda cfg, r: None, max_concurrent_trials: int | None = None) -> RunResult:
     """Run every configuration of `spec` as a Tune trial on the connected Ray cluster."""
     from influence.data import load_dataset
 
@@ -264,13 +263,14 @@ def run_sweep(spec: Spec, store: Store, *, version: str, n_train_of: Callable[[C
     write_configs(store, spec, configs, version)
     coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}").remote(
         store, spec.experiment)
-    ray.get(coord.set_totals.remote(plan.task_counts(configs, n_train_of), len(configs)))
-
-    datasets = {}
+    loaded = {}
     for cfg in configs:
         key = dataset_key(cfg)
-        if key not in datasets:
-            datasets[key] = ray.put(load_dataset(cfg.dataset, split_seed=cfg.split_seed, test_fraction=cfg.test_fraction))
+        if key not in loaded:
+            loaded[key] = load_dataset(cfg.dataset, split_seed=cfg.split_seed, test_fraction=cfg.test_fraction)
+    counts = plan.task_counts(configs, lambda c: loaded[dataset_key(c)].n_train)
+    ray.get(coord.set_totals.remote(counts, len(configs)))
+    datasets = {key: ray.put(data) for key, data in loaded.items()}  # put once, shared by every task
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ctx = RunContext(store=store, experiment=spec.experiment, configs={c.config_id: c for c in configs},
                      resources={k: v.ray_options() for k, v in spec.resources.items()}, coordinator=coord,

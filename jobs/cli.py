@@ -162,8 +162,8 @@ def cmd_run(args) -> int:
 
     try:
         with progress:
-            res = run_sweep(spec, store, version=project_version(), n_train_of=_n_train_of,
-                            on_progress=on_progress, on_config_done=on_config_done)
+            res = run_sweep(spec, store, version=project_version(), on_progress=on_progress,
+                            on_config_done=on_config_done)
     finally:
         runtime.close()
     p = res.progress

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from influence.data import Dataset, load_dataset
+from influence.data import Dataset
 from influence.ihvp import hessian, make_solver
 from influence.models import build_model
 from influence.objective import per_example_loss
@@ -61,10 +61,6 @@ class TaskError(RuntimeError):
     def __init__(self, key: str, where: str, cause: BaseException):
         super().__init__(f"task {key} (output {where}) failed: {type(cause).__name__}: {cause}")
         self.key = key
-
-
-def dataset_for(cfg: Configuration) -> Dataset:
-    return load_dataset(cfg.dataset, split_seed=cfg.split_seed, test_fraction=cfg.test_fraction)
 
 
 def model_for(cfg: Configuration, data: Dataset):
