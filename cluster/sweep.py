@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pyarrow.compute as pc
 import ray
 from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -157,24 +158,20 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
 
 
 def _removals(ctx: RunContext, cfg: Configuration, n: int) -> list[int]:
-    from influence.scores import select_removals  # torch stays out of the driver's import path
+    """The rule's training points; only top_k needs the estimates, read back from the landed parts."""
+    import torch  # kept out of the driver's import path
+
+    from influence.scores import select_removals
 
     r = cfg.removals
-    if r.kind == "all":
-        return list(range(n))
-    if r.kind == "explicit":
-        bad = [i for i in r.indices if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"ground_truth.removals.explicit: indices {bad} are outside the {n} training points")
-        return sorted(set(r.indices))
-    import torch
-
-    inf = tables.read_table(ctx.store, ctx.experiment, "influence", config_ids=[cfg.config_id])
-    # Rank by the first method's estimates: the removal set must not depend on which methods are compared.
-    first = inf.filter(inf["method"] == cfg.methods[0]).sort_by([("test_idx", "ascending"), ("train_idx", "ascending")])
-    T = len(set(first["test_idx"].to_pylist()))
-    est = torch.tensor(first["estimate"].to_numpy()).reshape(T, n)
-    return select_removals(est, r.kind, k=r.k, seed=cfg.seed, indices=r.indices)
+    estimate = torch.empty(0, n, dtype=torch.float64)  # the other rules only need n
+    if r.kind == "top_k":
+        inf = tables.read_table(ctx.store, ctx.experiment, "influence", config_ids=[cfg.config_id])
+        # Rank by the first method's estimates: the removal set must not depend on which methods are compared.
+        first = inf.filter(pc.equal(inf["method"], cfg.methods[0])).sort_by([("test_idx", "ascending"),
+                                                                             ("train_idx", "ascending")])
+        estimate = torch.tensor(first["estimate"].to_numpy()).reshape(-1, n)
+    return select_removals(estimate, r.kind, k=r.k, seed=cfg.seed, indices=r.indices)
 
 
 def _run_parts(ctx: RunContext, cfg: Configuration, ledger: Ledger, table: str,

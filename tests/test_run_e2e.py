@@ -158,6 +158,22 @@ def test_resume_recomputes_only_what_is_missing(smoke_run, capsys):
         before[cols].sort_values(cols[:2]).reset_index(drop=True))
 
 
+def test_top_k_removals_retrain_the_points_with_largest_estimates(ray_cluster, tmp_path):
+    spec = tmp_path / "topk.yaml"
+    spec.write_text("experiment: topk\ntrain: {epochs: 300}\ninfluence: {methods: [exact, cg]}\n"
+                    "ground_truth: {removals: {top_k: 10}, epochs: 20, controls: 2}\n")
+    assert main(["run", str(spec), "--store", str(tmp_path / "store")]) == 0
+    store = open_store(str(tmp_path / "store"))
+    inf = query("select test_idx, train_idx, abs(estimate) as a from influence where method = 'exact'",
+                store, "topk").to_pandas()
+    expected = set()
+    for _, g in inf.groupby("test_idx"):  # union over test points of the 10 largest |estimate| (first method)
+        expected |= set(g.sort_values(["a", "train_idx"], ascending=[False, True]).train_idx[:10])
+    removed = set(query("select distinct removed from retrain where removed >= 0", store, "topk")
+                  .column(0).to_pylist())
+    assert removed == expected and 10 <= len(removed) <= 20
+
+
 def test_failing_task_names_configuration_and_task_and_exits_1(ray_cluster, tmp_path, capsys):
     """Without weight decay or damping, softmax regression's Hessian is singular: the influence task fails
     with a message naming the configuration, the task key and what to change; what landed stays whole."""
