@@ -7,6 +7,7 @@ configuration and task.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -108,9 +109,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _n_train_of(cfg) -> int:
+    return _n_train(cfg.dataset, cfg.split_seed, cfg.test_fraction)
+
+
+@functools.lru_cache(maxsize=None)
+def _n_train(dataset: str, split_seed: int, test_fraction: float) -> int:
+    """Training-set size of one split: loaded once per split, not once per configuration."""
     from influence.data import load_dataset
 
-    return load_dataset(cfg.dataset, split_seed=cfg.split_seed, test_fraction=cfg.test_fraction).n_train
+    return load_dataset(dataset, split_seed=split_seed, test_fraction=test_fraction).n_train
 
 
 def cmd_validate(args) -> int:

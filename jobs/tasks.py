@@ -25,7 +25,7 @@ from influence.scores import influence_estimates, select_test_points
 from influence.train import removal_weights, retrain_batched, train
 from jobs.spec import Configuration
 from storage import tables
-from storage.checkpoints import load_checkpoint, save_checkpoint
+from storage.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from storage.uri import Store
 
 # Exact Hessians (and their eigenvalues) are formed only up to this many parameters; larger models get
@@ -124,7 +124,6 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
     else:
         theta = state["theta"].to(device)
         grad_norm, objective, seconds = state["grad_norm"], state["objective"], state["seconds"]
-        from storage.checkpoints import checkpoint_path
         checkpoint = checkpoint_path(store, cfg.experiment, cfg.model_key)
 
     with torch.no_grad():
