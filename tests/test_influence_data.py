@@ -87,8 +87,18 @@ def test_bad_test_point_rules():
         select_test_points(LOSSES, [("explicit", [7])], seed=0)
     with pytest.raises(ValueError, match="only 7"):
         select_test_points(LOSSES, [("highest", 8)], seed=0)
-    with pytest.raises(ValueError, match="percentile.*highest"):
+    with pytest.raises(ValueError, match=r"percentile.*\(at, k\)"):
         select_test_points(LOSSES, [("percentile", 3)], seed=0)
+    with pytest.raises(ValueError, match="lowest.*highest"):
+        select_test_points(LOSSES, [("lowest", 3)], seed=0)
+
+
+def test_percentile_test_points():
+    losses = torch.arange(11, dtype=torch.float64)  # the p-th percentile of 0..10 is p/10
+    assert select_test_points(losses, [("percentile", (30, 1))], seed=0) == [(3, "percentile")]
+    assert [i for i, _ in select_test_points(losses, [("percentile", (100, 2))], seed=0)] == [10, 9]
+    assert [i for i, _ in select_test_points(losses, [("percentile", (50, 1))], seed=0)] == \
+        [i for i, _ in select_test_points(losses, [("median", 1)], seed=0)]
 
 
 # ---- choosing removals ------------------------------------------------------------------------------------------
@@ -114,3 +124,23 @@ def test_bad_removal_rules():
         select_removals(ESTIMATE, "random", k=6)
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         select_removals(ESTIMATE, "explicit", indices=[5])
+
+
+def test_percentile_removals_per_test_point():
+    estimate = torch.stack([torch.arange(11, dtype=torch.float64), -torch.arange(11, dtype=torch.float64)])
+    # Row 0: the 30th percentile is 3, its two nearest are 3 and 2 (tie with 4 goes to the lower index);
+    # row 1: the 30th percentile is -7, nearest 7 then 6.
+    assert select_removals(estimate, "percentile", k=2, at=30) == [2, 3, 6, 7]
+    with pytest.raises(ValueError, match="at"):
+        select_removals(estimate, "percentile", k=2)
+
+
+def test_select_groups():
+    from influence.scores import select_groups
+
+    groups = select_groups(ESTIMATE, k=2, groups=3, seed=1)
+    # per test point its 2 highest estimates (signed: removing them raises that test loss most), then 3 random
+    assert groups[:2] == [[2, 4], [0, 3]]
+    assert len(groups) == 5 and all(len(g) == 2 and len(set(g)) == 2 for g in groups)
+    assert groups[2:] == select_groups(ESTIMATE, k=2, groups=3, seed=1)[2:]
+    assert select_groups(ESTIMATE, k=0, groups=1) == [[], [], []]
