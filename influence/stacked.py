@@ -57,6 +57,8 @@ class StackedMLP:
         if weights.ndim != 2 or weights.shape[1] != x.shape[0]:
             raise ValueError(f"weights must be [K, n] with n={x.shape[0]}; got {tuple(weights.shape)}")
         k, n = weights.shape
+        if x.ndim > 2:
+            x = x.flatten(1)  # images [n, C, H, W]: the MLP sees them row-major flattened, as MLP.forward does
         # Every buffer lives where the data does (CPU or CUDA) and in its dtype.
         dtype, device = x.dtype, x.device
         self.model = model
