@@ -1,0 +1,400 @@
+"""Leave-one-out (and leave-group-out) retraining of many models at once, and what every training loop shares.
+
+Ground truth for the study is retraining without a point: one model per removal, warm-started from θ̂ (or from the
+initial θ0, for retraining from scratch), each with its own weighting w of the training points (see
+:mod:`influence.objective`). The paths, all returning Θ [K, P]:
+
+- :func:`retrain_batched`, full batch, MLP (Adam or SGD, any schedule): the K copies run on :class:`~influence.stacked.StackedMLP`'s
+  hand-derived gradient; for Iris-sized networks the step is mostly per-op overhead, and this halves it.
+- :func:`retrain_batched`, any other case (minibatches, any model with ``forward(Θ, x)``): Θ [K, P] is one
+  tensor, and each step is one forward/backward of :func:`~influence.objective.objective` for all K copies.
+- :func:`retrain_loop`: one copy at a time with plain autograd: the reference for tests, and the path for
+  models too large to stack K copies on one device (ResNet-50).
+
+Adam and SGD are elementwise, so one optimiser over the stacked tensor is exactly K independent optimisers.
+
+Minibatches. Epoch e visits every training point once, in the order :func:`epoch_order` ``(n, seed, e)``: a
+permutation drawn on the CPU (so every device sees the same order), cut into batches of ``batch_size`` with the
+last, partial batch included. Every copy sees the same order: the removal rows and the control rows then share
+their training noise, and it cancels in actual = loss_removed − loss_control. A batch B is normalised by |B|,
+R_B(θ; w) = (1/|B|) Σ_{i∈B} w_i L(z_i, θ) + (λ/2)‖θ‖², so the full batch is R(θ; w) exactly, and λ is always
+the objective's L2 term (gradient λθ), never an optimiser's decoupled decay: the trained θ̂ is then a stationary
+point of the R that the influence function differentiates.
+
+Devices: everything runs where the data x is (CPU or CUDA) and in its dtype; θ0 must be there too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from influence.models import MLP, Model
+from influence.objective import objective
+from influence.stacked import StackedMLP
+
+# torch.optim.Adam's defaults; the hand-written retraining step uses the same constants so the two agree.
+ADAM_BETAS: tuple[float, float] = (0.9, 0.999)
+ADAM_EPS: float = 1e-8
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Raise, naming the arguments, unless every tensor is on one device (torch's own error names none)."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"inputs are on different devices ({where}); move them to one with .to(device)")
+
+
+# ---- options, schedule and order: shared by every training loop ------------------------------------------------------------------
+
+
+def check_options(*, optimizer: str, schedule: str, batch_size: int | None, momentum: float, epochs: int) -> None:
+    """Refuse unknown optimisers and schedules and impossible sizes, naming the argument."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, or None for the full batch; got {batch_size!r}")
+    if momentum < 0:
+        raise ValueError(f"momentum must be >= 0 (0 is plain SGD); got {momentum}")
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0; got {epochs}")
+
+
+def full_batch_or(batch_size: int | None, n: int) -> int | None:
+    """``batch_size``, or None (the full batch, in the data's own order) when it covers all n points.
+
+    A single batch of all n points in a permuted order would only change the round-off of the sums, so it is
+    run as the full batch: ``batch_size >= n`` and ``None`` give the same numbers.
+    """
+    return None if batch_size is None or batch_size >= n else int(batch_size)
+
+
+def steps_per_epoch(n: int, batch_size: int | None) -> int:
+    """⌈n / batch_size⌉ (the last, partial batch counts), or 1 for the full batch."""
+    return 1 if batch_size is None else -(-n // batch_size)
+
+
+def scheduled_lr(schedule: str, lr: float, step: int, total: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total``: one step is one minibatch, not one epoch.
+
+    ``"constant"``: lr. ``"cosine"``: lr·½(1 + cos(π·step/total)), from lr down towards 0. ``"step"``: lr, ×0.1
+    from 50% of the steps on, ×0.01 from 75% on (step·2 ≥ total and step·4 ≥ 3·total, in exact integers).
+    """
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+    if schedule == "step":
+        return lr * 0.1 ** ((2 * step >= total) + (4 * step >= 3 * total))
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+_MASK32, _MASK64 = 2**32 - 1, 2**64 - 1
+
+
+def _mix32(z: int) -> int:
+    """A bijection of 32-bit ints that spreads every input bit over the output (Wellons' "lowbias32")."""
+    z ^= z >> 16
+    z = (z * 0x7FEB352D) & _MASK32
+    z ^= z >> 15
+    z = (z * 0x846CA68B) & _MASK32
+    return z ^ (z >> 16)
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit ints (any Python int is taken modulo 2⁶⁴ first)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The 32-bit seed of epoch ``epoch``'s order in a run seeded ``seed``: mix32((mix64(seed + γ) + epoch) mod 2³²)
+    with SplitMix64's γ = 0x9E3779B97F4A7C15 (so that seed 0 is no fixed point).
+
+    32 bits, because torch's CPU generator (mt19937) keeps only the low 32 bits of its seed: seed·2³² + epoch
+    would give every seed the same orders. Hashed, not seed + epoch: control replicates are retrained with
+    neighbouring seeds, and seed + epoch would give seed s+1 the orders of seed s shifted by one epoch, so their
+    spread would understate the training noise. Within one run the epochs' seeds are all distinct (mix32 is a
+    bijection); two runs share one only by a 32-bit hash coincidence.
+    """
+    return _mix32((_mix64(seed + 0x9E3779B97F4A7C15) + epoch) & _MASK32)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order [n] (int64, on the CPU) in which epoch ``epoch`` of a run seeded ``seed`` visits the points:
+    ``torch.randperm(n)`` from ``torch.Generator().manual_seed(epoch_seed(seed, epoch))``.
+
+    Drawn on the CPU, so every device sees the same order (CUDA generators give other numbers), and from a
+    generator of its own per epoch, so any epoch's order is known without drawing the earlier ones: a run
+    resumed at epoch e continues with the order it would have had.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(n, generator=generator, device="cpu")
+
+
+def minibatches(
+    n: int, batch_size: int | None, seed: int, epoch: int, device: torch.device
+) -> list[torch.Tensor | None]:
+    """The index tensors (on ``device``) of epoch ``epoch``'s batches; ``[None]`` for the full batch."""
+    if batch_size is None:
+        return [None]
+    return list(epoch_order(n, seed, epoch).to(device).split(batch_size))
+
+
+# ---- weightings --------------------------------------------------------------------------------------------------
+
+
+def removal_weights(
+    n: int,
+    removed: Sequence[int],
+    controls: int = 1,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Weights [controls + len(removed), n]: ``controls`` rows of ones, then one row per removal with w_i = 0.
+
+    Control rows are retrained with the same schedule and nothing removed, so that actual(i, t) can subtract
+    the effect of the extra training itself (the noise floor).
+    """
+    return group_weights(n, [[int(i)] for i in removed], controls=controls, dtype=dtype, device=device)
+
+
+def group_weights(
+    n: int,
+    groups: Sequence[Sequence[int]],
+    controls: int = 1,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Weights [controls + len(groups), n]: ``controls`` rows of ones, then one row per group G with w_i = 0 for
+    every i ∈ G.
+
+    At ImageNet scale one point's effect is below the training noise, so the top-k influential points are
+    removed together and compared with random groups of the same size. An empty group is a control row.
+    """
+    groups = [[int(i) for i in group] for group in groups]
+    bad = [i for group in groups for i in group if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"removed indices must lie in [0, {n}); got {bad[:5]}")
+    if controls < 0:
+        raise ValueError(f"controls must be >= 0; got {controls}")
+    weights = torch.ones(controls + len(groups), n, dtype=dtype, device=device)
+    rows = [controls + g for g, group in enumerate(groups) for _ in group]
+    cols = [i for group in groups for i in group]
+    if cols:  # one scatter for all groups, not one per group
+        weights[torch.as_tensor(rows, dtype=torch.long, device=device),
+                torch.as_tensor(cols, dtype=torch.long, device=device)] = 0.0
+    return weights
+
+
+# ---- optimiser steps on one tensor -------------------------------------------------------------------------------
+
+
+class _Adam:
+    """Adam's update for one parameter tensor, in place, on buffers allocated once.
+
+    The same arithmetic, in the same order, as ``torch.optim.Adam``'s single-tensor path with default settings
+    (``tests/test_influence_train.py`` checks they agree), written out so that the retraining loops pay for
+    seven tensor ops per step and nothing else: no param groups, no state dicts, no hooks. Every entry of the
+    tensor is updated independently, so one ``_Adam`` over Θ [K, P] is K independent Adams. Its state lives
+    where the parameter does (``*_like``), and the step count is a Python int, so a CUDA step never syncs.
+    ``lr`` may be changed between updates (a schedule), as ``param_groups[0]["lr"]`` may in torch.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float) -> None:
+        self.param = param
+        self.lr = lr
+        self.step = 0
+        self._exp_avg = torch.zeros_like(param)
+        self._exp_avg_sq = torch.zeros_like(param)
+        self._denom = torch.empty_like(param)
+
+    def update(self, grad: torch.Tensor) -> None:
+        beta1, beta2 = ADAM_BETAS
+        self.step += 1
+        self._exp_avg.lerp_(grad, 1.0 - beta1)
+        self._exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        torch.sqrt(self._exp_avg_sq, out=self._denom).div_(math.sqrt(1.0 - beta2**self.step)).add_(ADAM_EPS)
+        self.param.addcdiv_(self._exp_avg, self._denom, value=-self.lr / (1.0 - beta1**self.step))
+
+
+class _SGD:
+    """SGD with (heavy-ball) momentum for one tensor, in place: ``torch.optim.SGD``'s single-tensor arithmetic
+    with dampening 0 and no nesterov. The first step seeds the buffer with the gradient itself, as torch does.
+    Elementwise, so one ``_SGD`` over Θ [K, P] is K independent SGDs."""
+
+    def __init__(self, param: torch.Tensor, lr: float, momentum: float) -> None:
+        self.param = param
+        self.lr = lr
+        self.momentum = momentum
+        self.step = 0
+        self._buf = torch.zeros_like(param) if momentum else None
+
+    def update(self, grad: torch.Tensor) -> None:
+        if self._buf is not None:
+            if self.step == 0:
+                self._buf.copy_(grad)  # a copy: the caller's grad buffer may be overwritten by the next step
+            else:
+                self._buf.mul_(self.momentum).add_(grad)
+            grad = self._buf
+        self.step += 1
+        self.param.add_(grad, alpha=-self.lr)
+
+
+def _optimizer(optimizer: str, param: torch.Tensor, lr: float, momentum: float) -> _Adam | _SGD:
+    return _Adam(param, lr) if optimizer == "adam" else _SGD(param, lr, momentum)
+
+
+# ---- retraining --------------------------------------------------------------------------------------------------
+
+
+def _check_retrain_args(model: Model, theta0: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> int:
+    if weights.ndim != 2 or weights.shape[1] != x.shape[0]:
+        raise ValueError(f"weights must be [K, n] with n={x.shape[0]}; got {tuple(weights.shape)}")
+    k = weights.shape[0]
+    if theta0.shape not in ((model.n_params,), (k, model.n_params)):
+        raise ValueError(f"theta0 must be [{model.n_params}] or [{k}, {model.n_params}]; got {tuple(theta0.shape)}")
+    check_same_device(theta0=theta0, x=x, weights=weights)
+    return k
+
+
+def retrain_batched(
+    model: Model,
+    theta0: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    weight_decay: float,
+    lr: float,
+    epochs: int,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    batch_size: int | None = None,
+    schedule: str = "constant",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Θ [K, P]: row k minimises R(θ; w_k) for ``epochs`` epochs from θ0, all K copies in one computation.
+
+    ``theta0`` is [P] (every copy starts from it: θ̂ for a warm start, the initial θ0 for retraining from
+    scratch) or [K, P]; ``weights`` is [K, n], e.g. from :func:`removal_weights` or :func:`group_weights`. Each
+    row gets its own, fresh optimiser state (``"adam"``, or ``"sgd"`` with ``momentum``); every row sees the
+    same minibatch order (seeded by ``seed``, see :func:`epoch_order`) and the same ``schedule`` of learning
+    rates (:func:`scheduled_lr`, per step). Zero epochs return θ0.
+
+    Full batch and an :class:`~influence.models.MLP`: the gradient comes from
+    :class:`~influence.stacked.StackedMLP` (hand-derived backward, no allocations in the loop). Otherwise the
+    generic path: autograd through ``objective`` on ``model.forward(Θ, x_B)`` for all K copies at once.
+    """
+    k = _check_retrain_args(model, theta0, x, weights)
+    check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs)
+    batch_size = full_batch_or(batch_size, x.shape[0])
+    settings = dict(weight_decay=weight_decay, lr=lr, epochs=epochs, optimizer=optimizer, momentum=momentum,
+                    schedule=schedule)
+    if batch_size is None and isinstance(model, MLP):
+        return _retrain_stacked_mlp(model, theta0, x, y, weights, **settings)
+    return _retrain_generic(model, theta0, x, y, weights, k=k, batch_size=batch_size, seed=seed, **settings)
+
+
+def _retrain_stacked_mlp(model: MLP, theta0, x, y, weights, *, weight_decay, lr, epochs, optimizer, momentum,
+                         schedule) -> torch.Tensor:
+    stack = StackedMLP(model, x, y, weights)
+    stack.load(theta0)
+    # The optimiser sees StackedMLP's layout, a permutation of θ's entries: fine, every update is elementwise.
+    opt = _optimizer(optimizer, stack.params, lr, momentum)
+    for step in range(epochs):
+        grad = stack.grad()
+        if weight_decay:
+            grad.add_(stack.params, alpha=weight_decay)
+        opt.lr = scheduled_lr(schedule, lr, step, epochs)
+        opt.update(grad)
+    return stack.theta()
+
+
+def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed, weight_decay, lr, epochs,
+                     optimizer, momentum, schedule) -> torch.Tensor:
+    n = x.shape[0]
+    params = theta0.detach().expand(k, -1).clone()  # Θ [K, P], updated in place by the optimiser
+    theta = params.detach().requires_grad_(True)  # same storage: the updates are invisible to autograd
+    opt = _optimizer(optimizer, params, lr, momentum)
+    # ∂(Σ_k R_k)/∂Θ is [∇R_k]_k, since row k of Θ enters R_k only; ones as grad_outputs skips the sum's op.
+    ones = torch.ones(k, dtype=params.dtype, device=params.device)
+    if batch_size is None:
+        batches = [(x, y, weights)]
+    else:
+        # Each epoch gathers x, y and w in its order into these buffers, once; the batches are fixed views of
+        # them. No per-step indexing, no per-step allocation outside autograd's own.
+        x_epoch, y_epoch, w_epoch = torch.empty_like(x), torch.empty_like(y), torch.empty_like(weights)
+        batches = list(zip(x_epoch.split(batch_size), y_epoch.split(batch_size), w_epoch.split(batch_size, dim=1)))
+    total = epochs * steps_per_epoch(n, batch_size)
+    step = 0
+    for epoch in range(epochs):
+        if batch_size is not None:
+            order = epoch_order(n, seed, epoch).to(x.device)
+            torch.index_select(x, 0, order, out=x_epoch)
+            torch.index_select(y, 0, order, out=y_epoch)
+            torch.index_select(weights, 1, order, out=w_epoch)
+        for x_b, y_b, w_b in batches:
+            # The data term through autograd; the L2 term's gradient λθ is one in-place add (autograd would
+            # spend a square, a sum and their backward on it).
+            (grad,) = torch.autograd.grad(objective(model, theta, x_b, y_b, 0.0, w_b), theta, grad_outputs=ones)
+            if weight_decay:
+                grad.add_(params, alpha=weight_decay)
+            opt.lr = scheduled_lr(schedule, lr, step, total)
+            opt.update(grad)
+            step += 1
+    return params
+
+
+def retrain_loop(
+    model: Model,
+    theta0: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    weight_decay: float,
+    lr: float,
+    epochs: int,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    batch_size: int | None = None,
+    schedule: str = "constant",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Same result as :func:`retrain_batched`, one model at a time: the reference, the benchmark baseline, and
+    the path for models too large to stack K copies on one device.
+
+    Deliberately the plain way: ``torch.autograd`` through :func:`~influence.objective.objective` (L2 term
+    included) and ``model.forward`` on each minibatch x[idx], so that agreement with :func:`retrain_batched`
+    checks the stacked computations against the definitions. Only the optimiser update is shared (same math,
+    so the two agree to round-off).
+    """
+    k = _check_retrain_args(model, theta0, x, weights)
+    check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs)
+    n = x.shape[0]
+    batch_size = full_batch_or(batch_size, n)
+    total = epochs * steps_per_epoch(n, batch_size)
+    out = torch.empty(k, model.n_params, dtype=theta0.dtype, device=theta0.device)
+    for i in range(k):
+        theta = (theta0 if theta0.ndim == 1 else theta0[i]).detach().clone().requires_grad_(True)
+        opt = _optimizer(optimizer, theta.detach(), lr, momentum)  # same storage: invisible to autograd
+        step = 0
+        for epoch in range(epochs):
+            for idx in minibatches(n, batch_size, seed, epoch, x.device):
+                x_b, y_b, w_b = (x, y, weights[i]) if idx is None else (x[idx], y[idx], weights[i, idx])
+                (grad,) = torch.autograd.grad(objective(model, theta, x_b, y_b, weight_decay, w_b), theta)
+                opt.lr = scheduled_lr(schedule, lr, step, total)
+                opt.update(grad)
+                step += 1
+        out[i] = theta.detach()
+    return out
