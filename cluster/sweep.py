@@ -95,8 +95,7 @@ class RunContext:
     max_in_flight: int = 8
 
 
-def dataset_key(cfg: Configuration) -> str:
-    return f"{cfg.dataset}/{cfg.split_seed}/{cfg.test_fraction}"
+dataset_key = tasks.dataset_key
 
 
 def run_trial(tune_config: dict, ctx: RunContext) -> None:
@@ -137,8 +136,8 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
                                                                        f"influence {cid} {t.part}")).remote(
             store, cfg, data_ref, theta_ref, t.method, t.chunk, t.test_idx, damping)) for t in inf_tasks])
 
-    # 3. which training points to retrain without
-    removed = _removals(ctx, cfg, n_train)
+    # 3. which training points to retrain without (or, for group removal, which groups)
+    removed, groups = _removals(ctx, cfg, n_train, len(test_idx))
     rt_tasks = plan.retrain_tasks(cfg, removed)
     extra = len(rt_tasks) - plan.task_counts([cfg], lambda c: n_train)["retrain"]
     if extra:
@@ -151,27 +150,43 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
     _run_parts(ctx, cfg, ledger, "retrain", [
         (t.part, lambda t=t: retrain_remote.options(**_outside_trial(ctx.resources["retrain"],
                                                                      f"retrain {cid} {t.part}")).remote(
-            store, cfg, data_ref, theta_ref, t.chunk, t.removed, test_idx)) for t in rt_tasks], on_stats=report)
+            store, cfg, data_ref, theta_ref, t.chunk, t.removed, test_idx,
+            None if groups is None else [groups[g] for g in t.removed])) for t in rt_tasks], on_stats=report)
 
     summary = ray.get(coord.finalize.remote(cid))
     tune.report({**summary, "done": True, "skipped": False})
 
 
-def _removals(ctx: RunContext, cfg: Configuration, n: int) -> list[int]:
-    """The rule's training points; only top_k needs the estimates, read back from the landed parts."""
+def _removals(ctx: RunContext, cfg: Configuration, n: int, n_test: int) -> tuple[list[int], list | None]:
+    """The rules' training points, as a sorted union; for group removal, the group ids and their
+    (members, mode). Rules chosen by estimate read them back from the landed influence parts."""
     import torch  # kept out of the driver's import path
 
-    from influence.scores import select_removals
+    from influence.scores import select_groups, select_removals
 
-    r = cfg.removals
     estimate = torch.empty(0, n, dtype=torch.float64)  # the other rules only need n
-    if r.kind == "top_k":
+    if any(r.kind in ("top_k", "percentile", "group") for r in cfg.removals):
         inf = tables.read_table(ctx.store, ctx.experiment, "influence", config_ids=[cfg.config_id])
-        # Rank by the first method's estimates: the removal set must not depend on which methods are compared.
-        first = inf.filter(pc.equal(inf["method"], cfg.methods[0])).sort_by([("test_idx", "ascending"),
-                                                                             ("train_idx", "ascending")])
-        estimate = torch.tensor(first["estimate"].to_numpy()).reshape(-1, n)
-    return select_removals(estimate, r.kind, k=r.k, seed=cfg.seed, indices=r.indices)
+        # Rank by the first method's estimates (the removal set must not depend on which methods are compared),
+        # or, where its solve diverged for some test point, by the next method's that converged for all.
+        for method in cfg.methods:
+            rows = inf.filter(pc.equal(inf["method"], method)).sort_by([("test_idx", "ascending"),
+                                                                        ("train_idx", "ascending")])
+            estimate = torch.tensor(rows["estimate"].to_numpy(zero_copy_only=False)).reshape(-1, n)
+            if not torch.isnan(estimate).any():
+                break
+        else:
+            raise ValueError(f"every method's solve diverged for some test point ({', '.join(cfg.methods)}), so the "
+                             f"points to retrain without cannot be ranked; see the influence table's diverged column")
+    if cfg.removals[0].kind == "group":
+        r = cfg.removals[0]
+        members = select_groups(estimate, r.k, r.groups, seed=cfg.seed)
+        groups = [(m, "group" if g < n_test else "random_group") for g, m in enumerate(members)]
+        return list(range(len(groups))), groups
+    removed = set()
+    for r in cfg.removals:
+        removed.update(select_removals(estimate, r.kind, k=r.k, seed=cfg.seed, indices=r.indices, at=r.at))
+    return sorted(removed), None
 
 
 def _run_parts(ctx: RunContext, cfg: Configuration, ledger: Ledger, table: str,
@@ -253,18 +268,17 @@ class _ProgressCallback(tune.Callback):
 def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: None,
               on_config_done=lambda cfg, r: None, max_concurrent_trials: int | None = None) -> RunResult:
     """Run every configuration of `spec` as a Tune trial on the connected Ray cluster."""
-    from influence.data import load_dataset
-
     start = time.perf_counter()
     configs = spec.configurations()
-    write_configs(store, spec, configs, version)
-    coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}").remote(
-        store, spec.experiment)
+    # Data first: a missing or unreadable data set stops the run before anything is written.
     loaded = {}
     for cfg in configs:
         key = dataset_key(cfg)
         if key not in loaded:
-            loaded[key] = load_dataset(cfg.dataset, split_seed=cfg.split_seed, test_fraction=cfg.test_fraction)
+            loaded[key] = tasks.load_data(cfg)
+    write_configs(store, spec, configs, version)
+    coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}").remote(
+        store, spec.experiment)
     counts = plan.task_counts(configs, lambda c: loaded[dataset_key(c)].n_train)
     ray.get(coord.set_totals.remote(counts, len(configs)))
     datasets = {key: ray.put(data) for key, data in loaded.items()}  # put once, shared by every task

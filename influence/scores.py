@@ -24,8 +24,8 @@ from influence.ihvp import InverseHVP
 from influence.models import MLP
 from influence.objective import per_example_loss
 
-TEST_SELECTIONS: tuple[str, ...] = ("highest", "median", "random", "explicit")
-REMOVAL_RULES: tuple[str, ...] = ("all", "top_k", "random", "explicit")
+TEST_SELECTIONS: tuple[str, ...] = ("highest", "median", "percentile", "random", "explicit")
+REMOVAL_RULES: tuple[str, ...] = ("all", "top_k", "percentile", "random", "explicit", "group")
 
 
 def per_example_grads(
@@ -144,9 +144,25 @@ def _normalise_rule(rule: tuple[str, Any] | Mapping[str, Any]) -> tuple[str, Any
         name, arg = rule
     if name not in TEST_SELECTIONS:
         raise ValueError(f"unknown test-point selection {name!r}; choose one of {', '.join(TEST_SELECTIONS)}")
-    if name != "explicit" and (not isinstance(arg, numbers.Integral) or isinstance(arg, bool) or arg < 0):
-        raise ValueError(f"selection {name!r} needs a count k >= 0; got {arg!r}")
+    if name == "percentile":
+        if not (isinstance(arg, (tuple, list)) and len(arg) == 2 and 0 <= float(arg[0]) <= 100):
+            raise ValueError(f"selection 'percentile' takes (at, k) with 0 <= at <= 100; got {arg!r}")
+        at, k = arg
+        _check_count(name, k)
+        return name, (float(at), int(k))
+    if name != "explicit":
+        _check_count(name, arg)
     return name, (arg if name == "explicit" else int(arg))
+
+
+def _check_count(name: str, k: object) -> None:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"selection {name!r} needs a count k >= 0; got {k!r}")
+
+
+def _nearest(values: torch.Tensor, target: float, k: int) -> list[int]:
+    """The k indices whose values are nearest `target`, ties towards the lower index."""
+    return sorted(range(values.shape[0]), key=lambda i: (abs(float(values[i]) - target), i))[:k]
 
 
 def select_test_points(
@@ -157,7 +173,8 @@ def select_test_points(
     """Test points to study, as ``(test_idx, selection)`` in rule order, each index once (the first rule wins).
 
     Rules: ``("highest", k)`` the k highest-loss points (the paper's best case); ``("median", k)`` the k closest
-    to the median loss (its typical case); ``("random", k)`` k points drawn with ``seed`` from those not chosen
+    to the median loss (its typical case); ``("percentile", (at, k))`` the k closest to the at-th percentile of
+    the loss (linear interpolation, as ``torch.quantile``); ``("random", k)`` k points drawn with ``seed`` from those not chosen
     by an earlier rule; ``("explicit", [idx, ...])``. Ties break towards the lower index, so the choice is
     deterministic.
     """
@@ -167,15 +184,17 @@ def select_test_points(
     gen = torch.Generator().manual_seed(seed)
     for rule in rules:
         name, arg = _normalise_rule(rule)
+        count = arg[1] if name == "percentile" else arg
         if name == "explicit":
             picks = _check_indices(arg, m, "explicit test index")
-        elif arg > m:
-            raise ValueError(f"selection {name!r} asks for {arg} test points but there are only {m}")
+        elif count > m:
+            raise ValueError(f"selection {name!r} asks for {count} test points but there are only {m}")
         elif name == "highest":
             picks = sorted(range(m), key=lambda i: (-float(losses[i]), i))[:arg]
         elif name == "median":
-            median = float(losses.quantile(0.5))  # the average of the two middle values for even m
-            picks = sorted(range(m), key=lambda i: (abs(float(losses[i]) - median), i))[:arg]
+            picks = _nearest(losses, float(losses.quantile(0.5)), arg)  # median: the mean of the middle two for even m
+        elif name == "percentile":
+            picks = _nearest(losses, float(losses.quantile(arg[0] / 100.0)), arg[1])
         else:  # random
             pool = [i for i in range(m) if i not in chosen]
             picks = [pool[j] for j in torch.randperm(len(pool), generator=gen, device="cpu")[:arg].tolist()]
@@ -190,12 +209,16 @@ def select_removals(
     k: int = 0,
     seed: int = 0,
     indices: Sequence[int] = (),
+    at: float | None = None,
 ) -> list[int]:
     """Training points to retrain without, sorted ascending and unique.
 
     ``estimate`` is [T, n]. ``"all"``: every point; ``"top_k"``: the union over test points of the k largest
-    |estimate| (the paper's choice for MNIST/CIFAR: where the estimates claim most); ``"random"``: k points drawn
-    with ``seed``; ``"explicit"``: ``indices``.
+    |estimate| (the paper's choice for MNIST/CIFAR: where the estimates claim most); ``"percentile"``: the union
+    over test points of the k whose estimate is nearest the ``at``-th percentile of that test point's estimates
+    (Koh & Liang add such a band to the top ones, so the ground truth also covers ordinary points);
+    ``"random"``: k points drawn with ``seed``; ``"explicit"``: ``indices``. (``"group"`` removes points
+    together: see :func:`select_groups`.)
     """
     if estimate.ndim != 2:
         raise ValueError(f"estimate must be [T, n]; got shape {tuple(estimate.shape)}")
@@ -211,6 +234,37 @@ def select_removals(
     if rule == "random":
         gen = torch.Generator().manual_seed(seed)
         return sorted(torch.randperm(n, generator=gen, device="cpu")[:k].tolist())
+    if rule == "group":
+        raise ValueError("group removals retrain points together: use select_groups")
+    if rule == "percentile":
+        if at is None or not 0 <= at <= 100:
+            raise ValueError(f"removal rule 'percentile' needs 0 <= at <= 100; got at={at!r}")
+        values = estimate.detach().to(torch.float64).cpu()
+        picks = set()
+        for row in values:
+            picks.update(_nearest(row, float(row.quantile(at / 100.0)), k))
+        return sorted(picks)
     # top_k; a stable sort on -|estimate| breaks ties towards the lower index.
     order = torch.sort(-estimate.detach().abs(), dim=1, stable=True).indices[:, :k]
     return sorted(set(order.flatten().tolist()))
+
+
+def select_groups(estimate: torch.Tensor, k: int, groups: int, seed: int = 0) -> list[list[int]]:
+    """Groups of training points to retrain without together (the protocol for data sets so large that one
+    point's effect is below the training noise): first, per test point, its k points of highest estimate (the
+    ones whose joint removal the estimates say raises that test loss most); then ``groups`` groups of k points
+    drawn at random with ``seed`` (the reference distribution). Each group sorted ascending. ``k = 0`` gives
+    empty groups, which retrain like a control.
+    """
+    if estimate.ndim != 2:
+        raise ValueError(f"estimate must be [T, n]; got shape {tuple(estimate.shape)}")
+    n = estimate.shape[1]
+    if not 0 <= k <= n:
+        raise ValueError(f"group removal needs 0 <= k <= n={n}; got k={k}")
+    if groups < 0:
+        raise ValueError(f"random groups must be >= 0; got {groups}")
+    order = torch.sort(-estimate.detach().to(torch.float64).cpu(), dim=1, stable=True).indices[:, :k]
+    out = [sorted(row.tolist()) for row in order]
+    gen = torch.Generator().manual_seed(seed)
+    out += [sorted(torch.randperm(n, generator=gen, device="cpu")[:k].tolist()) for _ in range(groups)]
+    return out

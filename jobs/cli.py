@@ -7,7 +7,6 @@ configuration and task.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -89,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--s3-port", type=int, default=8333)
     c.add_argument("--num-cpus", type=int, default=None)
     c.add_argument("--bucket", default="fragile")
+    d = sub.add_parser("data", help="tiny data sets in the real on-disk formats (for smoke runs and tests)")
+    d.add_argument("action", choices=("tiny",))
+    d.add_argument("dataset", choices=("mnist", "cifar10", "imagenet"))
+    d.add_argument("root", help="folder to write into (the spec's data.root)")
+    d.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -101,23 +105,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"run": cmd_run, "validate": cmd_validate, "query": cmd_query, "submit": cmd_submit,
                     "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "cluster": cmd_cluster,
-                    "report": cmd_report}
+                    "report": cmd_report, "data": cmd_data}
         return commands[args.command](args)
-    except USER_ERRORS + (UsageError, SubmitError, ClusterError) as exc:
+    except USER_ERRORS + (UsageError, SubmitError, ClusterError) + _data_errors() as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         return 2
 
 
+def _data_errors() -> tuple[type[Exception], ...]:
+    """A missing data set is a user's mistake; its class lives in influence.data, which imports torch, so it
+    is looked up only once that module is loaded (it cannot have been raised before)."""
+    module = sys.modules.get("influence.data")
+    return (module.DatasetNotFound,) if module is not None and hasattr(module, "DatasetNotFound") else ()
+
+
+_N_TRAIN: dict[str, int] = {}
+
+
 def _n_train_of(cfg) -> int:
-    return _n_train(cfg.dataset, cfg.split_seed, cfg.test_fraction)
+    """Training-set size of a configuration's data: loaded once per data set, not once per configuration."""
+    from jobs.tasks import dataset_key, load_data
+
+    key = dataset_key(cfg)
+    if key not in _N_TRAIN:
+        _N_TRAIN[key] = load_data(cfg).n_train
+    return _N_TRAIN[key]
 
 
-@functools.lru_cache(maxsize=None)
-def _n_train(dataset: str, split_seed: int, test_fraction: float) -> int:
-    """Training-set size of one split: loaded once per split, not once per configuration."""
-    from influence.data import load_dataset
+def cmd_data(args) -> int:
+    from influence.data_files import write_tiny
 
-    return load_dataset(dataset, split_seed=split_seed, test_fraction=test_fraction).n_train
+    root = write_tiny(args.dataset, args.root, seed=args.seed)
+    Console().print(f"wrote a tiny {args.dataset} in its real format under {root}")
+    return 0
 
 
 def cmd_validate(args) -> int:

@@ -36,6 +36,11 @@ class _Config:
     actual_dtheta: dict[int, float] = field(default_factory=dict)
     controls: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
     diverged: set[tuple[str, int]] = field(default_factory=set)  # (method, test point) whose solve diverged
+    # Group removal: per (method, test point) every training point's estimate, and per group its members,
+    # mode and, per test point, its actual effect. A group's estimate is the sum of its members' estimates.
+    estimates: dict[tuple[str, int], dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    groups: dict[int, tuple[list[int], str]] = field(default_factory=dict)
+    group_actuals: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
     snapshot: int = 0
 
 
@@ -68,15 +73,22 @@ class StatsBook:
             for key, (keys, vals) in by_key.items():
                 if key in c.pairs:
                     c.pairs[key].add_estimates(keys, vals)
+                    c.estimates[key].update(zip(keys, vals))
             for m, t, d in zip(cols["method"], cols["test_idx"], cols.get("diverged") or [False] * rows.num_rows):
                 if d:
                     c.diverged.add((m, t))
         elif table == "retrain":
             by_test: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
-            for r, t, a, d, lr in zip(cols["removed"], cols["test_idx"], cols["actual"], cols["dtheta"],
-                                      cols["loss_retrained"]):
+            n = rows.num_rows
+            modes, members = cols.get("mode") or [None] * n, cols.get("members") or [None] * n
+            for r, t, a, d, lr, mode, group in zip(cols["removed"], cols["test_idx"], cols["actual"], cols["dtheta"],
+                                                   cols["loss_retrained"], modes, members):
                 if r < 0:  # control replicate -(k+1)
                     c.controls[t][-r - 1] = lr
+                    continue
+                if mode in ("group", "random_group"):
+                    c.groups[r] = (list(group or []), mode)
+                    c.group_actuals[t][r] = a
                     continue
                 keys, vals = by_test[t]
                 keys.append(r)
@@ -96,12 +108,21 @@ class StatsBook:
         out: dict[str, list] = defaultdict(list)
         for m in c.methods:
             dth = self._dtheta_spearman(c, m)
+            # Top group g belongs to the g-th test point in ascending test_idx (the order the trial ranks in).
+            order = {t: g for g, t in enumerate(sorted(t for t, _ in c.test_points))}
             for t, selection in c.test_points:
-                acc = c.pairs[(m, t)]
+                position = order[t]
+                acc = self._group_pairs(c, m, t, position) if c.groups else c.pairs[(m, t)]
                 s = acc.stats()
                 controls = list(c.controls.get(t, {}).values())
                 noise = float(np.std(controls, ddof=1)) if len(controls) >= 2 else math.nan
                 actual_std = float(np.std(acc.pairs()[1], ddof=1)) if acc.n >= 2 else math.nan
+                snr = actual_std / noise if noise > 0 else (math.inf if noise == 0 and actual_std > 0 else math.nan)
+                out["snr"].append(snr)
+                out["below_noise_floor"].append(bool(snr <= 1.0) if not math.isnan(snr) else None)
+                group = self._group_summary(c, t, position)
+                for k in ("group_actual", "random_group_mean", "random_group_std"):
+                    out[k].append(group[k])
                 out["method"].append(m)
                 out["test_idx"].append(t)
                 out["snapshot"].append(c.snapshot)
@@ -117,6 +138,35 @@ class StatsBook:
                 out["degenerate_reason"].append(
                     c.degenerate_reason or (f"the {m} solve diverged for this test point" if (m, t) in c.diverged else None))
         return dict(out)
+
+    @staticmethod
+    def _group_pairs(c: _Config, method: str, t: int, position: int) -> PairAccumulator:
+        """(Σ members' estimates, actual) over the groups retrained so far, for test point t: its own top group
+        and the random groups (another test point's top group is not about t, so it is left out)."""
+        acc = PairAccumulator()
+        est = c.estimates.get((method, t), {})
+        keys, sums, actuals = [], [], []
+        for g, a in c.group_actuals.get(t, {}).items():
+            members, mode = c.groups[g]
+            if mode == "group" and g != position:
+                continue
+            keys.append(g)
+            sums.append(sum(est.get(i, math.nan) for i in members))
+            actuals.append(a)
+        acc.add_estimates(keys, sums)
+        acc.add_actuals(keys, actuals)
+        return acc
+
+    @staticmethod
+    def _group_summary(c: _Config, t: int, position: int) -> dict[str, float]:
+        nan = {"group_actual": math.nan, "random_group_mean": math.nan, "random_group_std": math.nan}
+        if not c.groups:
+            return nan
+        actuals = c.group_actuals.get(t, {})
+        rand = [a for g, a in actuals.items() if c.groups[g][1] == "random_group"]
+        return {"group_actual": actuals.get(position, math.nan),
+                "random_group_mean": float(np.mean(rand)) if rand else math.nan,
+                "random_group_std": float(np.std(rand, ddof=1)) if len(rand) >= 2 else math.nan}
 
     @staticmethod
     def _dtheta_spearman(c: _Config, method: str) -> float:

@@ -54,6 +54,14 @@ def n_test_points(cfg: Configuration) -> int:
     return sum(r.k for r in cfg.test_points)
 
 
+def removal_count(cfg: Configuration, n_train: int) -> int:
+    """Retrains (single points or groups) the removal rules ask for: an upper bound where rules overlap, and
+    planned before the test points are known (a rule per test point counts as one test point's worth; the
+    trial corrects the total once it knows the real set)."""
+    return min(n_train, sum(r.count(n_train) for r in cfg.removals)) if cfg.removals[0].kind != "group" \
+        else cfg.removals[0].count(n_train, n_test_points(cfg))
+
+
 def task_counts(configs: list[Configuration], n_train_of: Callable[[Configuration], int]) -> dict[str, int]:
     """Tasks per kind for a set of configurations: one train task each (it reuses a stored checkpoint of an
     identical base model), one influence task per method and chunk of test points, one retrain task per
@@ -61,7 +69,7 @@ def task_counts(configs: list[Configuration], n_train_of: Callable[[Configuratio
     return {
         "train": len(configs),
         "influence": sum(len(c.methods) * math.ceil(n_test_points(c) / c.test_chunk) for c in configs),
-        "retrain": sum(math.ceil(c.removals.count(n_train_of(c)) / c.retrain_chunk) for c in configs),
+        "retrain": sum(math.ceil(removal_count(c, n_train_of(c)) / c.retrain_chunk) for c in configs),
     }
 
 

@@ -28,9 +28,10 @@ from typing import Callable
 import yaml
 
 from jobs.spec_checks import (  # noqa: F401 (the vocabulary is part of this module's interface)
-    ACTIVATIONS, DAMPING_POLICIES, DATASETS, METHODS, MODELS, OPTIMIZERS, REMOVAL_KINDS, RESOURCE_KINDS,
-    TEST_POINT_KINDS, METHOD_SETTINGS, SpecError, _choice, _closest, _experiment, _indices, _int, _leaf, _methods, _number,
-    _one_of, _optional, _show, _size,
+    ACTIVATIONS, DAMPING_POLICIES, DATASETS, DTYPES, FILE_DATASETS, IMAGE_MODELS, METHODS, MODELS, OPTIMIZERS,
+    REMOVAL_KINDS, RESOURCE_KINDS, RETRAIN_STARTS, SCHEDULES, TEST_POINT_KINDS, METHOD_SETTINGS, SpecError, _bool,
+    _choice, _classes, _closest, _data_root, _experiment, _indices, _int, _leaf, _methods, _number, _one_of,
+    _optional, _percent, _show, _size, _subset,
 )
 from jobs.spec_yaml import SpecLoader
 
@@ -44,10 +45,16 @@ def _rules(key: str, value: object) -> tuple[TestPointRule, ...]:
     return tuple(value)
 
 
-def _removal(key: str, value: object) -> RemovalRule:
-    if not isinstance(value, RemovalRule):
+def _removal(key: str, value: object) -> tuple[RemovalRule, ...]:
+    rules = (value,) if isinstance(value, RemovalRule) else value
+    if not isinstance(rules, (list, tuple)) or not rules or not all(isinstance(r, RemovalRule) for r in rules):
         raise SpecError(key, value, _REMOVALS_FORMS)
-    return value
+    kinds = [r.kind for r in rules]
+    if len(rules) > 1 and ({"all", "group"} & set(kinds)):
+        raise SpecError(key, kinds, "all and group removals cannot be combined with other rules")
+    if len(set(kinds)) < len(kinds):
+        raise SpecError(key, kinds, "each removal kind at most once in a list")
+    return tuple(rules)
 
 
 _POSITIVE, _NON_NEGATIVE = "a number > 0", "a number >= 0"
@@ -57,6 +64,12 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "dataset": lambda k, v: _choice(k, v, DATASETS),
     "test_fraction": lambda k, v: _number(k, v, lambda x: 0 < x < 1, "a number strictly between 0 and 1"),
     "split_seed": lambda k, v: _int(k, v, 0),
+    "data_root": _optional(_data_root),
+    "subset": _optional(_subset),
+    "test_subset": _optional(lambda k, v: _int(k, v, 1)),
+    "classes": _optional(_classes),
+    "per_class": _optional(lambda k, v: _int(k, v, 1)),
+    "image_size": _optional(lambda k, v: _int(k, v, 8)),
     "model": lambda k, v: _choice(k, v, MODELS),
     "depth": _size,
     "width": _size,
@@ -66,6 +79,11 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "epochs": lambda k, v: _int(k, v, 1),
     "weight_decay": lambda k, v: _number(k, v, lambda x: x >= 0, _NON_NEGATIVE),
     "seed": lambda k, v: _int(k, v, 0),
+    "momentum": lambda k, v: _number(k, v, lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    "batch_size": _optional(lambda k, v: _int(k, v, 1)),
+    "schedule": lambda k, v: _choice(k, v, SCHEDULES),
+    "mixed_precision": _bool,
+    "dtype": lambda k, v: _choice(k, v, DTYPES),
     "methods": _methods,
     "solvers": lambda k, v: v,  # checked against the methods in __post_init__
     "test_chunk": lambda k, v: _int(k, v, 1),
@@ -74,6 +92,7 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "damping_policy": lambda k, v: _choice(k, v, DAMPING_POLICIES),
     "test_points": _rules,
     "removals": _removal,
+    "retrain_start": lambda k, v: _choice(k, v, RETRAIN_STARTS),
     "retrain_epochs": _optional(lambda k, v: _int(k, v, 0)),
     "retrain_lr": _optional(lambda k, v: _number(k, v, lambda x: x > 0, _POSITIVE)),
     "controls": lambda k, v: _int(k, v, 1),
@@ -86,13 +105,15 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
 
 @dataclass(frozen=True)
 class TestPointRule:
-    """Which test points to study: the ``k`` highest-loss ones, the ``k`` nearest the median loss, ``k`` at
-    random, or ``explicit`` indices (then ``k`` = their count)."""
+    """Which test points to study: the ``k`` highest-loss ones, the ``k`` nearest the median loss, the ``k``
+    nearest the ``at``-th ``percentile`` of the loss, ``k`` at random, or ``explicit`` indices (then ``k`` =
+    their count)."""
     __test__ = False  # not a pytest test class, despite its name
 
     kind: str
     k: int = 1
     indices: tuple[int, ...] = ()
+    at: float | None = None  # the percentile, for kind "percentile" only
 
     def __post_init__(self):
         _choice("kind", self.kind, TEST_POINT_KINDS)
@@ -103,18 +124,42 @@ class TestPointRule:
             _int("k", self.k, 1)
             if self.indices:
                 raise SpecError("indices", self.indices, f"only explicit rules take indices, not {self.kind}")
+        _check_at(self.kind, self.at, self)
+
+    def rule(self) -> tuple:
+        """The rule as influence.scores.select_test_points takes it."""
+        if self.kind == "explicit":
+            return ("explicit", list(self.indices))
+        if self.kind == "percentile":
+            return ("percentile", (self.at, self.k))
+        return (self.kind, self.k)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "k": self.k, "indices": list(self.indices)}
+        out = {"kind": self.kind, "k": self.k, "indices": list(self.indices)}
+        return out if self.at is None else {**out, "at": self.at}
+
+
+def _check_at(kind: str, at: object, rule: object) -> None:
+    if kind == "percentile":
+        if at is None:
+            raise SpecError("at", at, "a percentile rule needs at: P, the percentile (0-100)")
+        object.__setattr__(rule, "at", _percent("at", at))
+    elif at is not None:
+        raise SpecError("at", at, f"only percentile rules take at, not {kind}")
 
 
 @dataclass(frozen=True)
 class RemovalRule:
-    """Which training points to retrain without: ``all`` of them, the ``top_k`` by |estimate|, ``k`` at
-    ``random``, or ``explicit`` indices (then ``k`` = their count; for ``all``, k = 0)."""
+    """Which training points to retrain without: ``all`` of them, the ``top_k`` by |estimate|, the ``k``
+    nearest the ``at``-th ``percentile`` of the estimates, ``k`` at ``random``, or ``explicit`` indices (then
+    ``k`` = their count; for ``all``, k = 0). ``group``: retrain without the ``k`` points of highest estimate
+    TOGETHER (one group per test point) and, for comparison, without ``groups`` random groups of ``k`` points:
+    the protocol for data sets so large that one point's effect is below the training noise."""
     kind: str
     k: int = 0
     indices: tuple[int, ...] = ()
+    at: float | None = None  # the percentile, for kind "percentile" only
+    groups: int = 0  # random groups, for kind "group" only
 
     def __post_init__(self):
         _choice("kind", self.kind, REMOVAL_KINDS)
@@ -128,17 +173,33 @@ class RemovalRule:
                 _int("k", self.k, 1)
             if self.indices:
                 raise SpecError("indices", self.indices, f"only explicit removals take indices, not {self.kind}")
+        _check_at(self.kind, self.at, self)
+        if self.kind == "group":
+            _int("random", self.groups, 1)
+        elif self.groups:
+            raise SpecError("random", self.groups, f"only group removals take random groups, not {self.kind}")
 
-    def count(self, n_train: int | None = None) -> int | None:
-        """How many removals (single-point retrains) this rule asks for; None if it needs n_train unknown."""
+    def count(self, n_train: int | None = None, n_test: int = 1) -> int | None:
+        """How many retrains (single points, or groups) this rule asks for, at most; None if it needs n_train
+        unknown. Rules chosen per test point (top_k, percentile, group) may pick up to k per test point."""
         if self.kind == "all":
             return n_train
         if self.kind == "explicit":
             return len(self.indices)
-        return self.k if n_train is None else min(self.k, n_train)
+        if self.kind == "group":
+            return n_test + self.groups
+        if self.kind == "random":
+            return self.k if n_train is None else min(self.k, n_train)
+        k = self.k * n_test
+        return k if n_train is None else min(k, n_train)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "k": self.k, "indices": list(self.indices)}
+        out = {"kind": self.kind, "k": self.k, "indices": list(self.indices)}
+        if self.at is not None:
+            out["at"] = self.at
+        if self.kind == "group":
+            out["groups"] = self.groups
+        return out
 
 
 @dataclass(frozen=True)
@@ -157,12 +218,22 @@ class Resources:
 
 _DEFAULT_TEST_POINTS = (TestPointRule("highest", 1), TestPointRule("median", 1))
 # The fields that define the trained base model θ̂ (and so its checkpoint).
-MODEL_FIELDS = ("dataset", "test_fraction", "split_seed", "model", "depth", "width", "activation",
-                "optimizer", "lr", "epochs", "weight_decay", "seed")
+MODEL_FIELDS = ("dataset", "test_fraction", "split_seed", "data_root", "subset", "test_subset", "classes",
+                "per_class", "image_size", "model", "depth", "width", "activation", "optimizer", "lr", "epochs",
+                "weight_decay", "seed", "momentum", "batch_size", "schedule", "mixed_precision", "dtype")
+# Fields added after the first results were stored: left out of the canonical JSON while they hold these
+# values, so configurations written before they existed keep their config_id and model_key (and resume).
+_LATER_DEFAULTS = {"data_root": None, "subset": None, "test_subset": None, "classes": None, "per_class": None,
+                   "image_size": None, "momentum": 0.9, "batch_size": None, "schedule": "constant",
+                   "mixed_precision": False, "dtype": "float64", "retrain_start": "warm"}
 
 
 def _hash(obj: object) -> str:
     return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:12]
+
+
+def _without_later_defaults(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
 
 
 def _canonical(obj: object) -> str:
@@ -184,6 +255,12 @@ class Configuration:
     dataset: str = "iris"
     test_fraction: float = 0.2
     split_seed: int = 0
+    data_root: str | None = None  # local folder or s3:// URI holding mnist / cifar10 / imagenet files
+    subset: float | int | None = None  # a fraction or count of the training points (stratified, by split_seed)
+    test_subset: int | None = None  # a count of test points
+    classes: int | tuple[str, ...] | None = None  # imagenet: the first k class folders, or these ones
+    per_class: int | None = None  # imagenet: the first m training images of each class
+    image_size: int | None = None  # imagenet: side of the centre crop (default 224)
     # model
     model: str = "mlp"
     depth: int = 1
@@ -195,6 +272,11 @@ class Configuration:
     epochs: int = 4000
     weight_decay: float = 0.005
     seed: int = 0
+    momentum: float = 0.9  # sgd only
+    batch_size: int | None = None  # None: full batch
+    schedule: str = "constant"
+    mixed_precision: bool = False  # bfloat16 autocast of the forward, on CUDA only
+    dtype: str = "float64"
     # influence estimation
     methods: tuple[str, ...] = ("exact",)
     damping: float = 0.01
@@ -206,7 +288,8 @@ class Configuration:
     grad_chunk: int = 1024  # training gradients held at once: peak memory is grad_chunk x parameters
     test_points: tuple[TestPointRule, ...] = _DEFAULT_TEST_POINTS
     # ground truth (warm-started retraining)
-    removals: RemovalRule = RemovalRule("all")
+    removals: tuple[RemovalRule, ...] = (RemovalRule("all"),)
+    retrain_start: str = "warm"  # warm: from θ̂ for retrain_epochs; scratch: from θ0, the full schedule
     retrain_epochs: int | None = None  # an int after construction
     retrain_lr: float | None = None  # a float after construction
     controls: int = 3
@@ -216,7 +299,7 @@ class Configuration:
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, _CHECKS[f.name](f.name, getattr(self, f.name)))
-        if self.model == "logistic":
+        if self.model == "logistic" or self.model in IMAGE_MODELS:
             object.__setattr__(self, "depth", 0)
             object.__setattr__(self, "width", 0)
         else:
@@ -224,10 +307,35 @@ class Configuration:
                 if getattr(self, name) < 1:
                     raise SpecError(name, getattr(self, name), f"{name} must be an integer >= 1")
         object.__setattr__(self, "solvers", _resolve_solvers(self.methods, self.solvers))
+        self._check_data()
+        if self.mixed_precision and self.dtype != "float32":
+            raise SpecError("mixed_precision", True, "mixed precision trains a float32 model in bfloat16: set "
+                                                     "train.dtype: float32 as well")
         if self.retrain_epochs is None:
-            object.__setattr__(self, "retrain_epochs", int(round(RETRAIN_FRACTION * self.epochs)))
+            full = self.retrain_start == "scratch"
+            object.__setattr__(self, "retrain_epochs", self.epochs if full else int(round(RETRAIN_FRACTION * self.epochs)))
         if self.retrain_lr is None:
             object.__setattr__(self, "retrain_lr", self.lr)
+
+    def _check_data(self) -> None:
+        image_data = self.dataset not in ("iris", "synthetic")
+        if self.model in IMAGE_MODELS and not image_data:
+            raise SpecError("model", self.model, f"{self.model} needs image data ({', '.join(d for d in DATASETS if d not in ('iris', 'synthetic'))}); "
+                                                 f"{self.dataset} has flat features")
+        if self.dataset in FILE_DATASETS and self.data_root is None:
+            raise SpecError("data_root", None, f"{self.dataset} is read from files: set data.root to the folder (or "
+                                               f"s3:// URI) that holds them; `fragile data tiny {self.dataset} DIR` "
+                                               f"writes a tiny set in the real format", problem="missing")
+        for name in ("data_root", "subset", "test_subset"):
+            if getattr(self, name) is not None and self.dataset not in FILE_DATASETS + ("digits",):
+                raise SpecError(name, getattr(self, name), f"only for digits, {', '.join(FILE_DATASETS)}; "
+                                                           f"{self.dataset} has a fixed size")
+        if self.data_root is not None and self.dataset not in FILE_DATASETS:
+            raise SpecError("data_root", self.data_root, f"{self.dataset} ships with scikit-learn; data.root is "
+                                                         f"for {', '.join(FILE_DATASETS)}")
+        for name in ("classes", "per_class", "image_size"):
+            if getattr(self, name) is not None and self.dataset != "imagenet":
+                raise SpecError(name, getattr(self, name), "only for imagenet")
 
     def to_dict(self) -> dict:
         """Every field, JSON-able (rules as mappings, tuples as lists)."""
@@ -235,12 +343,17 @@ class Configuration:
         out["methods"] = list(self.methods)
         out["solvers"] = {m: dict(settings) for m, settings in self.solvers}
         out["test_points"] = [r.to_dict() for r in self.test_points]
-        out["removals"] = self.removals.to_dict()
+        # One rule stays a mapping (as before lists of rules existed), so old ids are unchanged.
+        rules = [r.to_dict() for r in self.removals]
+        out["removals"] = rules[0] if len(rules) == 1 else rules
+        if isinstance(self.classes, tuple):
+            out["classes"] = list(self.classes)
         return out
 
     def canonical_json(self) -> str:
-        """``to_dict()`` as JSON with sorted keys and no whitespace: the text ``config_id`` hashes."""
-        return _canonical(self.to_dict())
+        """``to_dict()`` as JSON with sorted keys and no whitespace: the text ``config_id`` hashes. Fields
+        added later are left out while they hold their defaults (see _LATER_DEFAULTS)."""
+        return _canonical(_without_later_defaults(self.to_dict()))
 
     @cached_property
     def config_id(self) -> str:
@@ -249,7 +362,21 @@ class Configuration:
     @cached_property
     def model_key(self) -> str:
         """12 hex of the fields in MODEL_FIELDS only: the identity of the trained checkpoint θ̂."""
-        return _hash({name: getattr(self, name) for name in MODEL_FIELDS})
+        d = self.to_dict()
+        return _hash(_without_later_defaults({name: d[name] for name in MODEL_FIELDS}))
+
+    @property
+    def image_model(self) -> bool:
+        return self.model in IMAGE_MODELS
+
+    def data_options(self) -> dict:
+        """The keyword arguments of influence.data.load_dataset for this configuration's data (the root is
+        resolved separately: an s3:// root is copied to a local cache first)."""
+        out = {"split_seed": self.split_seed, "test_fraction": self.test_fraction}
+        for name in ("subset", "test_subset", "classes", "per_class", "image_size"):
+            if getattr(self, name) is not None:
+                out[name] = list(self.classes) if name == "classes" and isinstance(self.classes, tuple) else getattr(self, name)
+        return out
 
     def solver_settings(self, method: str) -> dict:
         """The settings of one method, every default filled in."""
@@ -257,7 +384,10 @@ class Configuration:
 
     def label(self) -> str:
         """A short human name, e.g. ``mlp d3 w5 tanh wd0.005 s1``."""
-        shape = "logistic" if self.model == "logistic" else f"mlp d{self.depth} w{self.width} {self.activation}"
+        if self.model == "logistic" or self.image_model:
+            shape = self.model
+        else:
+            shape = f"mlp d{self.depth} w{self.width} {self.activation}"
         return f"{shape} wd{self.weight_decay:g} s{self.seed}"
 
 
@@ -297,13 +427,16 @@ SWEEPABLE = tuple(name for name in FIELDS if name not in _NOT_SWEEPABLE)
 
 # Spec file layout: section -> {key in the file: Configuration field}.
 _SECTIONS = {
-    "data": {"name": "dataset", "test_fraction": "test_fraction", "split_seed": "split_seed"},
+    "data": {"name": "dataset", "test_fraction": "test_fraction", "split_seed": "split_seed", "root": "data_root",
+             "subset": "subset", "test_subset": "test_subset", "classes": "classes", "per_class": "per_class",
+             "image_size": "image_size"},
     "model": {"family": "model", "depth": "depth", "width": "width", "activation": "activation"},
     "train": {"optimizer": "optimizer", "lr": "lr", "epochs": "epochs", "weight_decay": "weight_decay",
-              "seed": "seed"},
+              "seed": "seed", "momentum": "momentum", "batch_size": "batch_size", "schedule": "schedule",
+              "mixed_precision": "mixed_precision", "dtype": "dtype"},
     "influence": {"methods": "methods", "damping": "damping", "damping_policy": "damping_policy",
                   "test_chunk": "test_chunk", "grad_chunk": "grad_chunk"},
-    "ground_truth": {"removals": "removals", "epochs": "retrain_epochs", "lr": "retrain_lr",
+    "ground_truth": {"removals": "removals", "start": "retrain_start", "epochs": "retrain_epochs", "lr": "retrain_lr",
                      "controls": "controls", "perturbation": "perturbation", "chunk": "retrain_chunk"},
 }
 _TOP_KEYS = ("experiment", "data", "model", "train", "influence", "test_points", "ground_truth", "resources",
@@ -314,9 +447,10 @@ _PATHS = {"experiment": "experiment", "test_points": "test_points"} | {
 _AXIS_HINTS = {key: flat for section, keys in _SECTIONS.items() for key, flat in keys.items()
                if key not in FIELDS and flat in SWEEPABLE}
 _AXIS_HINTS |= {path: flat for flat, path in _PATHS.items() if flat in SWEEPABLE}
-_REMOVALS_FORMS = "removals must be all, {top_k: K}, {random: K} or {explicit: [i, ...]}"
-_RULE_FORMS = ("each test-point rule is a one-key mapping: highest: K, median: K, random: K or "
-               "explicit: [i, ...], e.g. - highest: 1")
+_REMOVALS_FORMS = ("removals must be all, {top_k: K}, {percentile: {at: P, k: K}}, {random: K}, "
+                   "{explicit: [i, ...]}, {group: {k: K, random: G}}, or a list of single-point rules")
+_RULE_FORMS = ("each test-point rule is a one-key mapping: highest: K, median: K, percentile: P (or {at: P, k: K}), "
+               "random: K or explicit: [i, ...], e.g. - highest: 1")
 
 
 @dataclass(frozen=True)
@@ -463,22 +597,57 @@ def _test_point_rules(path: str, value: object) -> tuple[TestPointRule, ...]:
     for i, item in enumerate(value):
         kind, argument = _one_key(f"{path}[{i}]", item, TEST_POINT_KINDS, _RULE_FORMS)
         try:
-            rules.append(TestPointRule(kind, indices=argument) if kind == "explicit" else TestPointRule(kind, argument))
+            if kind == "explicit":
+                rules.append(TestPointRule(kind, indices=argument))
+            elif kind == "percentile":
+                at, k = _keyed(argument, {"at": None, "k": 1}, "at", "percentile: P or percentile: {at: P, k: K}")
+                rules.append(TestPointRule(kind, k, at=at))
+            else:
+                rules.append(TestPointRule(kind, argument))
         except SpecError as e:
             raise e.moved(f"{path}[{i}].{kind}") from None
     return tuple(rules)
 
 
-def _removal_rule(path: str, value: object) -> RemovalRule:
+def _keyed(argument: object, defaults: dict, bare: str, forms: str) -> tuple:
+    """`P` or `{at: P, k: K}` -> the values of `defaults`' keys in order; a bare value is the `bare` key."""
+    if not isinstance(argument, dict):
+        argument = {bare: argument}
+    unknown = [k for k in argument if k not in defaults]
+    if unknown:
+        raise SpecError(unknown[0], argument, forms, problem="unknown key")
+    missing = [k for k, v in defaults.items() if v is None and k not in argument]
+    if missing:
+        raise SpecError(missing[0], argument, forms, problem="missing")
+    return tuple(argument.get(k, v) for k, v in defaults.items())
+
+
+def _removal_rule(path: str, value: object) -> tuple[RemovalRule, ...]:
+    if isinstance(value, list):
+        if not value:
+            raise SpecError(path, value, _REMOVALS_FORMS)
+        rules = tuple(r for i, item in enumerate(value) for r in _removal_rule(f"{path}[{i}]", item))
+        try:
+            return _removal(path, rules)
+        except SpecError as e:
+            raise e.moved(path) from None
     if value == "all":
-        return RemovalRule("all")
+        return (RemovalRule("all"),)
     if isinstance(value, str):
         raise SpecError(path, value, _REMOVALS_FORMS + ("; did you mean 'all'?" if _closest(value, ["all"]) else ""))
     kind, argument = _one_key(path, value, REMOVAL_KINDS[1:], _REMOVALS_FORMS)
     try:
-        return RemovalRule(kind, indices=argument) if kind == "explicit" else RemovalRule(kind, argument)
+        if kind == "explicit":
+            return (RemovalRule(kind, indices=argument),)
+        if kind == "percentile":
+            at, k = _keyed(argument, {"at": None, "k": None}, "at", "percentile: {at: P, k: K}")
+            return (RemovalRule(kind, k, at=at),)
+        if kind == "group":
+            k, groups = _keyed(argument, {"k": None, "random": None}, "k", "group: {k: K, random: G}")
+            return (RemovalRule(kind, k, groups=groups),)
+        return (RemovalRule(kind, argument),)
     except SpecError as e:
-        raise e.moved(f"{path}.{kind}") from None
+        raise e.moved(f"{path}.{kind}" if e.key in ("k", "indices", "kind") else f"{path}.{kind}.{e.key}") from None
 
 
 def _resources(value: object) -> dict[str, Resources]:

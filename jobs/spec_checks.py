@@ -12,16 +12,23 @@ import math
 import re
 from typing import Callable
 
-DATASETS = ("iris", "digits", "synthetic")
-MODELS = ("mlp", "logistic")
+DATASETS = ("iris", "digits", "synthetic", "mnist", "cifar10", "imagenet")
+# Data sets read from files under data.root (the others ship with scikit-learn or are generated).
+FILE_DATASETS = ("mnist", "cifar10", "imagenet")
+MODELS = ("mlp", "logistic", "small_cnn", "lenet", "vgg13", "resnet18", "resnet50")
+# Models defined on images [C, H, W]; depth, width and activation do not apply to them.
+IMAGE_MODELS = ("small_cnn", "lenet", "vgg13", "resnet18", "resnet50")
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
 METHODS = ("exact", "cg", "lissa", "arnoldi", "ekfac")
 CURVATURES = ("hessian", "ggn")
 EKFAC_LABELS = ("true", "sampled")
 DAMPING_POLICIES = ("if_indefinite", "always", "never")
-OPTIMIZERS = ("adam",)
-TEST_POINT_KINDS = ("highest", "median", "random", "explicit")
-REMOVAL_KINDS = ("all", "top_k", "random", "explicit")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine", "step")
+DTYPES = ("float64", "float32")
+RETRAIN_STARTS = ("warm", "scratch")
+TEST_POINT_KINDS = ("highest", "median", "percentile", "random", "explicit")
+REMOVAL_KINDS = ("all", "top_k", "percentile", "random", "explicit", "group")
 RESOURCE_KINDS = ("train", "influence", "retrain")
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -136,6 +143,41 @@ def _methods(key: str, value: object) -> tuple[str, ...]:
     for v in value:
         _choice(key, v, METHODS)
     return tuple(dict.fromkeys(value))
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(key, value, f"{_leaf(key)} must be true or false")
+    return value
+
+
+def _percent(key: str, value: object) -> float:
+    return _number(key, value, lambda x: 0 <= x <= 100, "a percentile between 0 and 100")
+
+
+def _subset(key: str, value: object) -> float | int:
+    """A fraction of the training points in (0, 1) or a count >= 1 (1 itself means one point, not all)."""
+    if isinstance(value, float) and 0 < value < 1:
+        return value
+    if _is_int(value) and value >= 1:
+        return value
+    raise SpecError(key, value, "subset must be a fraction strictly between 0 and 1 (e.g. 0.1) or a count of "
+                                "training points >= 1; omit it for the whole set")
+
+
+def _data_root(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(key, value, "data.root is a local folder or an s3://bucket/prefix URI")
+    return value
+
+
+def _classes(key: str, value: object) -> int | tuple[str, ...]:
+    if _is_int(value) and value >= 2:
+        return value
+    if isinstance(value, (list, tuple)) and len(value) >= 2 and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise SpecError(key, value, "classes is a count >= 2 (the first classes in sorted order) or a list of at "
+                                "least two class folder names")
 
 
 def _optional(check: Callable[[str, object], object]) -> Callable[[str, object], object]:

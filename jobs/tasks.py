@@ -19,10 +19,10 @@ import torch
 
 from influence.data import Dataset
 from influence.ihvp import hessian, make_solver
-from influence.models import build_model
+from influence.models import MLP, build_model
 from influence.objective import per_example_loss
 from influence.scores import influence_estimates, select_test_points
-from influence.train import removal_weights, retrain_batched, train
+from influence.train import group_weights, removal_weights, retrain_batched, retrain_loop, train
 from jobs.spec import Configuration
 from storage import tables
 from storage.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
@@ -31,6 +31,10 @@ from storage.uri import Store
 # Exact Hessians (and their eigenvalues) are formed only up to this many parameters; larger models get
 # their curvature from iterative methods in a later version and report NaN here.
 EXACT_HESSIAN_MAX_PARAMS = 5000
+# Retraining stacks all removals of a chunk into one computation up to this many parameters per model;
+# beyond it (VGG, ResNets) the copies would not fit beside each other, so they retrain one after another.
+BATCHED_RETRAIN_MAX_PARAMS = 200_000
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 # The GPU ids Ray assigned to the running task, comma-separated, empty for none. The sweep's task wrapper sets
 # it around every task body (a Ray worker process runs many tasks, with and without GPUs); unset means "not
@@ -64,14 +68,44 @@ class TaskError(RuntimeError):
 
 
 def model_for(cfg: Configuration, data: Dataset):
-    return build_model(cfg.model, in_features=data.in_features, num_classes=data.num_classes,
+    return build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes,
                        depth=cfg.depth, width=cfg.width, activation=cfg.activation)
 
 
-def _accuracy(model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+def load_data(cfg: Configuration) -> Dataset:
+    """The configuration's data set, in its dtype; an s3:// data root is copied to this node's cache first."""
+    from influence.data import load_dataset
+    from storage.datacache import local_data_root
+
+    root = local_data_root(cfg.data_root) if cfg.data_root is not None else None
+    extra = {"root": root} if root is not None else {}
+    return load_dataset(cfg.dataset, dtype=DTYPES[cfg.dtype], **extra, **cfg.data_options())
+
+
+def dataset_key(cfg: Configuration) -> str:
+    """Configurations with equal keys load the same data (so a sweep loads each data set once)."""
+    parts = [cfg.dataset, cfg.split_seed, cfg.test_fraction, cfg.dtype, cfg.data_root, cfg.subset, cfg.test_subset,
+             cfg.classes, cfg.per_class, cfg.image_size]
+    return "/".join(str(p) for p in parts)
+
+
+def _train_options(cfg: Configuration) -> dict:
+    return {"optimizer": cfg.optimizer, "momentum": cfg.momentum, "batch_size": cfg.batch_size}
+
+
+EVAL_CHUNK = 1024  # examples per forward when evaluating a whole split (60,000 MNIST images at once would not fit)
+
+
+def _evaluate(model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example losses and predicted classes over a whole split, EVAL_CHUNK examples at a time."""
+    losses, preds = [], []
     with torch.no_grad():
-        pred = model.forward(theta, x).argmax(dim=-1)
-    return float((pred == y).double().mean()), pred
+        for start in range(0, x.shape[0], EVAL_CHUNK):
+            logits = model.forward(theta, x[start:start + EVAL_CHUNK])
+            yc = y[start:start + EVAL_CHUNK]
+            losses.append(torch.nn.functional.cross_entropy(logits, yc, reduction="none"))
+            preds.append(logits.argmax(dim=-1))
+    return torch.cat(losses), torch.cat(preds)
 
 
 def _degenerate_reason(pred: torch.Tensor, train_accuracy: float) -> str | None:
@@ -115,7 +149,8 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
     if trained:
         # θ0 is drawn on the CPU whatever the device, so a GPU task trains from the same θ0 as a CPU task.
         result = train(model, data.x_train, data.y_train, weight_decay=cfg.weight_decay, lr=cfg.lr,
-                       epochs=cfg.epochs, seed=cfg.seed)
+                       epochs=cfg.epochs, seed=cfg.seed, schedule=cfg.schedule,
+                       mixed_precision=cfg.mixed_precision, progress=_progress(cfg), **_train_options(cfg))
         theta, grad_norm, objective = result.theta.detach(), result.grad_norm, result.objective
         seconds = result.seconds
         state = {"theta": theta.cpu(), "grad_norm": grad_norm, "objective": objective, "seconds": seconds,
@@ -126,17 +161,14 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
         grad_norm, objective, seconds = state["grad_norm"], state["objective"], state["seconds"]
         checkpoint = checkpoint_path(store, cfg.experiment, cfg.model_key)
 
-    with torch.no_grad():
-        train_losses = per_example_loss(model, theta, data.x_train, data.y_train)
-        test_losses = per_example_loss(model, theta, data.x_test, data.y_test).cpu()
-    train_acc, pred = _accuracy(model, theta, data.x_train, data.y_train)
-    test_acc, _ = _accuracy(model, theta, data.x_test, data.y_test)
+    train_losses, pred = _evaluate(model, theta, data.x_train, data.y_train)
+    test_losses, test_pred = _evaluate(model, theta, data.x_test, data.y_test)
+    test_losses = test_losses.cpu()
+    train_acc = float((pred == data.y_train).double().mean())
+    test_acc = float((test_pred == data.y_test).double().mean())
     reason = _degenerate_reason(pred, train_acc)
 
-    top_eig = min_eig = math.nan
-    if model.n_params <= EXACT_HESSIAN_MAX_PARAMS:
-        eig = torch.linalg.eigvalsh(hessian(model, theta, data.x_train, data.y_train, cfg.weight_decay))
-        top_eig, min_eig = float(eig[-1]), float(eig[0])
+    top_eig, min_eig = _spectrum(cfg, model, theta, data)
 
     tables.write_part(store, cfg.experiment, "models", cfg.config_id, "model", {
         "model_key": [cfg.model_key], "train_loss": [float(train_losses.mean())],
@@ -147,8 +179,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
         "degenerate": [reason is not None], "degenerate_reason": [reason],
     })
 
-    rules = [(r.kind, list(r.indices)) if r.kind == "explicit" else (r.kind, r.k) for r in cfg.test_points]
-    chosen = select_test_points(test_losses, rules, seed=cfg.seed)
+    chosen = select_test_points(test_losses, [r.rule() for r in cfg.test_points], seed=cfg.seed)
     idx = [i for i, _ in chosen]
     tables.write_part(store, cfg.experiment, "test_points", cfg.config_id, "test_points", {
         "test_idx": idx, "loss": [float(test_losses[i]) for i in idx],
@@ -157,6 +188,36 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
     return theta.cpu(), TrainOutput(test_points=chosen, n_train=data.n_train,
                                     damping=effective_damping(cfg, min_eig, top_eig), degenerate_reason=reason,
                                     trained=trained)
+
+
+def _spectrum(cfg: Configuration, model, theta: torch.Tensor, data: Dataset) -> tuple[float, float]:
+    """(top, smallest) eigenvalue of H at θ̂. Exact for the MLPs (the dense Hessian is small); for the
+    convolutional nets the top one from 20 Lanczos (Arnoldi) steps and the smallest unknown (NaN), which makes
+    the if_indefinite damping policy add δ, the safe choice for a non-convex net."""
+    if isinstance(model, MLP):
+        if model.n_params > EXACT_HESSIAN_MAX_PARAMS:
+            return math.nan, math.nan
+        eig = torch.linalg.eigvalsh(hessian(model, theta, data.x_train, data.y_train, cfg.weight_decay))
+        return float(eig[-1]), float(eig[0])
+    from influence.curvature import CurvatureOperator
+    from influence.ihvp_krylov import arnoldi_eigenpairs
+
+    op = CurvatureOperator(model, theta, data.x_train, data.y_train, cfg.weight_decay)
+    # The Krylov basis holds one float64 vector of P entries per step: few steps for the ResNets.
+    steps = 20 if model.n_params <= 200_000 else 6
+    values, _, _ = arnoldi_eigenpairs(op, min(steps, model.n_params), seed=cfg.seed)
+    return float(values.max()), math.nan
+
+
+def _progress(cfg: Configuration):
+    """A training progress line every tenth of the epochs (shown in the task's log and the driver's output)."""
+    step = max(1, cfg.epochs // 10)
+
+    def report(epoch: int, loss: float) -> None:
+        if epoch % step == 0 or epoch == cfg.epochs:
+            print(f"train {cfg.config_id} ({cfg.label()}): epoch {epoch}/{cfg.epochs}, loss {loss:.4g}", flush=True)
+
+    return report
 
 
 def effective_damping(cfg: Configuration, min_eigenvalue: float, top_eigenvalue: float) -> float:
@@ -216,13 +277,32 @@ def retrain_part_name(chunk: int) -> str:
     return f"retrain-{chunk:05d}"
 
 
+def retrain_base(cfg: Configuration, theta: torch.Tensor, model) -> torch.Tensor:
+    """Where every retrain of a configuration starts: θ̂ (warm start) or θ0, the same initialisation θ̂ was
+    trained from (scratch)."""
+    if cfg.retrain_start == "warm":
+        return theta
+    return model.init(cfg.seed, dtype=theta.dtype, device=theta.device)
+
+
+def order_seed(cfg: Configuration, replicate: int = 0) -> int:
+    """The minibatch order of retraining: one per configuration, so every chunk's removals and the controls
+    (stored by chunk 0 only) see the same order and its noise cancels in actual = removed − control. Control
+    replicate r > 0 uses another order: the spread this adds is the training-noise floor."""
+    return cfg.seed * 1000 + 500 + replicate
+
+
 def control_starts(cfg: Configuration, theta: torch.Tensor) -> torch.Tensor:
-    """Starting points of the control retrains: θ̂ itself, then θ̂ perturbed by a relative
+    """Starting points of the control retrains: the base itself, then the base perturbed by a relative
     `perturbation` (one seed per replicate, identical in every chunk). The spread of their final test
     losses is the noise floor of the ground truth: warm-started Adam near a minimum amplifies round-off.
-    The noise is drawn on the CPU (then moved to θ̂'s device), so the starts are the same on every device."""
+    The noise is drawn on the CPU (then moved to θ̂'s device), so the starts are the same on every device.
+    With minibatches, replicates r > 0 start from the base exactly and differ in their order instead."""
     starts = [theta]
     for r in range(1, cfg.controls):
+        if cfg.batch_size is not None:
+            starts.append(theta)
+            continue
         g = torch.Generator().manual_seed(cfg.seed * 1000 + r)
         noise = torch.randn(theta.shape, generator=g, dtype=theta.dtype, device="cpu").to(theta.device)
         starts.append(theta + cfg.perturbation * theta.abs().clamp_min(1e-3) * noise)
@@ -230,40 +310,70 @@ def control_starts(cfg: Configuration, theta: torch.Tensor) -> torch.Tensor:
 
 
 def retrain_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Tensor, chunk: int,
-                 removed: list[int], test_idx: list[int]) -> str:
-    """Leave-one-out retraining of a chunk of removals as ONE batched computation, with the control
-    replicates in the same batch; writes one row per (removal, test point) and returns the part path."""
+                 removed: list[int], test_idx: list[int], groups: list[tuple[list[int], str]] | None = None) -> str:
+    """Retraining without each removal of a chunk (or, with `groups`, without each group of points at once:
+    then `removed` are the group ids and `groups` their (members, mode)), as ONE batched computation for
+    small models, with the control replicates beside them; writes one row per (removal, test point) and
+    returns the part path."""
     part = retrain_part_name(chunk)
     where = tables.part_path(store, cfg.experiment, "retrain", cfg.config_id, part)
     try:
-        return _retrain(store, cfg, data, theta, chunk, removed, test_idx, part)
+        return _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups)
     except Exception as exc:  # noqa: BLE001
         raise TaskError(f"retrain/{cfg.config_id}/{part}", where, exc) from exc
 
 
-def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part) -> str:
+def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset, weights: torch.Tensor,
+                 seed: int) -> torch.Tensor:
+    schedule = cfg.schedule if cfg.retrain_start == "scratch" else "constant"
+    options = dict(weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs, schedule=schedule,
+                   seed=seed, **_train_options(cfg))
+    run = retrain_batched if model.n_params <= BATCHED_RETRAIN_MAX_PARAMS else retrain_loop
+    return run(model, starts, data.x_train, data.y_train, weights, **options)
+
+
+def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups) -> str:
     device = device_for_task()
     data, theta = data.to(device), theta.to(device)
     model = model_for(cfg, data)
-    c = cfg.controls
-    weights = removal_weights(data.n_train, removed, controls=c, dtype=data.x_train.dtype, device=device)
-    starts = torch.cat([control_starts(cfg, theta), theta.expand(len(removed), -1)])
+    base = retrain_base(cfg, theta, model)
+    c = cfg.controls if chunk == 0 else 1  # controls are stored by the first chunk; the others need control 0
+    dtype = data.x_train.dtype
+    if groups is None:
+        weights = removal_weights(data.n_train, removed, controls=c, dtype=dtype, device=device)
+    else:
+        weights = group_weights(data.n_train, [m for m, _ in groups], controls=c, dtype=dtype, device=device)
+    starts = torch.cat([control_starts(cfg, base)[:c], base.expand(len(removed), -1)])
     start = time.perf_counter()
-    thetas = retrain_batched(model, starts, data.x_train, data.y_train, weights,
-                             weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs)
+    if cfg.batch_size is None or c == 1:
+        thetas = _retrain_run(cfg, model, starts, data, weights, order_seed(cfg))
+    else:
+        # Minibatch controls r > 0 differ in their order, so each runs apart from the batch.
+        keep = [0] + list(range(c, weights.shape[0]))
+        thetas = torch.empty_like(starts)
+        thetas[keep] = _retrain_run(cfg, model, starts[keep], data, weights[keep], order_seed(cfg))
+        for r in range(1, c):
+            thetas[r] = _retrain_run(cfg, model, starts[r:r + 1], data, weights[r:r + 1], order_seed(cfg, r))[0]
     _synchronize(device)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         xt, yt = data.x_test[test_idx], data.y_test[test_idx]
-        losses = per_example_loss(model, thetas, xt, yt).cpu()  # [K, T]
+        losses = torch.stack([per_example_loss(model, t, xt, yt) for t in thetas]).cpu() \
+            if model.n_params > BATCHED_RETRAIN_MAX_PARAMS else per_example_loss(model, thetas, xt, yt).cpu()  # [K, T]
         dtheta = (thetas - thetas[0]).norm(dim=-1).cpu()  # distance to the unperturbed control
     control = losses[0]
     T = len(test_idx)
-    # Control replicates are identical in every chunk, so only the first chunk stores them.
-    keep = list(range(c)) if chunk == 0 else []
+    keep = list(range(cfg.controls)) if chunk == 0 else []
     rows_k = keep + list(range(c, c + len(removed)))
     removed_ids = [-(k + 1) for k in keep] + list(removed)
-    modes = ["control"] * len(keep) + ["warm"] * len(removed)
+    if groups is None:
+        modes = ["control"] * len(keep) + [cfg.retrain_start] * len(removed)
+        members = [None] * len(rows_k)
+        sizes = [0] * len(keep) + [1] * len(removed)
+    else:
+        modes = ["control"] * len(keep) + [mode for _, mode in groups]
+        members = [None] * len(keep) + [list(m) for m, _ in groups]
+        sizes = [0] * len(keep) + [len(m) for m, _ in groups]
     lr_ = losses[rows_k]  # [R, T]
     rows = {
         "removed": np.repeat(np.asarray(removed_ids, dtype=np.int64), T),
@@ -274,7 +384,9 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part) -> str:
         "dtheta": np.repeat(dtheta[rows_k].numpy(), T),
         "mode": np.repeat(np.asarray(modes, dtype=object), T).tolist(),
         "epochs": [cfg.retrain_epochs] * (len(rows_k) * T),
-        "seed": [cfg.seed] * (len(rows_k) * T),
+        "seed": [order_seed(cfg)] * (len(rows_k) * T),
         "seconds": [seconds / weights.shape[0]] * (len(rows_k) * T),
+        "group_size": np.repeat(np.asarray(sizes, dtype=np.int64), T),
+        "members": [m for m in members for _ in range(T)],
     }
     return tables.write_part(store, cfg.experiment, "retrain", cfg.config_id, part, rows)

@@ -66,6 +66,8 @@ TABLES: dict[str, pa.Schema] = {
         _key("removed", _i64), _key("test_idx", _i64), ("loss_retrained", _f64), ("loss_control", _f64),
         ("actual", _f64), ("dtheta", _f64), ("mode", _str), ("epochs", _i64), ("seed", _i64),
         ("seconds", _f64),
+        # Group removal: removed is the group id, members the removed training points (null otherwise).
+        ("group_size", _i64), ("members", pa.list_(_i64)),
     ]),
     "stats": pa.schema([
         _key("method", _str), _key("test_idx", _i64), _key("snapshot", _i64), ("n", _i64),
@@ -73,6 +75,12 @@ TABLES: dict[str, pa.Schema] = {
         ("spearman_lo", _f64), ("spearman_hi", _f64), ("sign_agreement", _f64), ("top10_overlap", _f64),
         ("dtheta_spearman", _f64), ("noise_floor", _f64), ("actual_std", _f64), ("selection", _str),
         ("final", _bool), ("degenerate_reason", _str),
+        # actual_std / noise_floor, and whether the effects are within the noise (snr <= 1): then the
+        # correlation measures noise, not influence.
+        ("snr", _f64), ("below_noise_floor", _bool),
+        # Group removal: the test loss change of removing this test point's top group, and the mean and
+        # spread of the random groups' changes (the reference it is compared with).
+        ("group_actual", _f64), ("random_group_mean", _f64), ("random_group_std", _f64),
     ]),
 }
 
@@ -190,6 +198,9 @@ def _family(type_: pa.DataType) -> str:
         return "string"
     if pa.types.is_boolean(type_):
         return "bool"
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        # Parquet names a list's item "element", Arrow "item": the same kind of value either way.
+        return f"list<{_family(type_.value_type)}>"
     return str(type_)
 
 

@@ -94,3 +94,52 @@ def test_diverged_solve_is_named_not_averaged():
                                              "diverged": [True] * 3}))
     rows = book.rows("c3", final=True)
     assert rows["degenerate_reason"] == ["the lissa solve diverged for this test point"]
+
+
+def test_noise_floor_flag():
+    """snr = spread of the actual effects / spread of the controls; at or below 1 the effects are noise."""
+    *_, influence, retrain = _parts()
+    book = StatsBook()
+    book.register("c", ["exact"], [(t, "highest") for t in TESTS])
+    for part in influence + retrain:
+        book.ingest("influence" if "method" in part.column_names else "retrain", "c", part)
+    rows = book.rows("c", final=True)
+    for snr, noise, std, flag in zip(rows["snr"], rows["noise_floor"], rows["actual_std"], rows["below_noise_floor"]):
+        assert snr == pytest.approx(std / noise) and flag == (snr <= 1)
+
+
+def test_group_removal_statistics():
+    """Group rows: each group's estimate is the sum of its members' estimates; a test point's own top group
+    and the random groups enter its correlation, another test point's top group does not."""
+    est = {3: np.arange(10.0), 7: -np.arange(10.0)}
+    influence = pa.table({"method": ["exact"] * 20, "test_idx": [3] * 10 + [7] * 10,
+                          "train_idx": list(range(10)) * 2, "estimate": np.concatenate([est[3], est[7]]),
+                          "predicted_dtheta": [0.0] * 20})
+    groups = [([8, 9], "group"), ([0, 1], "group"), ([2, 5], "random_group"), ([4, 6], "random_group"),
+              ([1, 3], "random_group")]
+    actual = {3: [20.0, -1.0, 6.0, 9.0, 3.0], 7: [5.0, 2.0, -8.0, -11.0, -4.0]}
+    rows = {"removed": [], "test_idx": [], "actual": [], "dtheta": [], "loss_retrained": [], "mode": [], "members": []}
+    for t in TESTS:
+        for k, c in enumerate([1.0, 1.5]):
+            rows["removed"].append(-(k + 1)), rows["test_idx"].append(t), rows["actual"].append(c - 1.0)
+            rows["dtheta"].append(0.0), rows["loss_retrained"].append(c), rows["mode"].append("control")
+            rows["members"].append(None)
+        for g, (members, mode) in enumerate(groups):
+            rows["removed"].append(g), rows["test_idx"].append(t), rows["actual"].append(actual[t][g])
+            rows["dtheta"].append(0.0), rows["loss_retrained"].append(1.0 + actual[t][g]), rows["mode"].append(mode)
+            rows["members"].append(members)
+    book = StatsBook()
+    book.register("c", ["exact"], [(7, "highest"), (3, "median")])  # top group g belongs to the g-th smallest test_idx
+    book.ingest("influence", "c", influence)
+    book.ingest("retrain", "c", pa.table(rows))
+    out = book.rows("c", final=True)
+    for t, own in ((3, 0), (7, 1)):
+        i = out["test_idx"].index(t)
+        keys = [own, 2, 3, 4]
+        sums = [sum(est[t][m] for m in groups[g][0]) for g in keys]
+        acts = [actual[t][g] for g in keys]
+        assert out["n"][i] == 4
+        assert out["spearman"][i] == pytest.approx(spearman(sums, acts))
+        assert out["group_actual"][i] == actual[t][own]
+        assert out["random_group_mean"][i] == pytest.approx(np.mean(acts[1:]))
+        assert out["random_group_std"][i] == pytest.approx(np.std(acts[1:], ddof=1))

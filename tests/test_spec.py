@@ -91,7 +91,7 @@ def test_iris_smoke_spec():
     c = configs[0]
     assert (c.dataset, c.model, c.activation, c.epochs, c.lr) == ("iris", "mlp", "tanh", 1500, 0.01)
     assert (c.retrain_epochs, c.retrain_lr, c.controls, c.retrain_chunk) == (100, 0.01, 2, 64)
-    assert c.removals == RemovalRule("all")
+    assert c.removals == (RemovalRule("all"),)
     assert c.test_points == (TestPointRule("highest", 1), TestPointRule("median", 1))
     assert spec.swept_axes() == [["depth", "weight_decay"]]
 
@@ -175,10 +175,49 @@ def test_rules_parse():
                        "ground_truth": {"removals": {"top_k": 40}}})
     assert spec.base.test_points == (TestPointRule("highest", 2), TestPointRule("median", 1),
                                      TestPointRule("random", 3), TestPointRule("explicit", 2, (4, 0)))
-    assert spec.base.removals == RemovalRule("top_k", 40)
+    assert spec.base.removals == (RemovalRule("top_k", 40),)
     for removals, rule in [({"random": 20}, RemovalRule("random", 20)),
-                           ({"explicit": [1, 2]}, RemovalRule("explicit", 2, (1, 2)))]:
-        assert parse_spec({"experiment": "x", "ground_truth": {"removals": removals}}).base.removals == rule
+                           ({"explicit": [1, 2]}, RemovalRule("explicit", 2, (1, 2))),
+                           ({"percentile": {"at": 30, "k": 100}}, RemovalRule("percentile", 100, at=30.0)),
+                           ({"group": {"k": 40, "random": 5}}, RemovalRule("group", 40, groups=5))]:
+        assert parse_spec({"experiment": "x", "ground_truth": {"removals": removals}}).base.removals == (rule,)
+
+
+def test_removal_lists_and_percentile_test_points():
+    # Koh & Liang's small-MNIST protocol: the top 100 by estimate and 100 at the 30th percentile, together.
+    spec = parse_spec({"experiment": "x", "test_points": [{"percentile": 30}, {"percentile": {"at": 90, "k": 2}}],
+                       "ground_truth": {"removals": [{"top_k": 100}, {"percentile": {"at": 30, "k": 100}}]}})
+    assert spec.base.removals == (RemovalRule("top_k", 100), RemovalRule("percentile", 100, at=30.0))
+    assert spec.base.test_points == (TestPointRule("percentile", 1, at=30.0), TestPointRule("percentile", 2, at=90.0))
+    assert spec.base.to_dict()["removals"][1] == {"kind": "percentile", "k": 100, "indices": [], "at": 30.0}
+    for bad, words in [([{"group": {"k": 4, "random": 2}}, {"top_k": 3}], "cannot be combined"),
+                       ([{"top_k": 3}, {"top_k": 4}], "at most once"),
+                       ({"percentile": {"k": 4}}, "missing"), ({"group": {"k": 4}}, "missing"),
+                       ({"percentile": {"at": 130, "k": 4}}, "between 0 and 100")]:
+        with pytest.raises(SpecError, match=words):
+            parse_spec({"experiment": "x", "ground_truth": {"removals": bad}})
+
+
+def test_image_settings_are_checked_against_the_data():
+    base = {"experiment": "x", "data": {"name": "mnist", "root": "/data"}, "model": {"family": "small_cnn"}}
+    c = parse_spec(base).base
+    assert (c.depth, c.width, c.label()) == (0, 0, "small_cnn wd0.005 s0")
+    for change, words in [({"data": {"name": "iris"}}, "needs image data"),
+                          ({"data": {"name": "mnist"}}, "data.root"),
+                          ({"data": {"name": "iris", "subset": 0.1}, "model": {"family": "mlp"}}, "fixed size"),
+                          ({"data": {"name": "mnist", "root": "/d", "classes": 3}}, "only for imagenet"),
+                          ({"train": {"mixed_precision": True}}, "float32"),
+                          ({"data": {"name": "mnist", "root": "/d", "subset": 1.5}}, "fraction")]:
+        with pytest.raises(SpecError, match=words):
+            parse_spec({**base, **change})
+    scratch = parse_spec({**base, "train": {"epochs": 50}, "ground_truth": {"start": "scratch"}}).base
+    assert scratch.retrain_epochs == 50  # from scratch: the whole schedule again
+
+
+def test_fields_added_later_keep_old_ids():
+    # Settings at their defaults are left out of the hashed JSON, so ids stored before they existed still match.
+    assert "batch_size" not in Configuration("iris").canonical_json()
+    assert Configuration("iris", batch_size=32).config_id != Configuration("iris").config_id
 
 
 def test_exponent_floats_and_int_floats(tmp_path):
@@ -191,7 +230,7 @@ def test_exponent_floats_and_int_floats(tmp_path):
 def test_config_id_is_a_hash_of_the_canonical_json():
     c = Configuration("iris", depth=3, seed=1)
     text = c.canonical_json()
-    assert " " not in text and json.loads(text) == c.to_dict()
+    assert " " not in text and json.loads(text) == {k: v for k, v in c.to_dict().items() if k in json.loads(text)}
     assert c.config_id == hashlib.sha256(text.encode()).hexdigest()[:12]
     assert len(c.model_key) == 12 and int(c.model_key, 16) >= 0
     assert c.label() == "mlp d3 w5 tanh wd0.005 s1"
@@ -221,10 +260,14 @@ def test_config_id_ignores_sweep_list_order_and_number_spelling():
 
 ALTERNATIVES = {
     "experiment": "y", "dataset": "digits", "test_fraction": 0.3, "split_seed": 1, "model": "logistic",
-    "depth": 2, "width": 6, "activation": "relu", "optimizer": None, "lr": 0.02, "epochs": 10,
+    "depth": 2, "width": 6, "activation": "relu", "optimizer": "sgd", "lr": 0.02, "epochs": 10,
+    "data_root": None, "subset": None, "test_subset": None,  # (iris has a fixed size)
+    "classes": None, "per_class": None, "image_size": None,
+    "momentum": 0.5, "batch_size": 32, "schedule": "cosine", "mixed_precision": None, "dtype": "float32",
+    "retrain_start": "scratch",
     "weight_decay": 0.0, "seed": 1, "methods": ("exact", "cg"), "damping": 0.1,
     "solvers": {"exact": {"curvature": "ggn"}}, "test_chunk": 4, "grad_chunk": 64, "damping_policy": "always",
-    "test_points": (TestPointRule("highest", 1),), "removals": RemovalRule("top_k", 5), "retrain_epochs": 3,
+    "test_points": (TestPointRule("highest", 1),), "removals": (RemovalRule("top_k", 5),), "retrain_epochs": 3,
     "retrain_lr": 0.5, "controls": 1, "perturbation": 0.0, "retrain_chunk": 7,
 }
 
@@ -316,12 +359,12 @@ MISTAKES = [
     ("influence:\n  methods: [cg]\n  cg: {tol: 2}", ["influence.cg.tol", "2"]),
     ("influence:\n  methods: exact", ["influence.methods", "'exact'", "list"]),
     ("influence:\n  methods: []", ["influence.methods", "[]"]),
-    ("train:\n  optimizer: sgd", ["train.optimizer", "'sgd'", "adam"]),
+    ("train:\n  optimizer: rmsprop", ["train.optimizer", "'rmsprop'", "adam, sgd"]),
     ("influence:\n  damping_policy: sometimes", ["influence.damping_policy", "'sometimes'", "if_indefinite"]),
-    ("test_points:\n  - lowest: 1", ["test_points[0]", "'lowest'", "highest, median, random, explicit"]),
+    ("test_points:\n  - lowest: 1", ["test_points[0]", "'lowest'", "highest, median, percentile, random, explicit"]),
     ("ground_truth:\n  removals: {bottom_k: 3}", ["ground_truth.removals", "'bottom_k'", "top_k"]),
     ("ground_truth:\n  removals: top_k", ["ground_truth.removals", "'top_k'", "{top_k: K}"]),
-    ("ground_truth:\n  removals: [1, 2]", ["ground_truth.removals", "[1, 2]"]),
+    ("ground_truth:\n  removals: [1, 2]", ["ground_truth.removals[0]", "1 is not allowed"]),
     # rules
     ("test_points:\n  - {highest: 1, median: 1}", ["test_points[0]", "one-key mapping"]),
     ("test_points:\n  - median: 1\n  - highest", ["test_points[1]", "'highest'", "one-key mapping"]),
