@@ -44,7 +44,9 @@ SETTINGS: dict[str, dict[str, object]] = {
     "cg": {"damping": 0.0, "curvature": "hessian", "tol": 1e-8, "max_iter": 100},
     "lissa": {"damping": 0.0, "scale": 10.0, "depth": None, "repeats": 1, "batch_size": 10, "seed": 0},
     "arnoldi": {"damping": 0.0, "curvature": "hessian", "rank": 20, "iterations": None, "seed": 0},
-    "ekfac": {"damping": 0.0, "labels": "true", "seed": 0},
+    # chunk_size: examples per pass when fitting the factors (memory, not the result); a task sets it from
+    # the spec's grad_chunk, so it is not a spec setting of its own.
+    "ekfac": {"damping": 0.0, "labels": "true", "seed": 0, "chunk_size": 256},
 }
 
 # Eigenvalues of C + δI smaller than this (relative to the largest |eigenvalue|) make the solve meaningless.

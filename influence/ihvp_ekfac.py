@@ -1,47 +1,80 @@
-"""EK-FAC: eigenvalue-corrected Kronecker-factored curvature (George et al. 2018; Grosse et al. 2023).
+"""EK-FAC: eigenvalue-corrected Kronecker-factored curvature (George et al. 2018; Grosse et al. 2023), for the
+Linear and Conv2d layers of any model (``model.layers()`` / ``model.forward_with_taps``).
 
-For layer l of the MLP, with augmented input ã_i = [a_i; 1] (the bias rides along as the last column, as in
-:mod:`influence.stacked`, W̃_l = [W_l | b_l] ∈ R^{out×(in+1)}) and pre-activation gradient g_i = ∂L_i/∂z_l, the
-per-example gradient is ∇_{W̃} L_i = g_i ã_iᵀ, and the layer's block of the Fisher-type matrix is
+For a layer l, write its weight with the bias as an extra column, W̃ = [W | b] ∈ R^{out×(in'+1)}, and its input at
+position p (a Linear layer has one position; a Conv2d layer one per output pixel) as the augmented patch
+ã_p = [a_p; 1] (the bias rides along as in :mod:`influence.stacked`; without a bias there is no 1). For a Conv2d
+layer a_p is the receptive field of output pixel p, ``F.unfold`` with the layer's kernel size, stride, padding and
+dilation, of size in' = in·kh·kw in unfold's (channel, row, column) order, which is the row-major order of the
+weight [out, in, kh, kw] in θ. With g_p = ∂L/∂z_p the gradient at the layer's output at p, example i's gradient is
 
-    F_l = (1/n) Σ_i vec(g_i ã_iᵀ) vec(g_i ã_iᵀ)ᵀ  ≈  S ⊗ A,   S = (1/n) Σ g_i g_iᵀ,  A = (1/n) Σ ã_i ã_iᵀ.
+    G_i = ∇_{W̃} L_i = Σ_p g_{i,p} ã_{i,p}ᵀ,
 
-K-FAC uses S ⊗ A; EK-FAC keeps its eigenbasis Q_S ⊗ Q_A but replaces the eigenvalues by the exact second
-moments of the gradients in that basis,
+and the layer's block of the Fisher-type matrix F_l = (1/n) Σ_i vec(G_i) vec(G_i)ᵀ is approximated by a Kronecker
+product with the factors (KFC, Grosse & Martens 2016, whose "spatially uncorrelated" approximation drops the
+products of different positions; for a Linear layer these are K-FAC's factors)
 
-    Λ*_{jk} = (1/n) Σ_i ((Q_Sᵀ g_i)_j (Q_Aᵀ ã_i)_k)²     (= diag of (Q_S ⊗ Q_A)ᵀ F_l (Q_S ⊗ Q_A), exactly),
+    A = (1/n) Σ_i Σ_p ã_{i,p} ã_{i,p}ᵀ,        S = (1/(n·|T|)) Σ_i Σ_p g_{i,p} g_{i,p}ᵀ      (|T| positions).
+
+K-FAC uses S ⊗ A; EK-FAC keeps only its eigenbasis Q_S ⊗ Q_A (so the scaling of A and S is immaterial) and
+replaces the eigenvalues by the exact second moments of the per-example gradients in that basis,
+
+    Λ*_{jk} = (1/n) Σ_i ((Q_Sᵀ G_i Q_A)_{jk})²     (= diag of (Q_S ⊗ Q_A)ᵀ F_l (Q_S ⊗ Q_A), exactly),
 
 and a solve is, per layer, V ↦ Q_S [(Q_Sᵀ V Q_A) / (Λ* + λ + δ)] Q_Aᵀ: weight decay λ and damping δ are added to
-the eigenvalues. Blocks of different layers are ignored (block-diagonal).
+the eigenvalues. Blocks of different layers are ignored (block-diagonal). Parameters that belong to no Linear or
+Conv2d layer (GroupNorm's scale and shift in the ResNets) get a diagonal block: the empirical Fisher diagonal
+(1/n) Σ_i (∂L_i/∂θ_j)² + λ + δ (the same labels as the rest).
 
 ``labels``: ``"true"`` uses the training labels (the empirical Fisher, Koh & Liang's and kronfluence's
 "empirical" option); ``"sampled"`` draws one label per example from the model's predictive distribution
 (``seed``), a one-sample estimate of the true Fisher, which for softmax cross-entropy equals the GGN.
 
-Where it is exact. Ignoring the cross-layer blocks is exact for a single layer (logistic regression, depth 0),
-and S ⊗ A equals F_l when there is one example (n = 1: F_l = (g gᵀ) ⊗ (ã ãᵀ) is a Kronecker product), so for
-logistic regression on one example EK-FAC (and K-FAC) with ``labels="true"`` is exactly (F + (λ + δ)I)^{-1}, F
-the empirical Fisher. For n > 1 it is exact on the diagonal in its eigenbasis (that is what Λ* is), not beyond.
+Cost and memory. The training data is processed ``chunk_size`` examples at a time, twice: one pass for A and S
+(and the diagonal), one for Λ* in the eigenbases (a single pass when everything fits in one chunk). Memory is the
+factors plus one chunk's layer inputs and output gradients (for a Conv2d layer its unfolded patches) and, per
+layer, a block of per-example gradients G_i limited to ~2^24 numbers. Forward and backward run in θ's dtype (the
+dtype the model was trained in: float32 for the large networks); the factors are summed over chunks, decomposed
+and applied in float64, and solves are float64 as for every method.
+
+Where it is exact. Ignoring the cross-layer blocks is exact for a model with one layer (logistic regression, a
+single convolution), and with one example and one position (a Linear layer, or a convolution whose kernel covers
+its whole input) F_l = (g gᵀ) ⊗ (ã ãᵀ) is a Kronecker product, so for such a model on one example EK-FAC (and
+K-FAC) with ``labels="true"`` is exactly (F + (λ + δ)I)^{-1}, F the empirical Fisher. For n > 1 (or several
+positions) it is exact on the diagonal in its eigenbasis (that is what Λ* is), not beyond.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 from influence.ihvp import InverseHVP, Solve, check_damping, check_spectrum, direct_solve_info
-from influence.models import MLP
+from influence.models import Model
+from influence.nets import Layer
 
 LABELS: tuple[str, ...] = ("true", "sampled")
 
+# Per-example gradients G_i of one layer are formed this many numbers at a time (a Conv2d layer's G_i is out·in',
+# e.g. 512·4609 in a ResNet: a full chunk of them at once would be gigabytes).
+_PER_EXAMPLE_BLOCK = 1 << 24
+
 
 class EkfacIHVP(InverseHVP):
-    """EK-FAC for the Linear layers of an :class:`~influence.models.MLP` at θ (flat layout ``model.layout``).
+    """EK-FAC for every Linear/Conv2d layer of ``model`` at θ (flat layout: ``model.layers()``), plus a diagonal
+    (empirical Fisher diagonal + λ + δ) for the parameters outside those layers (e.g. GroupNorm's affine ones).
 
-    Fitted once from per-example activations and pre-activation gradients (one forward and one backward over
-    the training data); a solve is then two small products per layer, so it is amortised. ``residual`` is NaN
-    (EK-FAC approximates C, so the residual against C says nothing about the solve), ``iterations`` 0.
-    ``factors``: per layer (Q_S [out, out], Q_A [in+1, in+1], Λ* [out, in+1]).
+    Fitted once from the layers' inputs and output gradients over the training data, ``chunk_size`` examples at a
+    time (any chunking gives the same factors up to round-off); a solve is then two small products per layer, so
+    it is amortised. ``residual`` is NaN (EK-FAC approximates C, so the residual against C says nothing about the
+    solve), ``iterations`` 0. Grouped convolutions (``groups`` > 1) are refused.
+
+    ``factors``: per layer (Q_S [out, out], Q_A [in'+1, in'+1] (in' without the 1 when the layer has no bias),
+    Λ* [out, in'+1]), float64. ``diagonal``: the Fisher diagonal [m] of the m parameters at ``diagonal_index``
+    (empty for an MLP or any net made of Linear/Conv2d layers only).
     """
 
     name = "ekfac"
@@ -49,7 +82,7 @@ class EkfacIHVP(InverseHVP):
 
     def __init__(
         self,
-        model: MLP,
+        model: Model,
         theta: torch.Tensor,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -58,69 +91,207 @@ class EkfacIHVP(InverseHVP):
         damping: float = 0.0,
         labels: str = "true",
         seed: int = 0,
+        chunk_size: int = 256,
     ) -> None:
         if labels not in LABELS:
             raise ValueError(f"unknown ekfac labels {labels!r}; choose one of {', '.join(LABELS)}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"ekfac seed must be an integer >= 0; got {seed!r}")
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"ekfac chunk_size must be an integer >= 1; got {chunk_size!r}")
+        if x.shape[0] == 0:
+            raise ValueError("ekfac needs at least one training example to fit its factors")
         self.model = model
         self.damping = check_damping(damping)
         self.shift = float(weight_decay) + self.damping  # λ + δ, added to every eigenvalue
-        inputs, grads = _activations_and_gradients(model, theta, x, y, labels, seed)
-        n = x.shape[0]
-        self.factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for a, g in zip(inputs, grads):
-            _, q_a = torch.linalg.eigh(a.T @ a / n)
-            _, q_s = torch.linalg.eigh(g.T @ g / n)
-            corrected = (g @ q_s).square().T @ (a @ q_a).square() / n  # Λ*, [out, in+1]
-            self.factors.append((q_s, q_a, corrected))
-        eigenvalues = torch.cat([c.flatten() for _, _, c in self.factors])
+        self.layers: list[Layer] = _check_layers(model)
+        theta = theta.detach()
+        device = theta.device
+        x = x.detach().to(device=device, dtype=theta.dtype)
+        target = _targets(model, theta, x, y.to(device), labels, seed, chunk_size)
+        self.diagonal_index = _outside_layers(model, self.layers, device)
+        chunks = [(start, min(start + chunk_size, x.shape[0])) for start in range(0, x.shape[0], chunk_size)]
+        self.factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = _fit_factors(
+            model, self.layers, theta, x, target, chunks)
+        self.diagonal = torch.zeros(self.diagonal_index.numel(), dtype=torch.float64, device=device)
+        if self.diagonal_index.numel():
+            for start, stop in chunks:
+                self.diagonal += _outside_square_grads(model, theta, x[start:stop], target[start:stop],
+                                                       self.diagonal_index)
+            self.diagonal /= x.shape[0]
+
+        eigenvalues = torch.cat([c.flatten() for _, _, c in self.factors] + [self.diagonal])
         check_spectrum(eigenvalues + self.shift, self.damping, float(eigenvalues.min()) + float(weight_decay))
         self.diagnostics = {
             "damping_used": self.damping,
             "labels": labels,
             "top_eigenvalue": float(eigenvalues.max()) + float(weight_decay),
             "min_eigenvalue": float(eigenvalues.min()) + float(weight_decay),
+            "kronecker_layers": len(self.layers),
+            "diagonal_params": int(self.diagonal_index.numel()),
+            "chunk_size": chunk_size,
         }
 
     def _solve(self, v: torch.Tensor) -> Solve:
         b = v.shape[0]
         x = torch.empty_like(v)
-        for (fan_in, fan_out, w_off, b_off), (q_s, q_a, corrected) in zip(self.model.layout, self.factors):
-            # Flat θ layout -> W̃ = [W | b] per right-hand side, [B, out, in+1].
-            block = torch.cat([v[:, w_off:b_off].view(b, fan_out, fan_in), v[:, b_off : b_off + fan_out, None]], 2)
+        for layer, (q_s, q_a, corrected) in zip(self.layers, self.factors):
+            out = layer.weight_shape[0]
+            fan_in = math.prod(layer.weight_shape[1:])
+            # Flat θ layout -> W̃ = [W | b] per right-hand side, [B, out, in'(+1)].
+            block = v[:, layer.weight].view(b, out, fan_in)
+            if layer.bias is not None:
+                block = torch.cat([block, v[:, layer.bias, None]], 2)
             rotated = q_s.T @ block @ q_a / (corrected + self.shift)
             back = q_s @ rotated @ q_a.T
-            x[:, w_off:b_off] = back[:, :, :fan_in].reshape(b, -1)
-            x[:, b_off : b_off + fan_out] = back[:, :, fan_in]
+            x[:, layer.weight] = back[:, :, :fan_in].reshape(b, -1)
+            if layer.bias is not None:
+                x[:, layer.bias] = back[:, :, fan_in]
+        if self.diagonal_index.numel():
+            x[:, self.diagonal_index] = v[:, self.diagonal_index] / (self.diagonal + self.shift)
         return Solve(x, *direct_solve_info(v))
 
 
-def _activations_and_gradients(
-    model: MLP, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, labels: str, seed: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer, the augmented inputs ã_i [n, in+1] and the pre-activation gradients g_i = ∂L_i/∂z_l [n, out].
+def _fit_factors(
+    model: Model, layers: list[Layer], theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+    chunks: list[tuple[int, int]],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer (Q_S, Q_A, Λ*) from two passes over the chunks: A and S summed in float64 and eigendecomposed,
+    then Λ* in those bases. With a single chunk its patches are kept for the second pass, not recomputed."""
+    n = x.shape[0]
+    a_sum: list[torch.Tensor | None] = [None] * len(layers)
+    s_sum: list[torch.Tensor | None] = [None] * len(layers)
+    positions = [1] * len(layers)
+    kept = None
+    for start, stop in chunks:
+        patches = _patches(model, layers, theta, x[start:stop], y[start:stop])
+        for l, (a, g) in enumerate(patches):
+            flat_a, flat_g = a.flatten(0, 1), g.flatten(0, 1)
+            a_sum[l] = _add(a_sum[l], flat_a.T @ flat_a)
+            s_sum[l] = _add(s_sum[l], flat_g.T @ flat_g)
+            positions[l] = a.shape[1]
+        if len(chunks) == 1:
+            kept = patches
+    bases = []
+    for a_l, s_l, t in zip(a_sum, s_sum, positions):
+        _, q_a = torch.linalg.eigh(a_l / n)
+        _, q_s = torch.linalg.eigh(s_l / (n * t))
+        bases.append((q_s, q_a))
 
-    L_i depends on example i's pre-activations only, so the gradient of Σ_i L_i with respect to z_l has row i
-    equal to ∂L_i/∂z_l: one backward pass gives every example's g.
+    corrected = [torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64, device=x.device) for q_s, q_a in bases]
+    for start, stop in chunks:
+        patches = kept if kept is not None else _patches(model, layers, theta, x[start:stop], y[start:stop])
+        for l, (a, g) in enumerate(patches):
+            corrected[l] += _rotated_second_moment(a, g, *bases[l])
+    return [(q_s, q_a, c / n) for (q_s, q_a), c in zip(bases, corrected)]
+
+
+def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    part = part.to(torch.float64)
+    return part if total is None else total + part
+
+
+def _check_layers(model: Model) -> list[Layer]:
+    layers = model.layers()
+    for layer in layers:
+        if layer.kind == "conv2d" and layer.groups != 1:
+            raise ValueError(
+                f"ekfac supports ungrouped convolutions only: layer {layer.name!r} has groups={layer.groups}, whose "
+                "weight is block-diagonal over channel groups; use another method (cg, arnoldi) for this model"
+            )
+    return layers
+
+
+def _outside_layers(model: Model, layers: list[Layer], device: torch.device) -> torch.Tensor:
+    """Indices into θ of the parameters in no Linear/Conv2d layer, ascending."""
+    covered = torch.zeros(model.n_params, dtype=torch.bool, device="cpu")
+    for layer in layers:
+        covered[layer.weight] = True
+        if layer.bias is not None:
+            covered[layer.bias] = True
+    return (~covered).nonzero().squeeze(1).to(device)
+
+
+def _targets(model: Model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, labels: str, seed: int,
+             chunk_size: int) -> torch.Tensor:
+    """The labels the factors use: the training labels, or one draw per example from the predictive distribution."""
+    if labels == "true":
+        return y
+    with torch.no_grad():
+        logits = torch.cat([model.forward(theta, x[i : i + chunk_size]) for i in range(0, x.shape[0], chunk_size)])
+    # Drawn on the CPU, all n at once, so that a seed samples the same labels on every device and for any chunking.
+    gen = torch.Generator().manual_seed(seed)
+    probs = F.softmax(logits.to(torch.float64), dim=1).cpu()
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1).to(x.device)
+
+
+def _patches(
+    model: Model, layers: list[Layer], theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the augmented inputs ã [m, T, in'(+1)] and output gradients g [m, T, out] at the T positions.
+
+    L_i depends on example i's layer outputs only, so the gradient of Σ_i L_i with respect to a layer's output
+    has row i equal to ∂L_i/∂z: one backward pass gives every example's g.
     """
-    theta64 = theta.detach().to(torch.float64).requires_grad_(True)
-    h = x.detach().to(torch.float64)
-    ones = torch.ones(h.shape[0], 1, dtype=torch.float64, device=h.device)
-    inputs, pre = [], []
-    layers = model.unflatten(theta64)
-    for l, (w, b) in enumerate(layers):
-        inputs.append(torch.cat([h.detach(), ones], dim=1))
-        z = torch.addmm(b, h, w.t())
-        pre.append(z)
-        h = model._act(z) if l < len(layers) - 1 else z
-    if labels == "sampled":
-        # Drawn on the CPU, so that a seed samples the same labels on every device.
-        gen = torch.Generator().manual_seed(seed)
-        probs = F.softmax(h.detach(), dim=1).cpu()
-        target = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(h.device)
-    else:
-        target = y
-    loss = F.cross_entropy(h, target, reduction="sum")
-    grads = torch.autograd.grad(loss, pre)
-    return inputs, [g.detach() for g in grads]
+    logits, taps = model.forward_with_taps(theta.detach().requires_grad_(True), x)
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    grads = torch.autograd.grad(loss, [out for _, out in taps])
+    out = []
+    for layer, (inp, _), g in zip(layers, taps, grads):
+        inp, m = inp.detach(), inp.shape[0]
+        if layer.kind == "conv2d":
+            a = F.unfold(inp, layer.weight_shape[2:], dilation=layer.dilation, padding=layer.padding,
+                         stride=layer.stride).transpose(1, 2)  # [m, T, in·kh·kw], T = output pixels
+            g = g.flatten(2).transpose(1, 2)  # [m, out, Ho, Wo] -> [m, T, out], the same pixel order
+        else:
+            a = inp.reshape(m, -1, inp.shape[-1])  # [m, in] -> one position
+            g = g.reshape(m, -1, g.shape[-1])
+        if layer.bias is not None:
+            a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], dim=2)
+        out.append((a, g))
+    return out
+
+
+def _rotated_second_moment(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """Σ_i ((Q_Sᵀ G_i Q_A)_{jk})² over the chunk's examples, G_i = Σ_p g_{i,p} ã_{i,p}ᵀ, as [out, in'(+1)] float64."""
+    gq = g @ q_s.to(g.dtype)  # [m, T, out]: Q_Sᵀ g per position
+    aq = a @ q_a.to(a.dtype)  # [m, T, in']
+    if a.shape[1] == 1:  # one position: (Q_Sᵀ G_i Q_A)_{jk} = (Q_Sᵀ g_i)_j (Q_Aᵀ ã_i)_k
+        return (gq[:, 0].square().T @ aq[:, 0].square()).to(torch.float64)
+    m, _, out = gq.shape
+    step = max(1, _PER_EXAMPLE_BLOCK // (out * aq.shape[2]))
+    total = torch.zeros(out, aq.shape[2], dtype=torch.float64, device=a.device)
+    for i in range(0, m, step):
+        per_example = gq[i : i + step].transpose(1, 2) @ aq[i : i + step]  # [b, out, in']: Q_Sᵀ G_i Q_A
+        total += per_example.square().sum(0).to(torch.float64)
+    return total
+
+
+def _outside_square_grads(model: Model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                          index: torch.Tensor) -> torch.Tensor:
+    """Σ_i (∂L_i/∂θ_j)² over the chunk for the θ entries ``index`` (whole parameters outside every layer).
+
+    Per-example gradients with respect to those parameters only (``vmap(grad)`` of a ``functional_call`` in which
+    just they are arguments), so memory is O(m · |index|), not O(m · P). Needs a module-backed model
+    (:class:`~influence.nets.ModuleNet`): an MLP has no parameters outside its layers.
+    """
+    if not hasattr(model, "module") or not hasattr(model, "params"):
+        raise TypeError(f"{model!r} has parameters outside its Linear/Conv2d layers but no module to take their "
+                        "per-example gradients from; ekfac handles such parameters for ModuleNet models only")
+    wanted = set(index.tolist())
+    names = [name for name, shape, off in model.params if off in wanted]
+    views = model.unflatten(theta)
+    fixed = {k: v for k, v in views.items() if k not in names}
+    free = {k: views[k] for k in names}
+    images = x.reshape(x.shape[0], *model.input_shape)
+
+    def loss_one(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model.module, {**fixed, **params}, (xi.unsqueeze(0),), strict=True)
+        return F.cross_entropy(logits, yi.unsqueeze(0))
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))(free, images, y)
+    # θ order: the parameters' offsets ascend in named_parameters() order, as ``index`` does.
+    flat = torch.cat([per_example[k].flatten(1) for k in names], dim=1)
+    if flat.shape[1] != index.numel():
+        raise RuntimeError(f"{model!r}: the parameters outside the layers do not cover whole parameters")
+    return flat.square().sum(0).to(torch.float64)

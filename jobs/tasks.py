@@ -250,6 +250,8 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
         settings = {**cfg.solver_settings(method), "damping": damping}
         if method == "exact":
             settings["damping_policy"] = "always"  # δ is already decided for the configuration
+        if method == "ekfac":
+            settings["chunk_size"] = cfg.grad_chunk  # examples per pass of the factor fit
         solver = make_solver(method, model, theta, data.x_train, data.y_train, cfg.weight_decay, **settings)
         inf = influence_estimates(model, theta, data, test_idx, solver, chunk_size=cfg.grad_chunk)
         _synchronize(device)
