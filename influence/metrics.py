@@ -124,6 +124,10 @@ class PairAccumulator:
     def add_actuals(self, keys: Iterable[int] | ArrayLike, values: ArrayLike) -> None:
         self._update(self._actuals, keys, values)
 
+    def estimate(self, key: int) -> float:
+        """The estimate stored under ``key``; NaN if none arrived yet."""
+        return self._estimates.get(key, math.nan)
+
     def keys(self) -> list[int]:
         """Keys with both an estimate and an actual effect, ascending."""
         return sorted(self._estimates.keys() & self._actuals.keys())

@@ -36,9 +36,8 @@ class _Config:
     actual_dtheta: dict[int, float] = field(default_factory=dict)
     controls: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
     diverged: set[tuple[str, int]] = field(default_factory=set)  # (method, test point) whose solve diverged
-    # Group removal: per (method, test point) every training point's estimate, and per group its members,
-    # mode and, per test point, its actual effect. A group's estimate is the sum of its members' estimates.
-    estimates: dict[tuple[str, int], dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    # Group removal: per group its members and mode and, per test point, its actual effect. A group's estimate
+    # is the sum of its members' estimates (kept in `pairs`, keyed by training point).
     groups: dict[int, tuple[list[int], str]] = field(default_factory=dict)
     group_actuals: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
     snapshot: int = 0
@@ -73,7 +72,6 @@ class StatsBook:
             for key, (keys, vals) in by_key.items():
                 if key in c.pairs:
                     c.pairs[key].add_estimates(keys, vals)
-                    c.estimates[key].update(zip(keys, vals))
             for m, t, d in zip(cols["method"], cols["test_idx"], cols.get("diverged") or [False] * rows.num_rows):
                 if d:
                     c.diverged.add((m, t))
@@ -144,14 +142,14 @@ class StatsBook:
         """(Σ members' estimates, actual) over the groups retrained so far, for test point t: its own top group
         and the random groups (another test point's top group is not about t, so it is left out)."""
         acc = PairAccumulator()
-        est = c.estimates.get((method, t), {})
+        single = c.pairs[(method, t)]
         keys, sums, actuals = [], [], []
         for g, a in c.group_actuals.get(t, {}).items():
             members, mode = c.groups[g]
             if mode == "group" and g != position:
                 continue
             keys.append(g)
-            sums.append(sum(est.get(i, math.nan) for i in members))
+            sums.append(sum(single.estimate(i) for i in members))
             actuals.append(a)
         acc.add_estimates(keys, sums)
         acc.add_actuals(keys, actuals)
