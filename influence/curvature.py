@@ -63,10 +63,7 @@ def hessian(
         # Convolutional nets: jacrev(jacrev) would hold P copies of every activation at once (26 GB for the
         # small CNN on 200 MNIST images); Hessian-vector products with blocks of the identity, over chunks of
         # the examples, keep memory at one block's worth.
-        op = CurvatureOperator(model, theta64, x64, y, weight_decay, chunk=_CONV_CHUNK)
-        eye = torch.eye(model.n_params, dtype=torch.float64, device=op.device)
-        h = torch.cat([op.matvec(eye[i : i + _CONV_BLOCK]) for i in range(0, model.n_params, _CONV_BLOCK)])
-        return 0.5 * (h + h.T)
+        return _dense(CurvatureOperator(model, theta64, x64, y, weight_decay, chunk=_CONV_CHUNK), _CONV_BLOCK)
     h = jacrev(jacrev(lambda t: objective(model, t, x64, y, weight_decay)))(theta64)
     # Autograd's H is symmetric only up to round-off; eigh reads one triangle, so make both triangles agree.
     return 0.5 * (h + h.T)
@@ -184,10 +181,15 @@ def gauss_newton(
     model: MLP, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight_decay: float
 ) -> torch.Tensor:
     """G = (1/n) Σ_i J_iᵀ H_out,i J_i + λI ∈ R^{P×P}, formed from GGN-vector products with the identity."""
-    op = CurvatureOperator(model, theta, x, y, weight_decay, curvature="ggn")
-    eye = torch.eye(model.n_params, dtype=torch.float64, device=op.device)
-    g = torch.cat([op.matvec(eye[i : i + _MATRIX_BLOCK]) for i in range(0, model.n_params, _MATRIX_BLOCK)])
-    return 0.5 * (g + g.T)
+    return _dense(CurvatureOperator(model, theta, x, y, weight_decay, curvature="ggn"), _MATRIX_BLOCK)
+
+
+def _dense(op: "CurvatureOperator", block: int) -> torch.Tensor:
+    """The operator's matrix from products with ``block`` columns of the identity at a time, symmetrised
+    (both triangles agree; eigh reads one)."""
+    eye = torch.eye(op.n_params, dtype=torch.float64, device=op.device)
+    m = torch.cat([op.matvec(eye[i : i + block]) for i in range(0, op.n_params, block)])
+    return 0.5 * (m + m.T)
 
 
 def curvature_matrix(

@@ -325,12 +325,17 @@ def retrain_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.T
         raise TaskError(f"retrain/{cfg.config_id}/{part}", where, exc) from exc
 
 
+def _batched(model) -> bool:
+    """Whether the copies of a retrain chunk are stacked into one computation (else one after another)."""
+    return model.n_params <= BATCHED_RETRAIN_MAX_PARAMS
+
+
 def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset, weights: torch.Tensor,
                  seed: int) -> torch.Tensor:
     schedule = cfg.schedule if cfg.retrain_start == "scratch" else "constant"
     options = dict(weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs, schedule=schedule,
                    seed=seed, **_train_options(cfg))
-    run = retrain_batched if model.n_params <= BATCHED_RETRAIN_MAX_PARAMS else retrain_loop
+    run = retrain_batched if _batched(model) else retrain_loop
     return run(model, starts, data.x_train, data.y_train, weights, **options)
 
 
@@ -360,8 +365,10 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups) ->
     seconds = time.perf_counter() - start
     with torch.no_grad():
         xt, yt = data.x_test[test_idx], data.y_test[test_idx]
-        losses = torch.stack([per_example_loss(model, t, xt, yt) for t in thetas]).cpu() \
-            if model.n_params > BATCHED_RETRAIN_MAX_PARAMS else per_example_loss(model, thetas, xt, yt).cpu()  # [K, T]
+        if _batched(model):
+            losses = per_example_loss(model, thetas, xt, yt).cpu()  # [K, T]
+        else:
+            losses = torch.stack([per_example_loss(model, t, xt, yt) for t in thetas]).cpu()
         dtheta = (thetas - thetas[0]).norm(dim=-1).cpu()  # distance to the unperturbed control
     control = losses[0]
     T = len(test_idx)
