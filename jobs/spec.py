@@ -33,6 +33,7 @@ from jobs.spec_checks import (  # noqa: F401 (the vocabulary is part of this mod
     _choice, _classes, _closest, _data_root, _experiment, _indices, _int, _leaf, _methods, _number, _one_of,
     _optional, _percent, _show, _size, _subset,
 )
+from jobs.spec_rules import RemovalRule, Resources, TestPointRule  # noqa: F401 (part of this module's interface)
 from jobs.spec_yaml import SpecLoader
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
@@ -99,121 +100,6 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "perturbation": lambda k, v: _number(k, v, lambda x: x >= 0, _NON_NEGATIVE),
     "retrain_chunk": lambda k, v: _int(k, v, 1),
 }
-
-
-# ---- the dataclasses --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TestPointRule:
-    """Which test points to study: the ``k`` highest-loss ones, the ``k`` nearest the median loss, the ``k``
-    nearest the ``at``-th ``percentile`` of the loss, ``k`` at random, or ``explicit`` indices (then ``k`` =
-    their count)."""
-    __test__ = False  # not a pytest test class, despite its name
-
-    kind: str
-    k: int = 1
-    indices: tuple[int, ...] = ()
-    at: float | None = None  # the percentile, for kind "percentile" only
-
-    def __post_init__(self):
-        _choice("kind", self.kind, TEST_POINT_KINDS)
-        if self.kind == "explicit":
-            object.__setattr__(self, "indices", _indices("indices", self.indices))
-            object.__setattr__(self, "k", len(self.indices))
-        else:
-            _int("k", self.k, 1)
-            if self.indices:
-                raise SpecError("indices", self.indices, f"only explicit rules take indices, not {self.kind}")
-        _check_at(self.kind, self.at, self)
-
-    def rule(self) -> tuple:
-        """The rule as influence.scores.select_test_points takes it."""
-        if self.kind == "explicit":
-            return ("explicit", list(self.indices))
-        if self.kind == "percentile":
-            return ("percentile", (self.at, self.k))
-        return (self.kind, self.k)
-
-    def to_dict(self) -> dict:
-        out = {"kind": self.kind, "k": self.k, "indices": list(self.indices)}
-        return out if self.at is None else {**out, "at": self.at}
-
-
-def _check_at(kind: str, at: object, rule: object) -> None:
-    if kind == "percentile":
-        if at is None:
-            raise SpecError("at", at, "a percentile rule needs at: P, the percentile (0-100)")
-        object.__setattr__(rule, "at", _percent("at", at))
-    elif at is not None:
-        raise SpecError("at", at, f"only percentile rules take at, not {kind}")
-
-
-@dataclass(frozen=True)
-class RemovalRule:
-    """Which training points to retrain without: ``all`` of them, the ``top_k`` by |estimate|, the ``k``
-    nearest the ``at``-th ``percentile`` of the estimates, ``k`` at ``random``, or ``explicit`` indices (then
-    ``k`` = their count; for ``all``, k = 0). ``group``: retrain without the ``k`` points of highest estimate
-    TOGETHER (one group per test point) and, for comparison, without ``groups`` random groups of ``k`` points:
-    the protocol for data sets so large that one point's effect is below the training noise."""
-    kind: str
-    k: int = 0
-    indices: tuple[int, ...] = ()
-    at: float | None = None  # the percentile, for kind "percentile" only
-    groups: int = 0  # random groups, for kind "group" only
-
-    def __post_init__(self):
-        _choice("kind", self.kind, REMOVAL_KINDS)
-        if self.kind == "explicit":
-            object.__setattr__(self, "indices", _indices("indices", self.indices))
-            object.__setattr__(self, "k", len(self.indices))
-        else:
-            if self.kind == "all":
-                object.__setattr__(self, "k", 0)
-            else:
-                _int("k", self.k, 1)
-            if self.indices:
-                raise SpecError("indices", self.indices, f"only explicit removals take indices, not {self.kind}")
-        _check_at(self.kind, self.at, self)
-        if self.kind == "group":
-            _int("random", self.groups, 1)
-        elif self.groups:
-            raise SpecError("random", self.groups, f"only group removals take random groups, not {self.kind}")
-
-    def count(self, n_train: int | None = None, n_test: int = 1) -> int | None:
-        """How many retrains (single points, or groups) this rule asks for, at most; None if it needs n_train
-        unknown. Rules chosen per test point (top_k, percentile, group) may pick up to k per test point."""
-        if self.kind == "all":
-            return n_train
-        if self.kind == "explicit":
-            return len(self.indices)
-        if self.kind == "group":
-            return n_test + self.groups
-        if self.kind == "random":
-            return self.k if n_train is None else min(self.k, n_train)
-        k = self.k * n_test
-        return k if n_train is None else min(k, n_train)
-
-    def to_dict(self) -> dict:
-        out = {"kind": self.kind, "k": self.k, "indices": list(self.indices)}
-        if self.at is not None:
-            out["at"] = self.at
-        if self.kind == "group":
-            out["groups"] = self.groups
-        return out
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Ray resources of one task kind (fractions are fine for small models)."""
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-
-    def __post_init__(self):
-        for name in ("num_cpus", "num_gpus"):
-            object.__setattr__(self, name, _number(name, getattr(self, name), lambda x: x >= 0, _NON_NEGATIVE))
-
-    def ray_options(self) -> dict:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
 
 
 _DEFAULT_TEST_POINTS = (TestPointRule("highest", 1), TestPointRule("median", 1))
