@@ -22,6 +22,14 @@ def ray_cluster():
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def iris():
+    """The Iris split (120 train / 30 test), loaded once: tests read it, none changes it."""
+    from influence.data import load_dataset
+
+    return load_dataset("iris")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors: a second intra-op thread only adds synchronisation, and on a busy machine a lot of it."""

@@ -31,11 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def iris():
-    return load_dataset("iris")
-
-
-@pytest.fixture(scope="module")
 def fitted(iris):
     """A depth-1 width-5 tanh MLP briefly trained on Iris, in float64."""
     model = build_model("mlp", in_features=iris.in_features, num_classes=iris.num_classes, depth=1, width=5)

@@ -19,7 +19,6 @@ from torch.func import jacrev
 
 from influence import scores
 from influence.curvature import CurvatureOperator, MatrixOperator, gauss_newton, hessian
-from influence.data import load_dataset
 from influence.ihvp import METHODS, SETTINGS, ExactIHVP, InverseHVP, Solve, make_solver
 from influence.ihvp_krylov import ArnoldiIHVP, ConjugateGradientIHVP
 from influence.metrics import spearman
@@ -32,11 +31,6 @@ from iris_models import WEIGHT_DECAY, trained_iris
 MODELS = [("logistic", 0), ("mlp", 1), ("mlp", 2)]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def iris():
-    return load_dataset("iris")
 
 
 _GRADS: dict[tuple[str, int], tuple] = {}

@@ -52,11 +52,6 @@ CNN_DECAY = 1e-3
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def iris():
-    return load_dataset("iris")
-
-
 def trained(iris, name: str, depth: int):
     return trained_iris(iris, name, depth)
 

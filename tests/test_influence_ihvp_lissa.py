@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from influence.curvature import MatrixOperator, hessian
-from influence.data import load_dataset
 from influence.ihvp import ExactIHVP, make_solver
 from influence.ihvp_lissa import AUTO_SCALES, LissaIHVP
 from influence.scores import per_example_grads
@@ -24,11 +23,6 @@ from iris_models import WEIGHT_DECAY, trained_iris
 DAMPING = 0.01
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def iris():
-    return load_dataset("iris")
 
 
 _GRADS: dict[tuple[str, int], tuple] = {}

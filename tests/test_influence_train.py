@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from influence.data import load_dataset
 from influence.models import ACTIVATIONS, MLP, build_model
 from influence.objective import objective, per_example_loss
 from influence.scores import per_example_grads
@@ -18,11 +17,6 @@ WEIGHT_DECAY = 0.005
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def iris():
-    return load_dataset("iris")
 
 
 # ---- models --------------------------------------------------------------------------------------------------

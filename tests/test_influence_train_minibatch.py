@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from influence.data import load_dataset
 from influence.models import MLP, build_model
 from influence.objective import objective, per_example_loss
 from influence.train import (
@@ -29,11 +28,6 @@ from influence.train import (
 
 WD = 0.005
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def iris():
-    return load_dataset("iris")
 
 
 @pytest.fixture(scope="module")
