@@ -10,7 +10,7 @@ from __future__ import annotations
 import pyarrow.fs as pafs
 
 from .tables import TABLES, parse_part_path
-from .uri import Store, StoreError, check_name
+from .uri import Store, StoreError, check_name, list_files
 
 __all__ = ["Ledger"]
 
@@ -33,9 +33,8 @@ class Ledger:
     def refresh(self) -> None:
         """List the experiment folder again (one recursive listing) and forget the previous answer."""
         root = self.store.path(self.experiment)
-        selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
         parts: dict[str, dict[str, set[str]]] = {}
-        for info in self.store.fs.get_file_info(selector):
+        for info in list_files(self.store, root):
             if info.type != pafs.FileType.File:
                 continue
             # parse_part_path rejects temporary/hidden files, checkpoints and anything off the layout.

@@ -172,10 +172,12 @@ def s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     )
 
 
-def open_s3(uri: str) -> tuple[str, pafs.S3FileSystem, str]:
-    """Check and open ``s3://bucket/prefix``: (normalised URI, filesystem, root path inside it)."""
+def open_s3(uri: str, *, check: bool = True) -> tuple[str, pafs.S3FileSystem, str]:
+    """Check (unless ``check`` is False) and open ``s3://bucket/prefix``: (normalised URI, filesystem, root
+    path inside it). The credentials are always read: a worker without them gets the message at once."""
     bucket, prefix = parse_s3_uri(uri)
     settings = settings_from_env(uri)
-    check_bucket(bucket, settings, uri)
+    if check:
+        check_bucket(bucket, settings, uri)
     root = f"{bucket}/{prefix}" if prefix else bucket
     return f"s3://{root}", s3_filesystem(settings), root

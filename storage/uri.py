@@ -22,7 +22,8 @@ import pyarrow.fs as pafs
 
 from .retry import with_retries
 
-__all__ = ["StoreError", "Store", "open_store", "write_atomic", "read_bytes", "check_name"]
+__all__ = ["StoreError", "Store", "open_store", "write_atomic", "read_bytes", "check_name", "list_files",
+           "is_file", "delete_file", "move_file"]
 
 # "s3://...", "gs://...", "file://..."; a Windows drive ("C:\\") has no "//" and is not a scheme.
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -70,18 +71,23 @@ class Store:
         segments += [p.strip("/") for p in parts if p and p.strip("/")]
         return "/".join(segments)
 
+    def uri_of(self, path: str) -> str:
+        """A path inside ``fs`` as a user would write it: ``s3://bucket/key`` on S3, the path itself locally."""
+        return f"s3://{path}" if self.uri.startswith("s3://") else path
+
     def __reduce__(self) -> tuple:
         return (_reopen, (self.uri,))
 
 
-def open_store(uri: str, *, create: bool = True) -> Store:
+def open_store(uri: str, *, create: bool = True, check: bool = True) -> Store:
     """Open the store at ``uri``: a local path, a ``file://`` URI or ``s3://bucket/prefix``.
 
     Local: with ``create`` the folder is created if absent; without it an absent folder is fine too (reads
     see an empty store). A path that exists but is a file raises ``StoreError``.
     S3: the bucket is checked first (credentials, existence, reachability; see ``storage.s3``), and any
-    failure is a ``StoreError`` saying what to fix. ``create`` has no effect: prefixes need no creating,
-    and buckets are never created. Any other scheme raises ``StoreError``.
+    failure is a ``StoreError`` saying what to fix; ``check=False`` skips that request (a worker reopening a
+    store the driver checked). ``create`` has no effect: prefixes need no creating, and buckets are never
+    created. Any other scheme raises ``StoreError``.
     """
     if not isinstance(uri, str) or not uri.strip():
         raise StoreError(f"store URI must be a non-empty string, got {uri!r}")
@@ -91,7 +97,7 @@ def open_store(uri: str, *, create: bool = True) -> Store:
     if scheme == "s3":
         from .s3 import open_s3  # boto3 is imported by the processes that use S3 only
 
-        normalised, fs, root = open_s3(uri)
+        normalised, fs, root = open_s3(uri, check=check)
         return Store(uri=normalised, fs=fs, root=root)
     if scheme != "file":
         raise StoreError(
@@ -123,8 +129,10 @@ def open_store(uri: str, *, create: bool = True) -> Store:
 
 
 def _reopen(uri: str) -> Store:
-    """Unpickle a ``Store``: open it again from its URI, without creating folders as a side effect."""
-    return open_store(uri, create=False)
+    """Unpickle a ``Store``: open it again from its URI, without creating folders as a side effect and without
+    a request to the server (the driver checked the bucket before any work; a worker that starts while the
+    store is briefly unreachable must not fail for good on a check its first real request would retry)."""
+    return open_store(uri, create=False, check=False)
 
 
 def write_atomic(store: Store, path: str, data: bytes) -> str:
@@ -141,7 +149,7 @@ def write_atomic(store: Store, path: str, data: bytes) -> str:
     """
     put = _put_whole if store.fs.type_name == "s3" else _write_then_move
     try:
-        with_retries(lambda: put(store.fs, path, data))
+        with_retries(lambda: put(store.fs, path, data), op="write", uri=store.uri_of(path))
     except Exception as exc:
         # Keep the exception's type (callers retry transient OSErrors by type) but say which file it was.
         exc.add_note(f"while writing {path}")
@@ -182,7 +190,43 @@ def read_bytes(store: Store, path: str) -> bytes | None:
         except FileNotFoundError:
             return None
 
-    return with_retries(read)
+    return with_retries(read, op="read", uri=store.uri_of(path))
+
+
+def list_files(store: Store, root: str, *, recursive: bool = True) -> list[pafs.FileInfo]:
+    """Everything under ``root`` (files and folders; an absent root is empty), transient errors retried."""
+    selector = pafs.FileSelector(root, allow_not_found=True, recursive=recursive)
+    return with_retries(lambda: store.fs.get_file_info(selector), op="list", uri=store.uri_of(root))
+
+
+def is_file(store: Store, path: str) -> bool:
+    """Whether a file is at ``path``, transient errors retried."""
+    return with_retries(lambda: store.fs.get_file_info(path).type == pafs.FileType.File, op="stat",
+                        uri=store.uri_of(path))
+
+
+def delete_file(store: Store, path: str) -> bool:
+    """Remove the file at ``path``; False if it was not there. Transient errors retried."""
+    def delete() -> bool:
+        try:
+            store.fs.delete_file(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    return with_retries(delete, op="delete", uri=store.uri_of(path))
+
+
+def move_file(store: Store, src: str, dst: str) -> None:
+    """Move a file within the store (a rename locally; a copy and a delete on S3), transient errors retried.
+    Used to set a bad file aside, so it is kept for inspection but no longer read."""
+    def move() -> None:
+        folder = dst.rpartition("/")[0]
+        if store.fs.type_name != "s3" and folder:
+            store.fs.create_dir(folder, recursive=True)
+        store.fs.move(src, dst)
+
+    with_retries(move, op="move", uri=f"{store.uri_of(src)} -> {store.uri_of(dst)}")
 
 
 def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:
