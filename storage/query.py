@@ -4,6 +4,11 @@ Each table is registered as a view from a ``pyarrow.dataset`` built on the store
 code works for a local folder and for S3 (pyarrow reads the objects) without DuckDB's httpfs extension,
 which is not available offline. A table with no parts yet is registered as an empty Arrow table with its
 full schema: SQL over it returns 0 rows instead of failing with "table does not exist".
+
+The connection is a sandbox: it reads the registered tables and nothing else. DuckDB's file system access
+(``read_text``, ``read_csv('/etc/passwd')``, ``COPY ... TO``, ``ATTACH``, ``EXPORT``), extension installs and
+loads are switched off and the configuration is locked, so a query cannot switch them on again. Such a
+query raises ``QueryRefused``.
 """
 from __future__ import annotations
 
@@ -12,13 +17,22 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .tables import TABLES, dataset, table_schema
-from .uri import Store, check_name
+from .uri import Store, check_name, list_files
 
-__all__ = ["QueryError", "connect", "query", "experiments", "describe"]
+__all__ = ["QueryError", "QueryRefused", "connect", "query", "experiments", "describe"]
+
+# Set when the connection is made, then locked: nothing a query says can change them.
+_SANDBOX = {"enable_external_access": False, "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False, "allow_community_extensions": False,
+            "allow_unsigned_extensions": False, "lock_configuration": True}
 
 
 class QueryError(Exception):
     """A query that DuckDB refused, with the SQL and the tables (and their columns) one can query."""
+
+
+class QueryRefused(QueryError):
+    """A query that tried to reach outside the experiment's tables (files, extensions, settings)."""
 
 
 def connect(store: Store, experiment: str) -> duckdb.DuckDBPyConnection:
@@ -28,7 +42,7 @@ def connect(store: Store, experiment: str) -> duckdb.DuckDBPyConnection:
     pushes filters such as ``config_id = '...'`` into the datasets, so unused partitions are not read.
     """
     check_name("experiment", experiment)
-    con = duckdb.connect(database=":memory:")
+    con = duckdb.connect(database=":memory:", config=dict(_SANDBOX))
     for table in TABLES:
         found = dataset(store, experiment, table)
         con.register(table, found if found is not None else table_schema(table).empty_table())
@@ -45,13 +59,23 @@ def query(sql: str, store: Store, experiment: str) -> pa.Table:
     try:
         relation = con.sql(sql)
         return relation.to_arrow_table() if relation is not None else pa.table({})
+    except (duckdb.PermissionException, duckdb.InvalidInputException) as exc:
+        if isinstance(exc, duckdb.InvalidInputException) and "configuration has been locked" not in str(exc):
+            raise _query_error(exc, sql, store, experiment) from None
+        raise QueryRefused(
+            f"query refused: fragile query reads the tables of experiment {experiment!r} and nothing else (no "
+            f"files, no COPY/EXPORT/ATTACH, no extensions, no settings). DuckDB said: {exc}\n\nSQL:\n  "
+            f"{sql.strip()}") from None
     except duckdb.Error as exc:
-        raise QueryError(
-            f"{type(exc).__name__}: {exc}\n\nSQL:\n  {sql.strip()}\n\n"
-            f"Tables of experiment {experiment!r} in {store.uri}:\n{describe(store, experiment)}"
-        ) from None  # the DuckDB traceback adds nothing to the message above
+        raise _query_error(exc, sql, store, experiment) from None
     finally:
         con.close()
+
+
+def _query_error(exc: Exception, sql: str, store: Store, experiment: str) -> QueryError:
+    # Raised "from None" by the caller: the DuckDB traceback adds nothing to this message.
+    return QueryError(f"{type(exc).__name__}: {exc}\n\nSQL:\n  {sql.strip()}\n\n"
+                      f"Tables of experiment {experiment!r} in {store.uri}:\n{describe(store, experiment)}")
 
 
 def describe(store: Store, experiment: str) -> str:
@@ -66,7 +90,6 @@ def describe(store: Store, experiment: str) -> str:
 
 def experiments(store: Store) -> list[str]:
     """The experiment folders (S3: prefixes) present in ``store``, sorted (hidden ones excluded)."""
-    selector = pafs.FileSelector(store.root, allow_not_found=True, recursive=False)
-    names = (info.base_name for info in store.fs.get_file_info(selector)
+    names = (info.base_name for info in list_files(store, store.root, recursive=False)
              if info.type == pafs.FileType.Directory)
     return sorted(name for name in names if not name.startswith((".", "_")))
