@@ -10,11 +10,10 @@ from __future__ import annotations
 import io
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 
-from .tables import TABLES
-from .uri import Store, StoreError, check_name, read_bytes, write_atomic
+from .tables import TABLES, CorruptPart
+from .uri import Store, StoreError, check_name, is_file, read_bytes, write_atomic
 
 __all__ = ["CHECKPOINTS", "checkpoint_path", "save_checkpoint", "load_checkpoint", "checkpoint_exists"]
 
@@ -49,24 +48,27 @@ def load_checkpoint(store: Store, experiment: str, model_key: str, *,
     """The state saved under ``model_key``, or None when there is none.
 
     Loaded with ``weights_only=True``: a store may be shared, and a checkpoint should hold tensors and
-    plain Python values only (dicts, lists, str, numbers), never pickled objects.
+    plain Python values only (dicts, lists, str, numbers), never pickled objects. A file that cannot be
+    loaded raises ``CorruptPart`` (the caller sets it aside and trains again).
     """
-    data = read_bytes(store, checkpoint_path(store, experiment, model_key))
+    path = checkpoint_path(store, experiment, model_key)
+    data = read_bytes(store, path)
     if data is None:
         return None
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, ...)
-        raise StoreError(
-            f"cannot load checkpoint {checkpoint_path(store, experiment, model_key)}: {exc}. Checkpoints "
-            f"must hold tensors and plain Python values only; delete the file to retrain the model"
-        ) from exc
+        raise CorruptPart(store.uri_of(path), f"not a loadable checkpoint ({len(data)} bytes; checkpoints hold "
+                                              f"tensors and plain Python values only): {type(exc).__name__}: "
+                                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(state, dict):
+        raise CorruptPart(store.uri_of(path), f"holds a {type(state).__name__}, not a checkpoint's dict")
+    return state
 
 
 def checkpoint_exists(store: Store, experiment: str, model_key: str) -> bool:
     """Whether a checkpoint has been saved under ``model_key``."""
-    path = checkpoint_path(store, experiment, model_key)
-    return store.fs.get_file_info(path).type == pafs.FileType.File
+    return is_file(store, checkpoint_path(store, experiment, model_key))
 
 
 def _to_cpu(value: Any) -> Any:

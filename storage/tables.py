@@ -18,12 +18,29 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .uri import Store, StoreError, check_name, read_bytes, write_atomic
+from .retry import with_retries
+from .uri import Store, StoreError, check_name, delete_file, is_file, list_files, move_file, read_bytes, write_atomic
 
 __all__ = [
     "TABLES", "PARTITION", "table_schema", "table_dir", "part_path", "write_part", "part_exists",
-    "delete_part", "read_part", "read_table", "dataset", "parse_part_path",
+    "delete_part", "read_part", "read_table", "dataset", "parse_part_path", "CorruptPart", "set_aside",
+    "SET_ASIDE",
 ]
+
+# Bad files are moved here (under the experiment, hidden from every listing by the leading "_"), never deleted.
+SET_ASIDE = "_set_aside"
+
+
+class CorruptPart(StoreError):
+    """A stored file that cannot be read as what its name says it is (truncated, foreign schema, a
+    checkpoint of another model). Callers set it aside (``set_aside``) and recompute it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # so that it crosses process boundaries (Ray) intact
+        return (CorruptPart, (self.path, self.reason))
 
 PARTITION = "config_id"
 _SUFFIX = ".parquet"
@@ -223,18 +240,27 @@ def write_part(store: Store, experiment: str, table: str, config_id: str, part: 
 
 def part_exists(store: Store, experiment: str, table: str, config_id: str, part: str) -> bool:
     """Whether that part has been written (for many parts, use a ``Ledger``: one listing for all)."""
-    path = part_path(store, experiment, table, config_id, part)
-    return store.fs.get_file_info(path).type == pafs.FileType.File
+    return is_file(store, part_path(store, experiment, table, config_id, part))
 
 
 def delete_part(store: Store, experiment: str, table: str, config_id: str, part: str) -> bool:
     """Remove a part (e.g. a running snapshot superseded by the final one); False if it was not there."""
-    path = part_path(store, experiment, table, config_id, part)
-    try:
-        store.fs.delete_file(path)
-    except FileNotFoundError:
-        return False
-    return True
+    return delete_file(store, part_path(store, experiment, table, config_id, part))
+
+
+def set_aside(store: Store, experiment: str, path: str, reason: str) -> str:
+    """Move the bad file at ``path`` (a part or a checkpoint of ``experiment``) to
+    ``<experiment>/_set_aside/<its path below the experiment>.<UTC time>`` and return a message that names
+    both places and the reason. The file is kept for inspection; listings no longer see it, so the task that
+    makes it runs again."""
+    import time
+
+    base = store.path(check_name("experiment", experiment)) + "/"
+    relative = path[len(base):] if path.startswith(base) else path.rsplit("/", 1)[-1]
+    target = f"{base}{SET_ASIDE}/{relative}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    move_file(store, path, target)
+    return (f"set aside {store.uri_of(path)} ({reason}); kept as {store.uri_of(target)}, and what it held is "
+            f"computed again")
 
 
 def read_part(store: Store, path: str) -> pa.Table:
@@ -248,9 +274,16 @@ def read_part(store: Store, path: str) -> pa.Table:
     raw = read_bytes(store, path)
     if raw is None:
         raise StoreError(f"no part at {path}")
-    data = pq.read_table(pa.BufferReader(raw))
+    try:
+        data = pq.read_table(pa.BufferReader(raw))
+    except Exception as exc:  # noqa: BLE001 - the bytes are in memory: any failure here is a bad file
+        raise CorruptPart(store.uri_of(path), f"not a readable Parquet file ({len(raw)} bytes): "
+                                              f"{type(exc).__name__}: {exc}") from None
     # Conform to today's schema, so that one part and the whole dataset read with the same types.
-    data = _conform(table, data, config_id)
+    try:
+        data = _conform(table, data, config_id)
+    except StoreError as exc:
+        raise CorruptPart(store.uri_of(path), f"does not match the schema of the {table} table: {exc}") from None
     ids = pa.array([config_id] * data.num_rows, pa.string())
     return data.add_column(0, pa.field(PARTITION, pa.string(), nullable=False), ids)
 
@@ -260,7 +293,7 @@ def _part_files(store: Store, experiment: str, table: str,
     """Paths of the finished parts of one table (temporary and hidden files excluded), sorted."""
     root = table_dir(store, experiment, table)
     wanted = None if config_ids is None else set(config_ids)
-    infos = store.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
+    infos = list_files(store, root)
     paths = []
     for info in infos:
         if info.type != pafs.FileType.File:
@@ -295,7 +328,8 @@ def read_table(store: Store, experiment: str, table: str, *,
     if config_ids is not None:
         for config_id in config_ids:
             check_name("config_id", config_id)
-    found = dataset(store, experiment, table, config_ids=config_ids)
-    if found is None:
-        return table_schema(table).empty_table()
-    return found.to_table()
+    def read() -> pa.Table:
+        found = dataset(store, experiment, table, config_ids=config_ids)
+        return table_schema(table).empty_table() if found is None else found.to_table()
+
+    return with_retries(read, op="read table", uri=store.uri_of(table_dir(store, experiment, table)))
