@@ -1,13 +1,25 @@
 """`fragile cluster up | down | status`: a real Ray head and a real S3 server (SeaweedFS) on loopback.
 
 `up` starts both as background processes in their own sessions, remembers their process ids in a state
-file, and prints how to use them. `down` stops exactly those processes (their process groups), never
-anything else of Ray's on the machine. The S3 credentials are made up per cluster and kept in the state
-file (mode 600); the Ray head gets them in its environment, so jobs and workers read S3 with their own
-environment and no secret travels in a job's runtime environment.
+file, and prints how to use them. `down` stops the jobs still running on the cluster (through the Jobs API),
+then exactly the processes `up` started (their process groups), then any process the cluster started that
+left those groups (a job's driver runs in a session of its own); it never touches anything else of Ray's on
+the machine. Every process of the cluster carries FRAGILE_CLUSTER_ID=<id> in its environment, inherited from
+the head, which is how `down` recognises them.
+
+Exposure and secrets:
+- every listener of the Ray head (GCS, raylet, client server, dashboard and its agents, metrics) and of
+  SeaweedFS binds to 127.0.0.1, unless `host` names another address (then `up` warns that it is reachable);
+- Ray runs with token authentication: a random token per cluster in `<dir>/ray_auth_token`, read by the head
+  through RAY_AUTH_TOKEN_PATH; clients use it through `fragile cluster env`. `auth="disabled"` is an explicit
+  choice, with a warning;
+- the S3 credentials are made up per cluster; they and the token live in files of mode 600 inside a folder
+  of mode 700, created so from their first byte. The Ray head gets the S3 settings in its environment, so
+  jobs and workers read S3 with their own environment and no secret travels in a job's runtime environment.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -15,13 +27,19 @@ import signal
 import subprocess
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from cluster import s3server
 
 DEFAULT_DIR = Path(os.environ.get("FRAGILE_CLUSTER_DIR", "~/.fragile/cluster")).expanduser()
 STATE_FILE = "state.json"
+TOKEN_FILE = "ray_auth_token"
+CLUSTER_ID_ENV = "FRAGILE_CLUSTER_ID"
+AUTH_MODES = ("token", "disabled")
+# Variables of the calling process that must not leak into the head: another Ray's address, token or mode.
+_NOT_INHERITED = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                  "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", CLUSTER_ID_ENV)
 
 
 class ClusterError(Exception):
@@ -40,35 +58,74 @@ class ClusterState:
     access_key: str
     secret_key: str
     region: str
+    host: str = "127.0.0.1"
+    auth: str = "token"
+    cluster_id: str = ""
 
     @property
     def address(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        return f"http://{_client_host(self.host)}:{self.dashboard_port}"
 
     @property
     def store(self) -> str:
         return f"s3://{self.bucket}/results"
 
+    @property
+    def token_file(self) -> Path | None:
+        return Path(self.dir) / TOKEN_FILE if self.auth == "token" else None
+
     def env(self) -> dict[str, str]:
         """What a shell needs to use this cluster: `fragile submit`, `fragile query` and boto3 alike."""
-        return {"AWS_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
-                "FRAGILE_ADDRESS": self.address, "FRAGILE_STORE": self.store, "RAY_AUTH_MODE": "disabled"}
+        env = {"AWS_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+               "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
+               "FRAGILE_ADDRESS": self.address, "FRAGILE_STORE": self.store, "RAY_AUTH_MODE": self.auth}
+        if self.token_file is not None:
+            env["RAY_AUTH_TOKEN_PATH"] = str(self.token_file)
+        return env
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_state(state_dir: Path = DEFAULT_DIR) -> ClusterState | None:
     path = Path(state_dir) / STATE_FILE
     if not path.is_file():
         return None
-    return ClusterState(**json.loads(path.read_text()))
+    known = {f.name for f in fields(ClusterState)}
+    return ClusterState(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+
+
+def _private_dir(path: Path) -> None:
+    """`path` and its missing parents as folders of mode 700 (an existing one is tightened to 700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` through a file that has mode 600 from its creation, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _save_state(state: ClusterState) -> None:
-    path = Path(state.dir) / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=1))
-    tmp.chmod(0o600)  # it holds the S3 secret
-    tmp.replace(path)
+    _write_private(Path(state.dir) / STATE_FILE, json.dumps(asdict(state), indent=1))
 
 
 def _alive(pid: int) -> bool:
@@ -78,12 +135,16 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie is gone, only not yet reaped
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
-def _reachable(url: str) -> bool:
+def _reachable(url: str, token: str | None = None) -> bool:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
+        with urllib.request.urlopen(request, timeout=2) as answer:
             return answer.status == 200
     except OSError:
         return False
@@ -108,27 +169,49 @@ def _stop_group(pid: int, grace: float) -> None:
         pass
 
 
+def warnings_for(host: str, auth: str) -> list[str]:
+    out = []
+    if not is_loopback(host):
+        out.append(f"the Ray head and the S3 server listen on {host}: they are reachable from the network, "
+                   f"not only from this machine")
+    if auth == "disabled":
+        out.append("Ray token authentication is off: anyone who can reach the Ray head can run code as you and "
+                   "read the S3 key from the workers' environment")
+    return out
+
+
 def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: int = 8265, s3_port: int = 8333,
-       num_cpus: int | None = None, bucket: str = "fragile", timeout: float = 90.0) -> ClusterState:
-    """Start the S3 server, then the Ray head with the S3 settings in its environment."""
+       num_cpus: int | None = None, bucket: str = "fragile", timeout: float = 90.0, host: str = "127.0.0.1",
+       auth: str = "token") -> ClusterState:
+    """Start the S3 server, then the Ray head with the S3 settings (and the token's path) in its environment."""
+    if auth not in AUTH_MODES:
+        raise ClusterError(f"--auth must be one of {', '.join(AUTH_MODES)}, not {auth!r}")
     state_dir = Path(state_dir)
     old = load_state(state_dir)
     if old is not None and (_alive(old.ray_pid) or _alive(old.s3_pid)):
         raise ClusterError(f"a cluster from {state_dir} is already running (dashboard {old.address}); "
                            "stop it with `fragile cluster down` first")
-    state_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(state_dir)
     access, secret = f"fragile-{secrets.token_hex(4)}", secrets.token_hex(20)
+    cluster_id = secrets.token_hex(8)
     try:
         s3 = s3server.start(state_dir / "s3", buckets=[bucket], s3_port=s3_port, detach=True,
-                            access_key=access, secret_key=secret, timeout=timeout)
+                            access_key=access, secret_key=secret, timeout=timeout, host=host)
     except s3server.ServerError as exc:
         raise ClusterError(f"the S3 server did not start: {exc}") from None
 
-    # A Ray driver in this process (ray.init sets RAY_ADDRESS) must not make the new head think it joins it.
-    inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env = {**inherited, **s3.env(), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    args = ["ray", "start", "--head", "--block", f"--port={ray_port}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats"]
+    inherited = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+    env = {**inherited, **s3.env(), "RAY_AUTH_MODE": auth, "RAY_USAGE_STATS_ENABLED": "0", CLUSTER_ID_ENV: cluster_id}
+    if auth == "token":
+        _write_private(state_dir / TOKEN_FILE, secrets.token_hex(32))
+        env["RAY_AUTH_TOKEN_PATH"] = str(state_dir / TOKEN_FILE)
+    args = ["ray", "start", "--head", "--block", f"--port={ray_port}", f"--dashboard-host={host}",
+            f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
+            f"--ray-client-server-port={s3server.free_port()}"]
+    if is_loopback(host):
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's single-node mode: every server on 127.0.0.1
+    elif host not in ("0.0.0.0", "::"):
+        args.append(f"--node-ip-address={host}")
     # The node's agents get free ports too: their defaults (52365, ...) may belong to another Ray on this
     # machine (an embedded one included), and a head whose job agent cannot bind accepts no job.
     for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -136,16 +219,16 @@ def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: i
         args.append(f"--{flag}={s3server.free_port()}")
     if num_cpus:
         args.append(f"--num-cpus={num_cpus}")
-    log = open(state_dir / "ray.out", "wb")
-    ray = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                           start_new_session=True)
-    log.close()
+    fd = os.open(state_dir / "ray.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as log:
+        ray = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                               start_new_session=True)
     state = ClusterState(dir=str(state_dir), ray_pid=ray.pid, ray_port=ray_port, dashboard_port=dashboard_port,
                          s3_pid=s3.process.pid, s3_endpoint=s3.endpoint, bucket=bucket, access_key=access,
-                         secret_key=secret, region=s3.region)
+                         secret_key=secret, region=s3.region, host=host, auth=auth, cluster_id=cluster_id)
     _save_state(state)  # saved before waiting: a failed start can still be cleaned up with `down`
     deadline = time.monotonic() + timeout
-    while not _reachable(f"{state.address}/api/version"):
+    while not _reachable(f"{state.address}/api/version", _token(state)):
         if ray.poll() is not None or time.monotonic() > deadline:
             down(state_dir)
             tail = "\n".join((state_dir / "ray.out").read_text(errors="replace").splitlines()[-20:])
@@ -155,20 +238,96 @@ def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: i
     return state
 
 
-def down(state_dir: Path = DEFAULT_DIR, *, grace: float = 15.0) -> ClusterState | None:
-    """Stop exactly the processes `up` started; the S3 data stays in the state folder."""
+@dataclass(frozen=True)
+class Stopped:
+    state: ClusterState
+    jobs: list[str]  # jobs that were still running and were stopped through the Jobs API
+    stragglers: list[str]  # "pid command" of processes of the cluster that outlived the head and were killed
+
+
+def down(state_dir: Path = DEFAULT_DIR, *, grace: float = 15.0) -> Stopped | None:
+    """Stop the cluster's running jobs, then exactly the processes `up` started, then any process of the
+    cluster left behind; the S3 data stays in the state folder."""
     state = load_state(state_dir)
     if state is None:
         return None
+    jobs = _stop_jobs(state, grace) if _alive(state.ray_pid) else []
     _stop_group(state.ray_pid, grace)
     _stop_group(state.s3_pid, grace)
+    stragglers = _kill_cluster_processes(state.cluster_id, grace) if state.cluster_id else []
     (Path(state_dir) / STATE_FILE).unlink(missing_ok=True)
-    return state
+    (Path(state_dir) / TOKEN_FILE).unlink(missing_ok=True)
+    return Stopped(state=state, jobs=jobs, stragglers=stragglers)
+
+
+def _stop_jobs(state: ClusterState, grace: float) -> list[str]:
+    """Ask the head to stop every job that has not ended, and wait (up to `grace` s) until they have."""
+    from cluster import submit
+
+    try:
+        c = submit.client(state.address, token=_token(state))
+        running = [j for j in c.list_jobs() if str(getattr(j.status, "value", j.status)) not in submit.TERMINAL]
+        ids = [j.submission_id or j.job_id for j in running]
+        for job_id in ids:
+            c.stop_job(job_id)
+        deadline = time.monotonic() + grace
+        while ids and time.monotonic() < deadline:
+            states = {str(getattr(c.get_job_status(j), "value", c.get_job_status(j))) for j in ids}
+            if states <= set(submit.TERMINAL):
+                break
+            time.sleep(0.5)
+        return ids
+    except Exception:  # noqa: BLE001 - a head that does not answer is stopped by signal below anyway
+        return []
+
+
+def _token(state: ClusterState) -> str | None:
+    if state.token_file is None or not state.token_file.is_file():
+        return None
+    return state.token_file.read_text().strip()
+
+
+def cluster_processes(cluster_id: str) -> list[int]:
+    """Process ids of this user's processes whose environment carries FRAGILE_CLUSTER_ID=`cluster_id`."""
+    marker = f"{CLUSTER_ID_ENV}={cluster_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:  # gone, or another user's
+            continue
+    return found
+
+
+def _kill_cluster_processes(cluster_id: str, grace: float) -> list[str]:
+    pids = cluster_processes(cluster_id)
+    described = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            os.kill(pid, signal.SIGTERM)
+            described.append(f"{pid} {cmd[:120]}")
+        except (ProcessLookupError, OSError):
+            continue
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return described
 
 
 def status(state_dir: Path = DEFAULT_DIR) -> dict | None:
     state = load_state(state_dir)
     if state is None:
         return None
-    return {"ray head": (_alive(state.ray_pid), _reachable(f"{state.address}/api/version"), state.address),
+    return {"ray head": (_alive(state.ray_pid), _reachable(f"{state.address}/api/version", _token(state)),
+                         state.address),
             "s3 server": (_alive(state.s3_pid), _reachable(f"{state.s3_endpoint}/healthz"), state.s3_endpoint)}

@@ -126,6 +126,9 @@ class S3Server:
     workdir: Path
     ports: dict[str, int]
     startup_seconds: float
+    argv: list[str] = field(default_factory=list, repr=False)  # how it was started, for `restart`
+    launch_env: dict[str, str] = field(default_factory=dict, repr=False)
+    detach: bool = False
 
     def env(self) -> dict[str, str]:
         """The AWS_* variables that point a client at this server."""
@@ -148,17 +151,29 @@ class S3Server:
         _stop(self.process, timeout)
         _remove_sockets(self.ports)
 
+    def restart(self, timeout: float = 60.0) -> float:
+        """Start the server again on the same ports and the same data folder (after `stop`, or after it was
+        killed); returns the seconds until it answered again. The buckets and objects are those it kept."""
+        if self.process.poll() is None:
+            self.stop()
+        _remove_sockets(self.ports)
+        began = time.monotonic()
+        self.process = _launch(self.argv, self.launch_env, self.workdir, self.detach)
+        _wait_healthy(self.process, self.endpoint, began + timeout, self.workdir)
+        return time.monotonic() - began
+
 
 def start(workdir: Path, *, buckets: list[str], timeout: float = 60.0, weed: str | None = None,
           access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, attempts: int = 3,
-          s3_port: int | None = None, detach: bool = False) -> S3Server:
+          s3_port: int | None = None, detach: bool = False, host: str = "127.0.0.1") -> S3Server:
     """Start ``weed mini`` with its data and logs under ``workdir``, wait until S3 answers, make ``buckets``.
 
     A port taken by someone else between choosing and binding makes the server exit at once; that start
     is retried with new ports (``attempts`` in all). Any other failure raises ``ServerError`` with the tail
     of the server's log. ``s3_port`` fixes the S3 endpoint's port (the others stay free picks); ``detach``
     starts the server in its own session, to outlive this process (``fragile cluster up``), instead of
-    tying it to this process's life (tests).
+    tying it to this process's life (tests). ``host`` is the address every listener binds to: loopback
+    unless the caller says otherwise (``0.0.0.0`` for every interface).
     """
     weed = weed or find_weed()
     if weed is None:
@@ -166,7 +181,7 @@ def start(workdir: Path, *, buckets: list[str], timeout: float = 60.0, weed: str
     for attempt in range(1, attempts + 1):
         try:
             return _start_once(Path(workdir) / f"try{attempt}", weed, buckets, timeout, access_key, secret_key,
-                               s3_port, detach)
+                               s3_port, detach, host)
         except _PortTaken:
             if attempt == attempts:
                 raise ServerError(f"SeaweedFS could not bind its ports in {attempts} attempts") from None
@@ -178,7 +193,7 @@ class _PortTaken(Exception):
 
 
 def _start_once(workdir: Path, weed: str, buckets: list[str], timeout: float, access_key: str,
-                secret_key: str, s3_port: int | None, detach: bool) -> S3Server:
+                secret_key: str, s3_port: int | None, detach: bool, host: str) -> S3Server:
     data, logs = workdir / "data", workdir / "logs"
     data.mkdir(parents=True, exist_ok=True)  # a detached server may restart on the data it kept
     logs.mkdir(exist_ok=True)
@@ -188,7 +203,9 @@ def _start_once(workdir: Path, weed: str, buckets: list[str], timeout: float, ac
             raise ServerError(f"port {s3_port} or {s3_port + _GRPC_OFFSET} on 127.0.0.1 is taken: "
                               "choose another S3 port")
         ports["s3"] = s3_port
-    args = [weed, f"-logdir={logs}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    # -ip is the address the components advertise to each other, -ip.bind the one they listen on.
+    advertised = "127.0.0.1" if host == "0.0.0.0" else host
+    args = [weed, f"-logdir={logs}", "mini", f"-dir={data}", f"-ip={advertised}", f"-ip.bind={host}",
             "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0",  # two more listeners, not needed
             "-s3.autoCreateBucket=false",  # its default is true: a PUT would create a missing bucket
@@ -201,14 +218,8 @@ def _start_once(workdir: Path, weed: str, buckets: list[str], timeout: float, ac
     for name in ("S3_BUCKET", "S3_TABLE_BUCKET"):  # weed mini would create those buckets on startup
         env.pop(name, None)
     began = time.monotonic()
-    with open(workdir / "weed.out", "wb") as out:  # the child keeps its own copy of the descriptor
-        # Detached: its own session, to outlive this process. Otherwise tied to it: preexec_fn runs between
-        # fork and exec, fine here (the fixture starts the server from one thread).
-        tie = {"start_new_session": True} if detach else {
-            "preexec_fn": _die_with_parent if sys.platform == "linux" else None}
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   cwd=workdir, **tie)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    process = _launch(args, env, workdir, detach)
+    endpoint = f"http://{advertised}:{ports['s3']}"
     try:
         _wait_healthy(process, endpoint, began + timeout, workdir)
         client = _client(endpoint, access_key, secret_key, REGION)
@@ -220,7 +231,17 @@ def _start_once(workdir: Path, weed: str, buckets: list[str], timeout: float, ac
         raise
     return S3Server(endpoint=endpoint, access_key=access_key, secret_key=secret_key, region=REGION,
                     bucket=buckets[0] if buckets else "", process=process, workdir=workdir, ports=ports,
-                    startup_seconds=time.monotonic() - began)
+                    startup_seconds=time.monotonic() - began, argv=args, launch_env=env, detach=detach)
+
+
+def _launch(args: list[str], env: dict[str, str], workdir: Path, detach: bool) -> subprocess.Popen:
+    with open(workdir / "weed.out", "ab") as out:  # the child keeps its own copy of the descriptor
+        # Detached: its own session, to outlive this process. Otherwise tied to it: preexec_fn runs between
+        # fork and exec, fine here (the fixture starts the server from one thread).
+        tie = {"start_new_session": True} if detach else {
+            "preexec_fn": _die_with_parent if sys.platform == "linux" else None}
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=workdir, **tie)
 
 
 def _wait_healthy(process: subprocess.Popen, endpoint: str, deadline: float, workdir: Path) -> None:

@@ -28,8 +28,42 @@ class SubmitError(Exception):
     """A user-facing problem with the cluster address or a job id."""
 
 
-def client(address: str):
-    """A JobSubmissionClient for the dashboard at `address`, or a SubmitError saying how to get one."""
+def auth_token() -> str | None:
+    """The Ray token this shell holds: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names (what
+    `fragile cluster env` exports), else None. Read here, not by Ray, so that it works whatever authentication
+    mode Ray fixed for this process when it was first imported."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
+    if path:
+        try:
+            return Path(path).expanduser().read_text().strip() or None
+        except OSError as exc:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({exc}); is the cluster still up? "
+                              "`fragile cluster env` prints the current settings") from None
+    return None
+
+
+_AUTH_HINT = ("the cluster requires a Ray token: for a cluster from `fragile cluster up`, run "
+              "`eval \"$(fragile cluster env)\"` first; otherwise set RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN)")
+
+
+def _refused(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return any(mark in text for mark in ("Authentication required", "Authentication failed", "Unauthorized",
+                                         "Forbidden", "InvalidAuthToken", "AuthenticationError"))
+
+
+def _explain(exc: BaseException, what: str) -> SubmitError:
+    if _refused(exc):
+        return SubmitError(f"{what}: {_AUTH_HINT}")
+    return SubmitError(f"{what}: {exc}")
+
+
+def client(address: str, *, token: str | None = None):
+    """A JobSubmissionClient for the dashboard at `address` (with the Ray token when there is one: `token`,
+    else `auth_token()`), or a SubmitError saying how to get one."""
     import logging
 
     from ray.job_submission import JobSubmissionClient
@@ -40,10 +74,14 @@ def client(address: str):
 
     # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address given here (and ray.init sets
     # RAY_ADDRESS in its own process); the address the user named must win.
+    token = token or auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, ValueError or RuntimeError here
+        if _refused(exc):
+            raise SubmitError(f"the Ray dashboard at {address} refused this client: {_AUTH_HINT}") from None
         raise SubmitError(f"cannot reach a Ray dashboard at {address} ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); start a local cluster with "
                           "`fragile cluster up` or pass --address http://HEAD:8265") from None
@@ -94,7 +132,7 @@ def _submit_when_ready(c, *, wait: float = 60.0, **job) -> str:
             return c.submit_job(**job)
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise SubmitError(f"the cluster refused the job: {exc}") from None
+                raise _explain(exc, "the cluster refused the job") from None
             time.sleep(1)
 
 
@@ -105,10 +143,13 @@ def status(address: str, job_id: str | None = None) -> list[dict]:
         try:
             info = c.get_job_info(job_id)
         except RuntimeError as exc:
-            raise SubmitError(f"no job {job_id} at {address}: {exc}") from None
+            raise _explain(exc, f"no job {job_id} at {address}") from None
         infos = [info]
     else:
-        infos = sorted(c.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
+        try:
+            infos = sorted(c.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
+        except RuntimeError as exc:
+            raise _explain(exc, f"cannot list the jobs at {address}") from None
     return [{"job": i.submission_id or i.job_id, "status": str(getattr(i.status, "value", i.status)),
              "entrypoint": i.entrypoint, "message": _last_line(i.message)} for i in infos]
 
@@ -133,11 +174,11 @@ def logs(address: str, job_id: str, *, follow: bool = False, out=print) -> None:
 
         asyncio.run(tail())
     except RuntimeError as exc:
-        raise SubmitError(f"no job {job_id} at {address}: {exc}") from None
+        raise _explain(exc, f"no job {job_id} at {address}") from None
 
 
 def stop(address: str, job_id: str) -> bool:
     try:
         return client(address).stop_job(job_id)
     except RuntimeError as exc:
-        raise SubmitError(f"no job {job_id} at {address}: {exc}") from None
+        raise _explain(exc, f"no job {job_id} at {address}") from None
