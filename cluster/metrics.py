@@ -16,8 +16,8 @@ from storage.uri import Store
 class MeteredCoordinator(Coordinator):
     """The coordinator as it runs on a cluster: every update also sets a dashboard metric."""
 
-    def __init__(self, store: Store, experiment: str) -> None:
-        super().__init__(store, experiment)
+    def __init__(self, store: Store, experiment: str, *args, **kwargs) -> None:
+        super().__init__(store, experiment, *args, **kwargs)
         from ray.util.metrics import Counter, Gauge
 
         tags = {"experiment": experiment}
@@ -34,9 +34,14 @@ class MeteredCoordinator(Coordinator):
             metric.set_default_tags(tags)
         self._first_retrain: float | None = None
 
-    def task_done(self, kind: str, n: int = 1, skipped: bool = False) -> None:
-        super().task_done(kind, n, skipped)
-        self._tasks.inc(n, tags={"kind": kind, "outcome": "skipped" if skipped else "done"})
+    def task_done(self, kind: str, n: int = 1, skipped: bool = False, key: str | None = None) -> None:
+        before = self.progress()
+        super().task_done(kind, n, skipped, key)
+        after = self.progress()
+        outcome = "skipped" if skipped else "done"
+        counted = after[outcome][kind] - before[outcome][kind]  # 0 for a call Ray repeated after a restart
+        if counted:
+            self._tasks.inc(counted, tags={"kind": kind, "outcome": outcome})
 
     def task_failed(self, kind: str) -> None:
         super().task_failed(kind)
@@ -45,6 +50,8 @@ class MeteredCoordinator(Coordinator):
     def ingest(self, table: str, config_id: str, path: str) -> dict[str, float]:
         before = self.retrains_landed
         summary = super().ingest(table, config_id, path)
+        if "set_aside" in summary:
+            return summary
         landed = self.retrains_landed - before
         if landed:
             now = time.monotonic()
@@ -60,12 +67,13 @@ class MeteredCoordinator(Coordinator):
         self._configs.set(self.configs_done)
         return summary
 
-    def config_skipped(self, config_id: str, tasks: dict[str, int]) -> dict[str, float]:
+    def config_skipped(self, config_id: str, tasks: dict[str, list[str]]) -> dict[str, float] | None:
         summary = super().config_skipped(config_id, tasks)
-        for kind, n in tasks.items():
-            if n:
-                self._tasks.inc(n, tags={"kind": kind, "outcome": "skipped"})
-        self._configs.set(self.configs_done)
+        if summary is not None:
+            for kind, keys in tasks.items():
+                if keys:
+                    self._tasks.inc(len(keys), tags={"kind": kind, "outcome": "skipped"})
+            self._configs.set(self.configs_done)
         return summary
 
     def _set_spearman(self, config_id: str, summary: dict[str, float]) -> None:

@@ -8,8 +8,11 @@ each wait forever for a CPU of their own.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,19 +26,27 @@ from jobs import plan, tasks
 from cluster.metrics import MeteredCoordinator
 from jobs.spec import Configuration, Spec
 from storage import tables
-from storage.checkpoints import checkpoint_exists, load_checkpoint
+from storage.checkpoints import checkpoint_exists
 from storage.ledger import Ledger
 from storage.uri import Store
 
-# Transient failures worth a retry (a lost worker is retried by Ray itself); a task's own exceptions
-# (a singular Hessian, a bad index) are deterministic and retrying them would only waste time.
-TASK_RETRIES = 2
+# A task is run again when its worker dies (Ray does that by itself) or when it failed because the store stayed
+# unreachable beyond the retry budget (TransientTaskError); a task's own exceptions (a singular Hessian, a bad
+# index) are deterministic and retrying them would only waste time.
+TASK_RETRIES = 3
 TRIAL_MEMORY_BYTES = 16 * 1024 * 1024
+# The coordinator is restarted whenever its process dies, and calls in flight are delivered to the new one
+# (every coordinator call is idempotent, see jobs/coordinator.py).
+COORDINATOR_RESTARTS = 20
+# Tune copies these from the driver's environment into every trial actor's runtime environment, which Ray logs
+# in plain text (runtime_env_agent.log) and shows on the dashboard. Workers read the store with the
+# environment they inherit from their node instead, so the driver hides them while Tune starts trials.
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
 def _outside_trial(options: dict, name: str) -> dict:
     return {**options, "name": name, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
-            "max_retries": TASK_RETRIES, "retry_exceptions": [OSError, ConnectionError]}
+            "max_retries": TASK_RETRIES, "retry_exceptions": [tasks.TransientTaskError]}
 
 
 def _await(coord, kind: str, ref):
@@ -79,7 +90,7 @@ def _with_task_resources(fn: Callable) -> Callable:
 train_remote = ray.remote(num_returns=2)(_with_task_resources(tasks.train_task))
 influence_remote = ray.remote(_with_task_resources(tasks.influence_task))
 retrain_remote = ray.remote(_with_task_resources(tasks.retrain_task))
-CoordinatorActor = ray.remote(num_cpus=0)(MeteredCoordinator)
+CoordinatorActor = ray.remote(num_cpus=0, max_restarts=COORDINATOR_RESTARTS, max_task_retries=-1)(MeteredCoordinator)
 
 
 @dataclass
@@ -105,27 +116,27 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
     ledger = Ledger(store, ctx.experiment)
 
     if plan.is_finished(ledger, cfg):
-        summary = ray.get(coord.config_skipped.remote(cid, plan.landed_task_counts(ledger, cfg)))
-        tune.report({**summary, "done": True, "skipped": True})
-        return
+        summary = ray.get(coord.config_skipped.remote(cid, plan.landed_task_keys(ledger, cfg)))
+        if summary is not None:
+            tune.report({**summary, "done": True, "skipped": True})
+            return
+        ledger.refresh()  # its final statistics were unreadable and are set aside: compute them again
 
     data_ref = ctx.datasets[dataset_key(cfg)]
     # 1. train (or reuse what landed)
-    if plan.is_trained(ledger, cfg, checkpoint_exists(store, ctx.experiment, cfg.model_key)):
-        theta = load_checkpoint(store, ctx.experiment, cfg.model_key)["theta"]
-        theta_ref = ray.put(theta)
-        tp = tables.read_part(store, tables.part_path(store, ctx.experiment, "test_points", cid, "test_points"))
-        models = tables.read_part(store, tables.part_path(store, ctx.experiment, "models", cid, "model"))
-        test_points = list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist()))
-        degenerate, n_train = models["degenerate_reason"][0].as_py(), models["n_train"][0].as_py()
-        damping = tasks.effective_damping(cfg, models["min_eigenvalue"][0].as_py(), models["top_eigenvalue"][0].as_py())
-        coord.task_done.remote("train", skipped=True)
+    resumed = _resume_train(ctx, cfg, ledger) if plan.is_trained(
+        ledger, cfg, checkpoint_exists(store, ctx.experiment, cfg.model_key)) else None
+    if resumed is not None:
+        theta_ref, test_points, degenerate, n_train, damping = resumed
+        coord.task_done.remote("train", skipped=True, key=plan.task_key(cid))
     else:
         theta_ref, out_ref = train_remote.options(**_outside_trial(ctx.resources["train"], f"train {cid}")).remote(
             store, cfg, data_ref)
         out = _await(coord, "train", out_ref)
+        for message in out.notices:
+            coord.notice.remote(message)
         test_points, degenerate, n_train, damping = out.test_points, out.degenerate_reason, out.n_train, out.damping
-        coord.task_done.remote("train")
+        coord.task_done.remote("train", key=plan.task_key(cid))
     ray.get(coord.register.remote(cid, cfg.methods, test_points, degenerate))
     test_idx = [i for i, _ in test_points]
 
@@ -141,7 +152,7 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
     rt_tasks = plan.retrain_tasks(cfg, removed)
     extra = len(rt_tasks) - plan.task_counts([cfg], lambda c: n_train)["retrain"]
     if extra:
-        coord.add_total.remote("retrain", extra)
+        coord.add_total.remote("retrain", extra, cid)
 
     # 4. retrain chunks: one batched computation each; statistics firm up as they land
     def report(summary: dict) -> None:
@@ -155,6 +166,35 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
 
     summary = ray.get(coord.finalize.remote(cid))
     tune.report({**summary, "done": True, "skipped": False})
+
+
+def _resume_train(ctx: RunContext, cfg: Configuration, ledger: Ledger):
+    """θ̂ and the train task's results from the stored checkpoint and parts, or None when any of them is
+    unreadable or not this configuration's (it is set aside, with a notice, and the train task runs again:
+    it rewrites the same parts from the same θ̂, or trains θ̂ again)."""
+    from jobs.tasks import load_base  # torch: kept out of the driver's import path
+
+    store, cid, coord = ctx.store, cfg.config_id, ctx.coordinator
+    try:
+        tp = tables.read_part(store, tables.part_path(store, ctx.experiment, "test_points", cid, "test_points"))
+        models = tables.read_part(store, tables.part_path(store, ctx.experiment, "models", cid, "model"))
+    except tables.CorruptPart as exc:
+        coord.notice.remote(tables.set_aside(store, ctx.experiment, _local_path(store, exc.path), exc.reason))
+        return None
+    state, notice = load_base(store, cfg, models["n_params"][0].as_py())
+    if state is None:
+        if notice:
+            coord.notice.remote(notice)
+        return None
+    test_points = list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist()))
+    degenerate, n_train = models["degenerate_reason"][0].as_py(), models["n_train"][0].as_py()
+    damping = tasks.effective_damping(cfg, models["min_eigenvalue"][0].as_py(), models["top_eigenvalue"][0].as_py())
+    return ray.put(state["theta"]), test_points, degenerate, n_train, damping
+
+
+def _local_path(store: Store, uri: str) -> str:
+    """A path as `Store.uri_of` printed it, back inside the store's filesystem."""
+    return uri[len("s3://"):] if store.fs.type_name == "s3" and uri.startswith("s3://") else uri
 
 
 def _removals(ctx: RunContext, cfg: Configuration, n: int, n_test: int) -> tuple[list[int], list | None]:
@@ -192,26 +232,35 @@ def _removals(ctx: RunContext, cfg: Configuration, n: int, n_test: int) -> tuple
 def _run_parts(ctx: RunContext, cfg: Configuration, ledger: Ledger, table: str,
                work: list[tuple[str, Callable[[], object]]], on_stats: Callable[[dict], None] | None = None) -> None:
     """Schedule the parts the ledger lacks (at most max_in_flight at once), announce every part, landed
-    before or now, to the coordinator as it becomes available."""
+    before or now, to the coordinator as it becomes available. A landed part that cannot be read is set
+    aside by the coordinator and computed again."""
     coord, cid = ctx.coordinator, cfg.config_id
     pending = []
     for part, submit in work:
         if ledger.done(table, cid, part):
             path = tables.part_path(ctx.store, ctx.experiment, table, cid, part)
             summary = ray.get(coord.ingest.remote(table, cid, path))
-            coord.task_done.remote(table, skipped=True)
+            if "set_aside" in summary:
+                pending.append((part, submit))
+                continue
+            coord.task_done.remote(table, skipped=True, key=plan.task_key(cid, part))
             if on_stats and summary:
                 on_stats(summary)
         else:
-            pending.append(submit)
-    in_flight: list = []
+            pending.append((part, submit))
+    in_flight: dict = {}
     while pending or in_flight:
         while pending and len(in_flight) < ctx.max_in_flight:
-            in_flight.append(pending.pop(0)())
-        ready, in_flight = ray.wait(in_flight, num_returns=1)
+            part, submit = pending.pop(0)
+            in_flight[submit()] = part
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        part = in_flight.pop(ready[0])
         path = _await(coord, table, ready[0])
         summary = ray.get(coord.ingest.remote(table, cid, path))
-        coord.task_done.remote(table)
+        if "set_aside" in summary:  # written a moment ago and already unreadable: not a file to compute again
+            coord.task_failed.remote(table)
+            raise tasks.TaskError(f"{table}/{cid}/{part}", path, summary["set_aside"])
+        coord.task_done.remote(table, key=plan.task_key(cid, part))
         if on_stats and summary:
             on_stats(summary)
 
@@ -265,28 +314,49 @@ class _ProgressCallback(tune.Callback):
             self.on_config_done(self.configs[trial.config["config_id"]], result)
 
 
-def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: None,
-              on_config_done=lambda cfg, r: None, max_concurrent_trials: int | None = None) -> RunResult:
-    """Run every configuration of `spec` as a Tune trial on the connected Ray cluster."""
-    start = time.perf_counter()
-    configs = spec.configurations()
-    # Data first: a missing or unreadable data set stops the run before anything is written.
-    loaded = {}
+def load_datasets(configs: list[Configuration]) -> dict[str, object]:
+    """Every data set the configurations use, each loaded once (keyed by `dataset_key`)."""
+    loaded: dict[str, object] = {}
     for cfg in configs:
         key = dataset_key(cfg)
         if key not in loaded:
             loaded[key] = tasks.load_data(cfg)
+    return loaded
+
+
+@contextlib.contextmanager
+def _credentials_hidden():
+    """The AWS credentials out of this process's environment for the block (see CREDENTIAL_VARS)."""
+    saved = {name: os.environ.pop(name) for name in CREDENTIAL_VARS if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: None,
+              on_config_done=lambda cfg, r: None, max_concurrent_trials: int | None = None,
+              loaded: dict[str, object] | None = None) -> RunResult:
+    """Run every configuration of `spec` as a Tune trial on the connected Ray cluster (`loaded`: its data
+    sets, if the caller loaded them already)."""
+    start = time.perf_counter()
+    configs = spec.configurations()
+    # Data first: a missing or unreadable data set stops the run before anything is written.
+    loaded = loaded if loaded is not None else load_datasets(configs)
     write_configs(store, spec, configs, version)
-    coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}").remote(
-        store, spec.experiment)
     counts = plan.task_counts(configs, lambda c: loaded[dataset_key(c)].n_train)
-    ray.get(coord.set_totals.remote(counts, len(configs)))
+    initial = plan.landed_keys(Ledger(store, spec.experiment), configs)
+    coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}").remote(
+        store, spec.experiment, {c.config_id: c.methods for c in configs}, counts, len(configs), initial)
     datasets = {key: ray.put(data) for key, data in loaded.items()}  # put once, shared by every task
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ctx = RunContext(store=store, experiment=spec.experiment, configs={c.config_id: c for c in configs},
                      resources={k: v.ray_options() for k, v in spec.resources.items()}, coordinator=coord,
                      datasets=datasets, max_in_flight=max(2, 2 * cpus))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"memory": TRIAL_MEMORY_BYTES})
+    # Tune's own bookkeeping stays on the driver's disk, for this run only: resume reads the ledger, never
+    # Tune's state, and Tune would pickle the store's filesystem (and with it the S3 secret) into its files.
+    tune_dir = tempfile.mkdtemp(prefix=f"fragile-tune-{spec.experiment}-")
     tuner = tune.Tuner(
         trainable,
         param_space={"config_id": tune.grid_search([c.config_id for c in configs])},
@@ -294,13 +364,16 @@ def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: N
                                     trial_name_creator=lambda trial: _trial_name(ctx, trial),
                                     trial_dirname_creator=lambda trial: _trial_name(ctx, trial).replace(" ", "_")),
         run_config=tune.RunConfig(
-            name=spec.experiment, storage_path=_tune_dir(store, spec.experiment), storage_filesystem=store.fs,
-            verbose=0,
+            name=spec.experiment, storage_path=tune_dir, verbose=0,
             callbacks=[_ProgressCallback(coord, on_progress, on_config_done, ctx.configs)],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
-    results = tuner.fit()
+    try:
+        with _credentials_hidden():
+            results = tuner.fit()
+    finally:
+        shutil.rmtree(tune_dir, ignore_errors=True)
     progress = ray.get(coord.progress.remote())
     on_progress(progress)
     errors = []
@@ -326,8 +399,3 @@ def _root_cause(error: BaseException) -> str:
             return line.strip()
     return text[-1] if text else repr(error)
 
-
-def _tune_dir(store: Store, experiment: str) -> str:
-    """Tune's own bookkeeping (not our results; resume uses the ledger). Kept beside the tables under an
-    underscore name that table readers ignore."""
-    return store.path(experiment, "_tune")

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from cluster.submit import DEFAULT_ADDRESS as _DEFAULT_ADDRESS
 from cluster.local import ClusterError
+from cluster.runtime import ConnectError
 from cluster.submit import SubmitError
 from jobs.spec import SpecError, load_spec
 from storage.query import QueryError, experiments, query
@@ -28,6 +29,7 @@ from storage.uri import StoreError, open_store
 
 USER_ERRORS = (SpecError, StoreError, QueryError)
 DEFAULT_STORE = "./results"
+LARGE_SWEEP = 10_000  # configurations; a sweep larger than this runs only with --yes
 
 
 class UsageError(Exception):
@@ -51,9 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"results folder or s3://bucket/prefix (default: $FRAGILE_STORE, else {DEFAULT_STORE})")
     r.add_argument("--address", default=None, help="Ray cluster address (default: start an embedded Ray)")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    r.add_argument("--force", action="store_true",
+                   help="take over the experiment's lease from another run that seems to hold it")
+    r.add_argument("--yes", action="store_true", help=f"run a sweep of more than {LARGE_SWEEP:,} configurations")
 
     v = sub.add_parser("validate", help="check a spec, print its configurations and task counts")
     v.add_argument("spec")
+    v.add_argument("--yes", action="store_true", help=f"expand a sweep of more than {LARGE_SWEEP:,} configurations")
 
     q = sub.add_parser("query", help="SQL over the result tables (views: configs, models, test_points, "
                                      "influence, retrain, stats)")
@@ -66,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help=f"Ray dashboard address (default {_DEFAULT_ADDRESS})")
     s.add_argument("--store", default=None, help="results store as the cluster sees it, e.g. s3://bucket/prefix "
                                                   "(default: the store `fragile cluster up` printed)")
+    s.add_argument("--yes", action="store_true", help=f"submit a sweep of more than {LARGE_SWEEP:,} configurations")
     st = sub.add_parser("status", help="status of one job, or of every job on the cluster")
     st.add_argument("job", nargs="?")
     st.add_argument("--address", default=None)
@@ -88,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--s3-port", type=int, default=8333)
     c.add_argument("--num-cpus", type=int, default=None)
     c.add_argument("--bucket", default="fragile")
+    c.add_argument("--host", default="127.0.0.1",
+                   help="address every listener binds to (default 127.0.0.1: this machine only; another "
+                        "address makes the cluster reachable from the network, with a warning)")
+    c.add_argument("--auth", choices=("token", "disabled"), default="token",
+                   help="Ray authentication (default token; disabled lets anyone who reaches the head run code)")
     d = sub.add_parser("data", help="tiny data sets in the real on-disk formats (for smoke runs and tests)")
     d.add_argument("action", choices=("tiny",))
     d.add_argument("dataset", choices=("mnist", "cifar10", "imagenet"))
@@ -98,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run" and not args.address:
+        from cluster.runtime import prepare_embedded
+
+        prepare_embedded()  # before anything imports Ray: it reads these settings once
     if hasattr(args, "store") and args.command in ("run", "query", "report"):
         # `fragile cluster env` exports FRAGILE_STORE, so a shell set up for the cluster needs no --store
         args.store = args.store or os.environ.get("FRAGILE_STORE") or DEFAULT_STORE
@@ -107,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "cluster": cmd_cluster,
                     "report": cmd_report, "data": cmd_data}
         return commands[args.command](args)
-    except USER_ERRORS + (UsageError, SubmitError, ClusterError) + _data_errors() as exc:
+    except USER_ERRORS + (UsageError, SubmitError, ClusterError, ConnectError) + _data_errors() as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         return 2
 
@@ -119,17 +135,11 @@ def _data_errors() -> tuple[type[Exception], ...]:
     return (module.DatasetNotFound,) if module is not None and hasattr(module, "DatasetNotFound") else ()
 
 
-_N_TRAIN: dict[str, int] = {}
-
-
 def _n_train_of(cfg) -> int:
     """Training-set size of a configuration's data: loaded once per data set, not once per configuration."""
-    from jobs.tasks import dataset_key, load_data
+    from jobs.tasks import load_data
 
-    key = dataset_key(cfg)
-    if key not in _N_TRAIN:
-        _N_TRAIN[key] = load_data(cfg).n_train
-    return _N_TRAIN[key]
+    return _cached_data(cfg, load_data).n_train
 
 
 def cmd_data(args) -> int:
@@ -141,7 +151,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, max_configurations=None if args.yes else LARGE_SWEEP)
     console = Console()
     configs = spec.configurations()
     table = Table(title=f"{spec.experiment}: {len(configs)} configurations (spec {spec.spec_hash})")
@@ -151,30 +161,98 @@ def cmd_validate(args) -> int:
         table.add_row(c.config_id, c.label())
     console.print(table)
     from jobs.plan import task_counts
+    from jobs.tasks import load_data
 
+    _check_feasible(spec, configs, lambda cfg: _cached_data(cfg, load_data))
     counts = task_counts(configs, _n_train_of)
     console.print("tasks: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
+_DATA: dict[str, object] = {}
+
+
+def _cached_data(cfg, load):
+    from jobs.tasks import dataset_key
+
+    key = dataset_key(cfg)
+    if key not in _DATA:
+        _DATA[key] = load(cfg)
+    return _DATA[key]
+
+
+def _machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 62  # unknown: nothing is refused on this ground
+
+
+def _check_feasible(spec, configs, data_of) -> None:
+    """Refuse, before anything runs, a method whose memory an influence task cannot have."""
+    from jobs.plan import infeasible_methods
+    from jobs.tasks import model_for
+
+    declared = spec.resources["influence"].memory
+    memory, source = ((declared, "resources.influence.memory") if declared is not None else
+                      (_machine_memory(), "this machine's memory"))
+    n_params: dict[tuple, int] = {}
+
+    def n_params_of(cfg) -> int:
+        data = data_of(cfg)
+        key = (id(data), cfg.model, cfg.depth, cfg.width)
+        if key not in n_params:
+            n_params[key] = model_for(cfg, data).n_params
+        return n_params[key]
+
+    problem = infeasible_methods(configs, n_params_of, memory, source)
+    if problem:
+        raise UsageError(f"spec {spec.source}: {problem}")
+
+
 def cmd_run(args) -> int:
-    spec = load_spec(args.spec)
-    store = open_store(args.store)
+    spec = load_spec(args.spec, max_configurations=None if args.yes else LARGE_SWEEP)
+    store = open_store(args.store, create=False)
     console = Console(width=None if sys.stdout.isatty() else 120)
+    from cluster.sweep import load_datasets
+    from jobs.tasks import dataset_key
+    from storage.lease import acquire
+
+    configs = spec.configurations()
+    # Everything a user can get wrong is found before the first byte is written: the data, the memory the
+    # methods need, and whether another run holds the experiment.
+    loaded = load_datasets(configs)
+    _check_feasible(spec, configs, lambda cfg: loaded[dataset_key(cfg)])
+    store = open_store(args.store)
+    lease = acquire(store, spec.experiment, force=args.force,
+                    notice=lambda line: console.print(f"note: {line}", markup=False, highlight=False))
+    try:
+        return _run(args, spec, store, loaded, console)
+    finally:
+        lease.release()
+
+
+def _run(args, spec, store, loaded, console) -> int:
+    """The run itself, once nothing stands in its way: Ray, the sweep with its progress, the summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cluster.runtime import connect
     from cluster.sweep import run_sweep
     from jobs.report import summary_tables
 
-    configs = spec.configurations()
-    console.print(f"[bold]{spec.experiment}[/]: {len(configs)} configurations -> {store.uri}/{spec.experiment}")
+    console.print(f"[bold]{spec.experiment}[/]: {len(spec.configurations())} configurations -> "
+                  f"{store.uri}/{spec.experiment}")
     runtime = connect(args.address, num_cpus=args.num_cpus)
     progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
     bars = {k: progress.add_task(k, total=None, note="") for k in ("configurations", "train", "influence", "retrain")}
 
+    shown = [0]  # notices printed so far
+
     def on_progress(p: dict) -> None:
+        for line in p.get("notices", [])[shown[0]:]:
+            progress.console.print(f"note: {line}", markup=False, highlight=False)
+        shown[0] = max(shown[0], len(p.get("notices", [])))
         progress.update(bars["configurations"], completed=p["configs_done"], total=p["configs_total"])
         for kind in ("train", "influence", "retrain"):
             skipped = p["skipped"][kind]
@@ -190,7 +268,7 @@ def cmd_run(args) -> int:
     try:
         with progress:
             res = run_sweep(spec, store, version=project_version(), on_progress=on_progress,
-                            on_config_done=on_config_done)
+                            on_config_done=on_config_done, loaded=loaded)
     finally:
         runtime.close()
     p = res.progress
@@ -250,12 +328,13 @@ def _address(args) -> str:
 def cmd_submit(args) -> int:
     from cluster import submit
 
-    spec = load_spec(args.spec)  # a bad spec fails here, before anything reaches the cluster
+    # a bad spec fails here, before anything reaches the cluster
+    spec = load_spec(args.spec, max_configurations=None if args.yes else LARGE_SWEEP)
     store = args.store or os.environ.get("FRAGILE_STORE")
     if not store:
         raise UsageError("say where the cluster should write results: --store s3://bucket/prefix "
                          "(or export FRAGILE_STORE as `fragile cluster up` prints it)")
-    job = submit.submit(args.spec, _address(args), store)
+    job = submit.submit(args.spec, _address(args), store, extra_args=("--yes",) if args.yes else ())
     console = Console()
     console.print(f"submitted {spec.experiment} as job [bold]{job.job_id}[/]")
     console.print(f"dashboard: {job.dashboard}", highlight=False)
@@ -298,9 +377,13 @@ def cmd_cluster(args) -> int:
     state_dir = Path(args.dir).expanduser() if args.dir else local.DEFAULT_DIR
     console = Console()
     if args.action == "up":
+        for warning in local.warnings_for(args.host, args.auth):
+            Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
         state = local.up(state_dir, ray_port=args.ray_port, dashboard_port=args.dashboard_port,
-                         s3_port=args.s3_port, num_cpus=args.num_cpus, bucket=args.bucket)
-        console.print(f"Ray head: {state.address} (dashboard), GCS port {state.ray_port}", highlight=False)
+                         s3_port=args.s3_port, num_cpus=args.num_cpus, bucket=args.bucket, host=args.host,
+                         auth=args.auth)
+        console.print(f"Ray head: {state.address} (dashboard), GCS port {state.ray_port}, listening on "
+                      f"{state.host}, authentication: {state.auth}", highlight=False)
         console.print(f"S3 server: {state.s3_endpoint}, results go to {state.store}", highlight=False)
         console.print(f"use it from this shell:  eval \"$(fragile cluster env{_dir_flag(args)})\"", highlight=False)
         console.print(f"then: fragile submit jobs/specs/iris-smoke.yaml   and   fragile query \"select * from stats\" "
@@ -314,10 +397,18 @@ def cmd_cluster(args) -> int:
             print(f"export {key}={shlex.quote(value)}")
         return 0
     if args.action == "down":
-        state = local.down(state_dir)
-        console.print("nothing to stop" if state is None else
-                      f"stopped the Ray head (pid {state.ray_pid}) and the S3 server (pid {state.s3_pid}); "
+        stopped = local.down(state_dir)
+        if stopped is None:
+            console.print("nothing to stop", highlight=False)
+            return 0
+        state = stopped.state
+        if stopped.jobs:
+            console.print(f"stopped {len(stopped.jobs)} running job(s): {', '.join(stopped.jobs)}", highlight=False)
+        console.print(f"stopped the Ray head (pid {state.ray_pid}) and the S3 server (pid {state.s3_pid}); "
                       f"the S3 data stays in {state.dir}", highlight=False)
+        for line in stopped.stragglers:
+            console.print(f"killed a process of the cluster that outlived the head: {line}", highlight=False,
+                          markup=False)
         return 0
     report = local.status(state_dir)
     if report is None:

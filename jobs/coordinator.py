@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from influence.metrics import PairAccumulator, spearman
 from storage import tables
+from storage.ledger import Ledger
 from storage.uri import Store
 
 RUNNING_PART = "running"
@@ -57,6 +58,9 @@ class StatsBook:
             for t, _ in c.test_points:
                 c.pairs[(m, t)] = PairAccumulator()
         self._configs[config_id] = c
+
+    def knows(self, config_id: str) -> bool:
+        return config_id in self._configs
 
     def ingest(self, table: str, config_id: str, rows: pa.Table) -> None:
         c = self._configs[config_id]
@@ -189,45 +193,150 @@ def summarise(rows: dict[str, list]) -> dict[str, float]:
 
 
 class Coordinator:
-    """Ray actor (wrapped in cluster/sweep.py): every landed part is announced here."""
+    """Ray actor (wrapped in cluster/sweep.py): every landed part is announced here.
 
-    def __init__(self, store: Store, experiment: str) -> None:
+    It can die and be replaced at any moment (the Ray actor restarts it with the same arguments): nothing
+    it holds is only here. The statistics of a configuration it does not know are rebuilt from the parts in
+    the store on first contact (`_known`), and every update is idempotent (a part ingested twice, a task
+    counted twice under its key), so calls that Ray retries after a restart change nothing.
+
+    `methods` maps config_id -> its methods (what a rebuild needs besides the stored parts); `initial` holds
+    the task keys (`config_id/part`) per kind that were in the store when the run began, so that a replacement
+    can tell the tasks this run did from the ones it found done.
+    """
+
+    def __init__(self, store: Store, experiment: str, methods: dict[str, tuple[str, ...]] | None = None,
+                 totals: dict[str, int] | None = None, configs_total: int = 0,
+                 initial: dict[str, list[str]] | None = None) -> None:
         self.store, self.experiment = store, experiment
+        self.methods = dict(methods or {})
         self.book = StatsBook()
-        self.totals = {k: 0 for k in TASK_KINDS}
-        self.done = {k: 0 for k in TASK_KINDS}
-        self.skipped = {k: 0 for k in TASK_KINDS}
+        self.totals = {k: 0 for k in TASK_KINDS} | dict(totals or {})
+        self.extra: dict[tuple[str, str], int] = {}  # (kind, config_id) -> tasks learnt late (top-k removals)
+        self.initial = {k: set((initial or {}).get(k, ())) for k in TASK_KINDS}
+        self.done: dict[str, set[str]] = {k: set() for k in TASK_KINDS}
+        self.skipped: dict[str, set[str]] = {k: set() for k in TASK_KINDS}
+        self.unkeyed = {k: 0 for k in TASK_KINDS}  # task_done calls without a key (tests, benchmarks)
         self.failed = {k: 0 for k in TASK_KINDS}
         self.retrains_landed = 0  # single-point retrains (controls not counted) ingested by this coordinator
-        self.configs_done = 0
-        self.configs_total = 0
+        self.finished: set[str] = set()
+        self.configs_total = configs_total
+        self.notices: list[str] = []
+        self.recovered = 0  # configurations whose statistics were rebuilt from the store
+        if initial is not None and self._replacement():
+            self._recount()
+
+    @staticmethod
+    def _replacement() -> bool:
+        """Whether this instance replaces one that died (a restarted Ray actor)."""
+        try:
+            import ray
+
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        except Exception:  # noqa: BLE001 - not in a Ray actor
+            return False
+
+    def _recount(self) -> None:
+        """After a restart: the tasks done so far, from the parts in the store (what was there at the start
+        counts as skipped, the rest as done by this run), and the finished configurations."""
+        ledger = Ledger(self.store, self.experiment)
+        for cid in self.methods:
+            present = {"train": {cid} if ledger.done("models", cid, "model") else set(),
+                       "influence": {f"{cid}/{p}" for p in ledger.parts("influence", cid)},
+                       "retrain": {f"{cid}/{p}" for p in ledger.parts("retrain", cid)}}
+            for kind, keys in present.items():
+                self.skipped[kind] |= keys & self.initial[kind]
+                self.done[kind] |= keys - self.initial[kind]
+            if ledger.done("stats", cid, FINAL_PART):
+                self.finished.add(cid)
+        self.notices.append("the coordinator was restarted; its statistics are rebuilt from the parts in the store")
 
     # -- progress -------------------------------------------------------------------------------
     def set_totals(self, totals: dict[str, int], configs: int) -> None:
         self.totals.update(totals)
         self.configs_total = configs
 
-    def add_total(self, kind: str, n: int) -> None:
-        """Plans that depend on results (top-k removals) learn their task counts late."""
-        self.totals[kind] += n
+    def add_total(self, kind: str, n: int, config_id: str | None = None) -> None:
+        """Plans that depend on results (top-k removals) learn their task counts late; with a config_id the
+        call is idempotent (it sets that configuration's extra count)."""
+        if config_id is None:
+            self.totals[kind] += n
+        else:
+            self.extra[(kind, config_id)] = n
 
-    def task_done(self, kind: str, n: int = 1, skipped: bool = False) -> None:
-        (self.skipped if skipped else self.done)[kind] += n
+    def task_done(self, kind: str, n: int = 1, skipped: bool = False, key: str | None = None) -> None:
+        """Count a finished (or, `skipped`, already stored) task; under its `key`, counted once however often
+        the call arrives."""
+        if key is None:
+            self.unkeyed[kind] += n
+        else:
+            (self.skipped if skipped else self.done)[kind].add(key)
 
     def task_failed(self, kind: str) -> None:
         self.failed[kind] += 1
 
+    def notice(self, message: str) -> None:
+        """A line for the user (a bad file set aside, a lease taken over): shown by the CLI."""
+        self.notices.append(message)
+
     def progress(self) -> dict:
-        return {"totals": dict(self.totals), "done": dict(self.done), "skipped": dict(self.skipped),
-                "failed": dict(self.failed), "configs_done": self.configs_done, "configs_total": self.configs_total}
+        totals = dict(self.totals)
+        for (kind, _), n in self.extra.items():
+            totals[kind] += n
+        done = {k: len(self.done[k]) + self.unkeyed[k] for k in TASK_KINDS}
+        skipped = {k: len(self.skipped[k]) for k in TASK_KINDS}
+        for k in TASK_KINDS:  # a plan's upper bound can be passed when a restart lost a late correction
+            totals[k] = max(totals[k], done[k] + skipped[k])
+        return {"totals": totals, "done": done, "skipped": skipped, "failed": dict(self.failed),
+                "configs_done": len(self.finished), "configs_total": self.configs_total,
+                "notices": list(self.notices), "recovered": self.recovered}
+
+    @property
+    def configs_done(self) -> int:
+        return len(self.finished)
 
     # -- statistics -----------------------------------------------------------------------------
     def register(self, config_id: str, methods, test_points, degenerate_reason=None) -> None:
+        self.methods.setdefault(config_id, tuple(methods))
         self.book.register(config_id, methods, test_points, degenerate_reason)
 
+    def _known(self, config_id: str) -> None:
+        """Make sure the book knows `config_id`: a replacement coordinator rebuilds it from the store (its test
+        points and model, then every landed influence and retrain part; a bad part is left for the trial)."""
+        if self.book.knows(config_id):
+            return
+        if config_id not in self.methods:
+            raise KeyError(f"configuration {config_id} was never registered with the coordinator")
+        tp = tables.read_part(self.store, tables.part_path(self.store, self.experiment, "test_points", config_id,
+                                                           "test_points"))
+        model = tables.read_part(self.store, tables.part_path(self.store, self.experiment, "models", config_id,
+                                                              "model"))
+        self.book.register(config_id, self.methods[config_id],
+                           list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist())),
+                           model["degenerate_reason"][0].as_py())
+        ledger = Ledger(self.store, self.experiment)
+        for table in ("influence", "retrain"):
+            for part in ledger.parts(table, config_id):
+                try:
+                    rows = tables.read_part(self.store, tables.part_path(self.store, self.experiment, table,
+                                                                         config_id, part))
+                except tables.CorruptPart:
+                    continue  # the trial finds it when it announces the part, and has it recomputed
+                self.book.ingest(table, config_id, rows)
+        self.recovered += 1
+
     def ingest(self, table: str, config_id: str, path: str) -> dict[str, float]:
-        """Read a landed part from the store, update the statistics, write a running snapshot."""
-        part = tables.read_part(self.store, path)
+        """Read a landed part from the store, update the statistics, write a running snapshot.
+
+        A part that cannot be read is set aside and reported: the answer is then {"set_aside": message},
+        and the caller computes the part again."""
+        self._known(config_id)
+        try:
+            part = tables.read_part(self.store, path)
+        except tables.CorruptPart as exc:
+            message = tables.set_aside(self.store, self.experiment, path, exc.reason)
+            self.notices.append(message)
+            return {"set_aside": message}
         self.book.ingest(table, config_id, part)
         if table != "retrain":
             return {}
@@ -237,19 +346,25 @@ class Coordinator:
         return summarise(rows)
 
     def finalize(self, config_id: str) -> dict[str, float]:
+        self._known(config_id)
         rows = self.book.rows(config_id, final=True)
         # Running snapshot out first: a crash in between leaves no stats (resume rebuilds them from the
         # landed parts) rather than a stale snapshot beside the final one.
         tables.delete_part(self.store, self.experiment, "stats", config_id, RUNNING_PART)
         tables.write_part(self.store, self.experiment, "stats", config_id, FINAL_PART, rows)
-        self.configs_done += 1
+        self.finished.add(config_id)
         return summarise(rows)
 
-    def config_skipped(self, config_id: str, tasks: dict[str, int]) -> dict[str, float]:
-        """A configuration whose final statistics already exist: count its tasks as skipped."""
-        for kind, n in tasks.items():
-            self.skipped[kind] += n
-        self.configs_done += 1
-        rows = tables.read_part(self.store, tables.part_path(self.store, self.experiment, "stats", config_id,
-                                                             FINAL_PART)).to_pydict()
+    def config_skipped(self, config_id: str, tasks: dict[str, list[str]]) -> dict[str, float] | None:
+        """A configuration whose final statistics already exist: count its tasks (keys per kind) as skipped.
+        None when its final part cannot be read: it is then set aside, and the caller runs the configuration."""
+        path = tables.part_path(self.store, self.experiment, "stats", config_id, FINAL_PART)
+        try:
+            rows = tables.read_part(self.store, path).to_pydict()
+        except tables.CorruptPart as exc:
+            self.notices.append(tables.set_aside(self.store, self.experiment, path, exc.reason))
+            return None
+        for kind, keys in tasks.items():
+            self.skipped[kind].update(keys)
+        self.finished.add(config_id)
         return summarise(rows)

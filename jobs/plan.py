@@ -83,7 +83,64 @@ def is_trained(ledger: Ledger, cfg: Configuration, checkpoint_present: bool) -> 
     return checkpoint_present and ledger.done("models", cid, "model") and ledger.done("test_points", cid, "test_points")
 
 
-def landed_task_counts(ledger: Ledger, cfg: Configuration) -> dict[str, int]:
-    """How many tasks of each kind a finished configuration holds, counted from its parts."""
+def task_key(config_id: str, part: str | None = None) -> str:
+    """The key a task is counted under: `config_id` for its train task, `config_id/part` for the others."""
+    return config_id if part is None else f"{config_id}/{part}"
+
+
+def landed_task_keys(ledger: Ledger, cfg: Configuration) -> dict[str, list[str]]:
+    """The tasks of each kind whose parts a configuration holds in the store, by key."""
     cid = cfg.config_id
-    return {"train": 1, "influence": len(ledger.parts("influence", cid)), "retrain": len(ledger.parts("retrain", cid))}
+    return {"train": [task_key(cid)] if ledger.done("models", cid, "model") else [],
+            "influence": [task_key(cid, p) for p in ledger.parts("influence", cid)],
+            "retrain": [task_key(cid, p) for p in ledger.parts("retrain", cid)]}
+
+
+def landed_keys(ledger: Ledger, configs: list[Configuration]) -> dict[str, list[str]]:
+    """`landed_task_keys` of every configuration together: what the store held when a run began."""
+    out: dict[str, list[str]] = {"train": [], "influence": [], "retrain": []}
+    for cfg in configs:
+        for kind, keys in landed_task_keys(ledger, cfg).items():
+            out[kind] += keys
+    return out
+
+
+# The exact method holds the dense curvature matrix, its eigenvectors and eigh's workspace: about three P x P
+# float64 matrices at once.
+EXACT_MATRICES = 3
+
+
+def exact_memory(n_params: int) -> int:
+    """Bytes the exact method needs for a model of `n_params` parameters (float64 curvature)."""
+    return EXACT_MATRICES * n_params * n_params * 8
+
+
+def infeasible_methods(configs: list[Configuration], n_params_of: Callable[[Configuration], int],
+                       task_memory: int, memory_source: str) -> str | None:
+    """Why the spec asks for more memory than an influence task has (`task_memory` bytes, as `memory_source`
+    says where that figure came from), or None. Checked before anything runs: a dense Hessian that cannot
+    fit would otherwise fail (or swap the node to a halt) hours into a sweep."""
+    worst = None
+    for cfg in configs:
+        if "exact" not in cfg.methods:
+            continue
+        p = n_params_of(cfg)
+        need = exact_memory(p)
+        if need > task_memory and (worst is None or p > worst[1]):
+            worst = (cfg, p, need)
+    if worst is None:
+        return None
+    cfg, p, need = worst
+    others = ", ".join(m for m in ("cg", "lissa", "arnoldi", "ekfac"))
+    return (f"influence.methods: exact forms the dense Hessian of {cfg.label()} ({p:,} parameters: about "
+            f"{_size(need)} with its eigendecomposition), more than an influence task's memory ({_size(task_memory)}, "
+            f"{memory_source}); use methods that never form it ({others}), or set resources.influence.memory "
+            f"if the cluster's workers have more")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

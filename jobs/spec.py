@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -370,10 +371,20 @@ class Spec:
 
 # ---- parsing ----------------------------------------------------------------------------------------------
 
-def load_spec(path: str | os.PathLike) -> Spec:
-    """Read and validate a spec file; every mistake is a :class:`SpecError` naming the file."""
+MAX_SPEC_BYTES = 1_000_000  # a spec is a page of settings; anything this large is not one
+
+
+def load_spec(path: str | os.PathLike, *, max_configurations: int | None = None) -> Spec:
+    """Read and validate a spec file; every mistake is a :class:`SpecError` naming the file.
+
+    ``max_configurations``: a sweep whose grids would expand to more configurations is refused before it is
+    expanded (expanding a runaway grid would itself take hours and all memory)."""
     source = str(path)
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError("", source, f"a spec is at most {MAX_SPEC_BYTES:,} bytes", source,
+                            f"is {size:,} bytes long")
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         shipped = ", ".join(sorted(p.name for p in SPECS_DIR.glob("*.yaml")))
@@ -388,18 +399,23 @@ def load_spec(path: str | os.PathLike) -> Spec:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(where, None, problem, source, "invalid YAML") from None
-    return parse_spec(data, source)
+    return parse_spec(data, source, max_configurations=max_configurations)
 
 
-def parse_spec(data: object, source: str = "<spec>") -> Spec:
-    """Validate spec data (as loaded from YAML) and expand its sweep."""
+def parse_spec(data: object, source: str = "<spec>", *, max_configurations: int | None = None) -> Spec:
+    """Validate spec data (as loaded from YAML) and expand its sweep (see ``load_spec``)."""
     try:
-        return _parse(data, source)
+        return _parse(data, source, max_configurations)
     except SpecError as e:
         raise e.moved(source=source) from None
 
 
-def _parse(data: object, source: str) -> Spec:
+def grid_size(grids: tuple[dict[str, tuple], ...]) -> int:
+    """How many configurations the grids list before de-duplication (an upper bound of the sweep's size)."""
+    return sum(math.prod(len(values) for values in grid.values()) for grid in grids)
+
+
+def _parse(data: object, source: str, max_configurations: int | None = None) -> Spec:
     if data is None:
         raise SpecError("", None, "a spec needs at least `experiment: NAME`", problem="the spec is empty")
     top = _mapping("", data, _TOP_KEYS)
@@ -420,6 +436,10 @@ def _parse(data: object, source: str) -> Spec:
         values["test_points"] = _test_point_rules("test_points", top["test_points"])
     resources = _resources(top.get("resources"))
     grids, grid_paths = _grids(top.get("sweep"))
+    planned = grid_size(grids)
+    if max_configurations is not None and planned > max_configurations:
+        raise SpecError("sweep", None, f"more than {max_configurations:,}: pass --yes to run a sweep this large, or "
+                                       f"narrow it", problem=f"the grids expand to {planned:,} configurations")
 
     base = _configuration(values, _PATHS)
     configurations = _expand(values, grids, grid_paths)
@@ -540,7 +560,7 @@ def _resources(value: object) -> dict[str, Resources]:
     body = _mapping("resources", value, RESOURCE_KINDS)
     out = {}
     for kind in RESOURCE_KINDS:
-        options = _mapping(f"resources.{kind}", body.get(kind), ("num_cpus", "num_gpus"))
+        options = _mapping(f"resources.{kind}", body.get(kind), ("num_cpus", "num_gpus", "memory"))
         try:
             out[kind] = Resources(**options)
         except SpecError as e:

@@ -6,6 +6,7 @@ configuration; cheap to import (no torch, no ray).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from jobs.spec_checks import (
@@ -114,15 +115,40 @@ class RemovalRule:
         return out
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "t": 1000 ** 4,
+          "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3, "ti": 1024 ** 4}
+
+
+def memory_bytes(key: str, value: object) -> int:
+    """A memory size: bytes as an integer, or a string such as ``16GiB``, ``512MB``, ``2G``."""
+    if isinstance(value, bool):
+        raise SpecError(key, value, "memory is bytes (an integer) or a size such as 16GiB or 512MB")
+    if isinstance(value, int) and value > 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise SpecError(key, value, "memory is bytes (an integer) or a size such as 16GiB or 512MB")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 @dataclass(frozen=True)
 class Resources:
-    """Ray resources of one task kind (fractions are fine for small models)."""
+    """Ray resources of one task kind (fractions are fine for small models); ``memory`` in bytes, None for
+    Ray's default (no reservation)."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    memory: int | None = None
 
     def __post_init__(self):
         for name in ("num_cpus", "num_gpus"):
             object.__setattr__(self, name, _number(name, getattr(self, name), lambda x: x >= 0, _NON_NEGATIVE))
+        if self.memory is not None:
+            object.__setattr__(self, "memory", memory_bytes("memory", self.memory))
 
     def ray_options(self) -> dict:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory is not None:
+            options["memory"] = self.memory
+        return options

@@ -1,4 +1,5 @@
-"""The YAML dialect of experiment specs: safe loading, duplicate keys refused, 1e-12 read as a number."""
+"""The YAML dialect of experiment specs: safe loading, duplicate keys refused, anchors and aliases refused,
+1e-12 read as a number."""
 from __future__ import annotations
 
 import re
@@ -7,7 +8,17 @@ import yaml
 
 
 class SpecLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with the two changes a spec author expects."""
+    """PyYAML's safe loader with the changes a spec author expects (and one a shared service needs: no
+    anchors or aliases, which specs have no use for and which let a few lines expand to gigabytes)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML {kind}{event.anchor} is not allowed in a spec: write each value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: SpecLoader, node: yaml.MappingNode) -> dict:

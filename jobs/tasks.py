@@ -62,9 +62,25 @@ def _synchronize(device: torch.device) -> None:
 class TaskError(RuntimeError):
     """An internal failure, named by task key and output location so it can be found and rerun."""
 
-    def __init__(self, key: str, where: str, cause: BaseException):
-        super().__init__(f"task {key} (output {where}) failed: {type(cause).__name__}: {cause}")
-        self.key = key
+    def __init__(self, key: str, where: str, cause: BaseException | str):
+        text = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"task {key} (output {where}) failed: {text}")
+        self.key, self.where, self.text = key, where, text
+
+    def __reduce__(self):  # the message, not the cause object, crosses to the driver
+        return (type(self), (self.key, self.where, self.text))
+
+
+class TransientTaskError(TaskError):
+    """A task that failed because the store was unreachable for longer than the retry budget: Ray runs it
+    again (`retry_exceptions`); a deterministic failure (a singular matrix, a bad index) is a TaskError."""
+
+
+def task_error(key: str, where: str, cause: BaseException) -> TaskError:
+    """The error a task body raises for `cause`: transient if another attempt may succeed."""
+    from storage.retry import is_transient
+
+    return (TransientTaskError if is_transient(cause) else TaskError)(key, where, cause)
 
 
 def model_for(cfg: Configuration, data: Dataset):
@@ -126,6 +142,42 @@ class TrainOutput:
     damping: float  # δ every method uses for this configuration (see effective_damping)
     degenerate_reason: str | None
     trained: bool  # False when θ̂ came from a stored checkpoint
+    notices: tuple[str, ...] = ()  # what the user should hear (a bad checkpoint set aside)
+
+
+def checkpoint_problem(state: dict, cfg: Configuration, n_params: int) -> str | None:
+    """Why a loaded checkpoint cannot be θ̂ of `cfg` (another model's, another shape), or None if it can."""
+    theta = state.get("theta")
+    if not isinstance(theta, torch.Tensor):
+        return "it holds no parameter vector theta"
+    if state.get("model_key") != cfg.model_key:
+        return f"it is the checkpoint of model {state.get('model_key')!r}, not of {cfg.model_key!r}"
+    if tuple(theta.shape) != (n_params,):
+        return f"its parameter vector has shape {tuple(theta.shape)}, the model needs ({n_params},)"
+    if theta.dtype != DTYPES[cfg.dtype]:
+        return f"its parameters are {theta.dtype}, the configuration trains in {cfg.dtype}"
+    if not bool(torch.isfinite(theta).all()):
+        return "its parameters are not all finite"
+    return None
+
+
+def load_base(store: Store, cfg: Configuration, n_params: int) -> tuple[dict | None, str | None]:
+    """The stored checkpoint of `cfg`'s base model if it is sound, else (None, a notice) after setting the
+    bad file aside (it is kept, and θ̂ is trained again). (None, None) when there is none."""
+    from storage.tables import CorruptPart, set_aside
+
+    path = checkpoint_path(store, cfg.experiment, cfg.model_key)
+    try:
+        state = load_checkpoint(store, cfg.experiment, cfg.model_key)
+    except CorruptPart as exc:
+        return None, set_aside(store, cfg.experiment, path, exc.reason)
+    if state is None:
+        return None, None
+    problem = checkpoint_problem(state, cfg, n_params)
+    if problem is not None:
+        return None, set_aside(store, cfg.experiment, path, f"not the base model of configuration "
+                                                           f"{cfg.config_id}: {problem}")
+    return state, None
 
 
 def train_task(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tensor, TrainOutput]:
@@ -135,7 +187,7 @@ def train_task(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.T
     try:
         return _train(store, cfg, data)
     except Exception as exc:  # noqa: BLE001 - re-raised with the task key
-        raise TaskError(key, tables.part_path(store, cfg.experiment, "models", cfg.config_id, "model"), exc) from exc
+        raise task_error(key, tables.part_path(store, cfg.experiment, "models", cfg.config_id, "model"), exc) from exc
 
 
 def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tensor, TrainOutput]:
@@ -144,7 +196,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
     data = data.to(device)
     model = model_for(cfg, data)
     start = time.perf_counter()
-    state = load_checkpoint(store, cfg.experiment, cfg.model_key)
+    state, notice = load_base(store, cfg, model.n_params)
     trained = state is None
     if trained:
         # θ0 is drawn on the CPU whatever the device, so a GPU task trains from the same θ0 as a CPU task.
@@ -187,7 +239,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
     })
     return theta.cpu(), TrainOutput(test_points=chosen, n_train=data.n_train,
                                     damping=effective_damping(cfg, min_eig, top_eig), degenerate_reason=reason,
-                                    trained=trained)
+                                    trained=trained, notices=(notice,) if notice else ())
 
 
 def _spectrum(cfg: Configuration, model, theta: torch.Tensor, data: Dataset) -> tuple[float, float]:
@@ -272,7 +324,7 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
         }
         return tables.write_part(store, cfg.experiment, "influence", cfg.config_id, part, rows)
     except Exception as exc:  # noqa: BLE001
-        raise TaskError(f"influence/{cfg.config_id}/{part}", where, exc) from exc
+        raise task_error(f"influence/{cfg.config_id}/{part}", where, exc) from exc
 
 
 def retrain_part_name(chunk: int) -> str:
@@ -322,7 +374,7 @@ def retrain_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.T
     try:
         return _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups)
     except Exception as exc:  # noqa: BLE001
-        raise TaskError(f"retrain/{cfg.config_id}/{part}", where, exc) from exc
+        raise task_error(f"retrain/{cfg.config_id}/{part}", where, exc) from exc
 
 
 def _batched(model) -> bool:
