@@ -225,7 +225,7 @@ def cmd_run(args) -> int:
     _check_feasible(spec, configs, lambda cfg: loaded[dataset_key(cfg)])
     store = open_store(args.store)
     lease = acquire(store, spec.experiment, force=args.force,
-                    notice=lambda line: console.print(f"note: {line}", markup=False, highlight=False))
+                    notice=lambda line: console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True))
     try:
         return _run(args, spec, store, loaded, console)
     finally:
@@ -251,7 +251,7 @@ def _run(args, spec, store, loaded, console) -> int:
 
     def on_progress(p: dict) -> None:
         for line in p.get("notices", [])[shown[0]:]:
-            progress.console.print(f"note: {line}", markup=False, highlight=False)
+            progress.console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
         shown[0] = max(shown[0], len(p.get("notices", [])))
         progress.update(bars["configurations"], completed=p["configs_done"], total=p["configs_total"])
         for kind in ("train", "influence", "retrain"):

@@ -127,3 +127,41 @@ def test_submit_needs_a_store(monkeypatch, capsys):
     monkeypatch.delenv("FRAGILE_STORE", raising=False)
     assert main(["submit", str(SMOKE), "--address", "http://127.0.0.1:1"]) == 2
     assert "--store" in capsys.readouterr().err
+
+
+def test_yaml_anchors_and_aliases_are_refused(tmp_path, capsys):
+    spec = _spec(tmp_path, "experiment: x\nbase: &b {epochs: 5}\ntrain: *b\n")
+    assert main(["validate", spec]) == 2
+    err = capsys.readouterr().err
+    assert "anchor &b is not allowed" in err and "line 2" in err
+
+
+def test_a_sweep_of_more_than_10000_configurations_needs_yes(tmp_path, capsys):
+    seeds = ", ".join(str(s) for s in range(101))
+    spec = _spec(tmp_path, f"experiment: x\nsweep: {{seed: [{seeds}], width: [{seeds}]}}\n")
+    store = tmp_path / "store"
+    assert main(["run", spec, "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "10,201 configurations" in err and "--yes" in err
+    assert not store.exists()
+    assert main(["submit", spec, "--address", "http://127.0.0.1:1", "--store", "s3://b/p"]) == 2
+    assert "--yes" in capsys.readouterr().err
+
+
+def test_exact_on_a_model_too_large_for_the_task_memory_is_refused(tmp_path, capsys):
+    """4*50 + 50 + 50*3 + 3 = 403 parameters: about 3.7 MiB for exact, more than the 1 MiB declared."""
+    text = ("experiment: x\nmodel: {width: 50}\ninfluence: {methods: [exact, cg]}\n"
+            "resources: {influence: {memory: 1MiB}}\n")
+    store = tmp_path / "store"
+    for command in (["validate", _spec(tmp_path, text)], ["run", _spec(tmp_path, text), "--store", str(store)]):
+        assert main(command) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "exact forms the dense Hessian" in err and "403 parameters" in err and "1.0 MiB" in err
+        assert "cg, lissa, arnoldi, ekfac" in err
+    assert not store.exists()
+    assert main(["validate", _spec(tmp_path, text.replace("1MiB", "64MiB"))]) == 0
+
+
+def test_bad_resource_memory(tmp_path, capsys):
+    assert main(["validate", _spec(tmp_path, "experiment: x\nresources: {train: {memory: lots}}\n")]) == 2
+    assert "resources.train.memory" in capsys.readouterr().err

@@ -30,6 +30,9 @@ def test_ray_launcher_config():
     assert "/home/ubuntu/fragile" in cfg["file_mounts"]
     for node in cfg["available_node_types"].values():
         assert "IamInstanceProfile" in node["node_config"]  # S3 through the instance profile, no keys
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)  # token auth on every node
+    assert not any("0.0.0.0" in c for c in starts)  # the dashboard only through the SSH tunnel
     usage = [line.lstrip("# ") for line in (CONFIGS / "aws-gpu.yaml").read_text().splitlines() if "fragile run" in line]
     assert usage  # the header shows how to run the study on this cluster
     _check_fragile_command(usage[0])
@@ -41,5 +44,9 @@ def test_kuberay_rayjob_manifest():
     _check_fragile_command(job["spec"]["entrypoint"])
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert not any("AWS_" in k for k in runtime_env.get("env_vars", {}))  # secrets never in the runtime env
+    cluster = job["spec"]["rayClusterSpec"]
+    for spec in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        env = {e["name"]: e for e in spec["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
     gpu = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"

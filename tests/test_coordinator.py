@@ -143,3 +143,59 @@ def test_group_removal_statistics():
         assert out["group_actual"][i] == actual[t][own]
         assert out["random_group_mean"][i] == pytest.approx(np.mean(acts[1:]))
         assert out["random_group_std"][i] == pytest.approx(np.std(acts[1:], ddof=1))
+
+
+def _stored(tmp_path):
+    """A store holding one configuration's train, influence and retrain parts (as a run leaves them)."""
+    from storage import tables
+    from storage.uri import open_store
+
+    *_, influence, retrain = _parts()
+    store = open_store(str(tmp_path / "store"))
+    tables.write_part(store, "e", "test_points", "c1", "test_points",
+                      {"test_idx": list(TESTS), "loss": [1.0, 0.5], "label": [0, 1], "selection": ["highest", "median"]})
+    tables.write_part(store, "e", "models", "c1", "model", {"model_key": ["m"], "degenerate_reason": [None]})
+    paths = [("influence", tables.write_part(store, "e", "influence", "c1", f"exact-{k:03d}", p))
+             for k, p in enumerate(influence)]
+    paths += [("retrain", tables.write_part(store, "e", "retrain", "c1", f"retrain-{k:05d}", p))
+              for k, p in enumerate(retrain)]
+    return store, paths
+
+
+def test_a_replacement_coordinator_rebuilds_from_the_store(tmp_path):
+    """A coordinator that dies mid-run is replaced by one that never saw the registration nor the parts before:
+    its first call rebuilds them from the store, calls repeated by Ray change nothing, and the final statistics
+    equal those of the coordinator that saw everything."""
+    from jobs.coordinator import Coordinator
+
+    store, paths = _stored(tmp_path)
+    whole = Coordinator(store, "e", {"c1": ("exact",)})
+    whole.register("c1", ["exact"], [(3, "highest"), (7, "median")])
+    for table, path in paths:
+        whole.ingest(table, "c1", path)
+    expected = whole.finalize("c1")
+
+    replacement = Coordinator(store, "e", {"c1": ("exact",)})  # knows the methods only
+    table, path = paths[-1]
+    replacement.ingest(table, "c1", path)  # the last part, announced after the restart
+    replacement.ingest(table, "c1", path)  # ... and delivered twice
+    assert replacement.recovered == 1
+    assert replacement.finalize("c1") == expected
+    for key in ("c1/retrain-00000", "c1/retrain-00000"):
+        replacement.task_done("retrain", key=key)
+    assert replacement.progress()["done"]["retrain"] == 1
+
+
+def test_an_unreadable_part_is_set_aside_for_the_trial_to_recompute(tmp_path):
+    from jobs.coordinator import Coordinator
+    from storage.uri import read_bytes, write_atomic
+
+    store, paths = _stored(tmp_path)
+    coordinator = Coordinator(store, "e", {"c1": ("exact",)})
+    coordinator.register("c1", ["exact"], [(3, "highest"), (7, "median")])
+    table, path = paths[-1]
+    write_atomic(store, path, read_bytes(store, path)[:100])
+    answer = coordinator.ingest(table, "c1", path)
+    assert "set aside" in answer["set_aside"] and path in answer["set_aside"]
+    assert coordinator.progress()["notices"] == [answer["set_aside"]]
+    assert read_bytes(store, path) is None  # moved, so the ledger no longer counts it as done

@@ -5,6 +5,8 @@ Each test writes the tiny data set, points a copy of the shipped smoke spec at i
 what the protocol says should be there: the removal sets recomputed from the stored estimates, the control rows,
 the group rows, and statistics with their noise floor. Resume is checked on the MNIST run: after deleting a
 retrain part and the final statistics, a rerun recomputes exactly those and leaves every other part untouched.
+
+About three minutes on 2 cores, so marked slow: `pytest -m slow` runs them (CI does, after the main suite).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch
 
 from influence.data_files import write_tiny
 from influence.scores import select_groups, select_removals
+
+pytestmark = pytest.mark.slow
 from jobs.cli import main
 from jobs.spec import load_spec
 from storage import tables

@@ -469,3 +469,19 @@ def test_docs_example_stays_in_step_with_the_defaults():
     data = yaml.safe_load(textwrap.dedent(EXAMPLE))
     data.pop("sweep")
     assert parse_spec(data).base == parse_spec({"experiment": "iris"}).base
+
+
+@pytest.mark.parametrize("given, expected", [(1024, 1024), ("16GiB", 16 * 2 ** 30), ("512MB", 512 * 10 ** 6),
+                                             ("2g", 2 * 10 ** 9), ("1.5KiB", 1536)])
+def test_resource_memory_sizes(given, expected):
+    resources = Resources(memory=given)
+    assert resources.memory == expected and resources.ray_options()["memory"] == expected
+    assert "memory" not in Resources().ray_options()  # no reservation unless asked
+
+
+def test_the_sweep_size_is_checked_before_expansion():
+    data = {"experiment": "x", "sweep": [{"seed": list(range(50)), "width": [1, 2]}, {"seed": [1, 2], "width": [1]}]}
+    assert S.grid_size(S._grids(data["sweep"])[0]) == 102
+    with pytest.raises(SpecError, match="102 configurations"):
+        parse_spec(data, max_configurations=100)
+    assert len(parse_spec(data, max_configurations=102).configurations()) == 100  # the second grid repeats
