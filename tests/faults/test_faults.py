@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import EXPERIMENT, assert_same_as_clean, aws_env, report, wait_for
+import ipaddress
+
+from harness import EXPERIMENT, assert_same_as_clean, aws_env, listeners, report, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -29,6 +31,9 @@ def test_a_killed_retrain_worker_is_retried(clean, runs, tmp_path):
     store = tmp_path / "store"
     run = runs(str(store))
     victim = wait_for(lambda: run.pids("ray::retrain"), 180, "a worker running a retrain task")[0]
+    # While it runs, the embedded Ray (GCS, raylet, agents, workers) listens on loopback only.
+    sockets = listeners(set(run.pids()))
+    assert len(sockets) >= 5 and all(ipaddress.ip_address(a).is_loopback for a, _, _ in sockets), sockets
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
     assert run.wait() == 0, run.output()[-4000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, assert_same_as_clean, aws_env, marked, report, wait_for
+from harness import ROOT, assert_same_as_clean, aws_env, listeners, marked, report, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -97,32 +97,11 @@ def test_the_secret_is_in_no_object_session_file_or_output(s3_run):
     report(f"secret canary: {scanned} objects and session files scanned (raw, hex, base64), no hit")
 
 
-def _listeners(pids: set[int]) -> list[tuple[str, int, int]]:
-    """(address, port, pid) of every TCP socket in LISTEN state that one of `pids` holds."""
-    inodes: dict[str, int] = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            continue
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
-                continue
-            hex_addr, hex_port = fields[1].split(":")
-            raw = bytes.fromhex(hex_addr)
-            # /proc prints each 32-bit word in host (little-endian) order
-            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            address = ipaddress.ip_address(packed)
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            found.append((str(address), int(hex_port, 16), inodes[fields[9]]))
-    return found
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_cluster_up_listens_on_loopback_only_and_wants_the_token(tmp_path):
@@ -146,9 +125,9 @@ def test_cluster_up_listens_on_loopback_only_and_wants_the_token(tmp_path):
             assert ((state_dir / name).stat().st_mode & 0o777) == 0o600
         time.sleep(3)  # the agents bind a moment after the dashboard answers
         pids = set(marked(local.CLUSTER_ID_ENV, state.cluster_id)) | {state.s3_pid}
-        listeners = _listeners(pids)
-        assert len(listeners) >= 10, listeners  # GCS, raylet, client server, dashboard, agents, SeaweedFS, ...
-        exposed = [entry for entry in listeners if not ipaddress.ip_address(entry[0]).is_loopback]
+        sockets = listeners(pids)
+        assert len(sockets) >= 10, sockets  # GCS, raylet, client server, dashboard, agents, SeaweedFS, ...
+        exposed = [entry for entry in sockets if not ipaddress.ip_address(entry[0]).is_loopback]
         assert not exposed, exposed
         # A client without the token is refused with one clear message; with `cluster env` it gets in.
         refused = subprocess.run([*fragile, "status", "--address", state.address], cwd=ROOT, env=base,
@@ -157,11 +136,18 @@ def test_cluster_up_listens_on_loopback_only_and_wants_the_token(tmp_path):
         allowed = subprocess.run([*fragile, "status"], cwd=ROOT, env={**base, **state.env()}, capture_output=True,
                                  text=True, timeout=60)
         assert allowed.returncode == 0, allowed.stderr
+        # A job still running when the cluster goes down is stopped, and so is its driver.
+        submitted = subprocess.run([*fragile, "submit", str(ROOT / "jobs" / "specs" / "iris.yaml")], cwd=ROOT,
+                                   env={**base, **state.env()}, capture_output=True, text=True, timeout=90)
+        assert submitted.returncode == 0, submitted.stderr
+        wait_for(lambda: any("jobs.cli run" in _cmd(p) for p in marked(local.CLUSTER_ID_ENV, state.cluster_id)),
+                 90, "the job's driver", every=0.5)
     finally:
         down = subprocess.run([*fragile, "cluster", "down", "--dir", str(state_dir)], cwd=ROOT, env=base,
                               capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
+    assert "stopped 1 running job(s)" in down.stdout, down.stdout
     time.sleep(0.5)
     assert not marked(local.CLUSTER_ID_ENV, state.cluster_id)  # nothing of the cluster is left running
-    report(f"cluster up: {len(listeners)} listening sockets of the head and SeaweedFS, all on loopback; a client "
-           f"without the token refused; up to down {time.monotonic() - began:.1f} s")
+    report(f"cluster up: {len(sockets)} listening sockets of the head and SeaweedFS, all on loopback; a client "
+           f"without the token refused; `down` stopped the running job; up to down {time.monotonic() - began:.1f} s")
