@@ -81,6 +81,8 @@ class ClusterState:
                "FRAGILE_ADDRESS": self.address, "FRAGILE_STORE": self.store, "RAY_AUTH_MODE": self.auth}
         if self.token_file is not None:
             env["RAY_AUTH_TOKEN_PATH"] = str(self.token_file)
+        if is_loopback(self.host):  # a driver joining from this shell (`fragile run --address`) must use
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the head's loopback address too
         return env
 
 

@@ -214,35 +214,40 @@ def cmd_run(args) -> int:
     spec = load_spec(args.spec, max_configurations=None if args.yes else LARGE_SWEEP)
     store = open_store(args.store, create=False)
     console = Console(width=None if sys.stdout.isatty() else 120)
+    from cluster.runtime import connect
     from cluster.sweep import load_datasets
     from jobs.tasks import dataset_key
-    from storage.lease import acquire
+    from storage.lease import acquire, check_free
 
     configs = spec.configurations()
     # Everything a user can get wrong is found before the first byte is written: the data, the memory the
-    # methods need, and whether another run holds the experiment.
+    # methods need, the cluster (and its token), and whether another run holds the experiment.
     loaded = load_datasets(configs)
     _check_feasible(spec, configs, lambda cfg: loaded[dataset_key(cfg)])
-    store = open_store(args.store)
-    lease = acquire(store, spec.experiment, force=args.force,
-                    notice=lambda line: console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True))
+    check_free(store, spec.experiment, force=args.force)
+    runtime = connect(args.address, num_cpus=args.num_cpus)
     try:
-        return _run(args, spec, store, loaded, console)
+        store = open_store(args.store)
+        lease = acquire(store, spec.experiment, force=args.force,
+                        notice=lambda line: console.print(f"note: {line}", markup=False, highlight=False,
+                                                          soft_wrap=True))
+        try:
+            return _run(args, spec, store, loaded, console)
+        finally:
+            lease.release()
     finally:
-        lease.release()
+        runtime.close()
 
 
 def _run(args, spec, store, loaded, console) -> int:
-    """The run itself, once nothing stands in its way: Ray, the sweep with its progress, the summary."""
+    """The run itself, once nothing stands in its way: the sweep with its progress, then the summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cluster.runtime import connect
     from cluster.sweep import run_sweep
     from jobs.report import summary_tables
 
     console.print(f"[bold]{spec.experiment}[/]: {len(spec.configurations())} configurations -> "
                   f"{store.uri}/{spec.experiment}")
-    runtime = connect(args.address, num_cpus=args.num_cpus)
     progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
     bars = {k: progress.add_task(k, total=None, note="") for k in ("configurations", "train", "influence", "retrain")}
@@ -265,12 +270,9 @@ def _run(args, spec, store, loaded, console) -> int:
         tag = " (already in the store)" if result.get("skipped") else ""
         progress.console.print(f"{cfg.label()}: Spearman {', '.join(parts) or 'undefined'}{tag}", markup=False)
 
-    try:
-        with progress:
-            res = run_sweep(spec, store, version=project_version(), on_progress=on_progress,
-                            on_config_done=on_config_done, loaded=loaded)
-    finally:
-        runtime.close()
+    with progress:
+        res = run_sweep(spec, store, version=project_version(), on_progress=on_progress,
+                        on_config_done=on_config_done, loaded=loaded)
     p = res.progress
     ran, skipped = sum(p["done"].values()), sum(p["skipped"].values())
     console.print(f"{ran} tasks run, {skipped} skipped (already in the store), {res.seconds:.0f} s")

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from .uri import Store, StoreError, check_name, delete_file, read_bytes, write_atomic
 
-__all__ = ["LEASE", "LeaseHeld", "Lease", "acquire", "read_lease", "TTL_ENV"]
+__all__ = ["LEASE", "LeaseHeld", "Lease", "acquire", "check_free", "read_lease", "TTL_ENV"]
 
 log = logging.getLogger("fragile.storage")
 
@@ -132,13 +132,13 @@ class Lease:
         self.release()
 
 
-def acquire(store: Store, experiment: str, *, force: bool = False, ttl: float | None = None,
-            settle: float = 0.5, notice=lambda message: None) -> Lease:
-    """Take the lease of ``experiment`` or raise ``LeaseHeld`` naming the run that holds it.
+def check_free(store: Store, experiment: str, *, force: bool = False) -> None:
+    """Raise ``LeaseHeld`` if another live run holds the lease (a read only: a run can say so before it starts
+    anything, then ``acquire`` once it is ready to write)."""
+    _current(store, experiment, force, lambda message: None)
 
-    ``notice`` receives a line when a stale or forced lease is taken over (shown to the user)."""
-    ttl = _ttl() if ttl is None else ttl
-    path = _path(store, experiment)
+
+def _current(store: Store, experiment: str, force: bool, notice) -> Holder | None:
     current = read_lease(store, experiment)
     now = time.time()
     if current is not None:
@@ -157,6 +157,18 @@ def acquire(store: Store, experiment: str, *, force: bool = False, ttl: float | 
                    f"its lease")
         else:
             notice(f"the lease of the previous run of {experiment} ({current.describe()}) has expired; taking it over")
+    return current
+
+
+def acquire(store: Store, experiment: str, *, force: bool = False, ttl: float | None = None,
+            settle: float = 0.5, notice=lambda message: None) -> Lease:
+    """Take the lease of ``experiment`` or raise ``LeaseHeld`` naming the run that holds it.
+
+    ``notice`` receives a line when a stale or forced lease is taken over (shown to the user)."""
+    ttl = _ttl() if ttl is None else ttl
+    path = _path(store, experiment)
+    _current(store, experiment, force, notice)
+    now = time.time()
     holder = Holder(run_id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(), started=now,
                     expires=now + ttl)
     write_atomic(store, path, json.dumps(asdict(holder)).encode())
