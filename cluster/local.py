@@ -274,7 +274,7 @@ def _stop_jobs(state: ClusterState, grace: float) -> list[str]:
             c.stop_job(job_id)
         deadline = time.monotonic() + grace
         while ids and time.monotonic() < deadline:
-            states = {str(getattr(c.get_job_status(j), "value", c.get_job_status(j))) for j in ids}
+            states = {str(getattr(status, "value", status)) for status in map(c.get_job_status, ids)}
             if states <= set(submit.TERMINAL):
                 break
             time.sleep(0.5)

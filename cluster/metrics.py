@@ -34,14 +34,11 @@ class MeteredCoordinator(Coordinator):
             metric.set_default_tags(tags)
         self._first_retrain: float | None = None
 
-    def task_done(self, kind: str, n: int = 1, skipped: bool = False, key: str | None = None) -> None:
-        before = self.progress()
-        super().task_done(kind, n, skipped, key)
-        after = self.progress()
-        outcome = "skipped" if skipped else "done"
-        counted = after[outcome][kind] - before[outcome][kind]  # 0 for a call Ray repeated after a restart
+    def task_done(self, kind: str, n: int = 1, skipped: bool = False, key: str | None = None) -> int:
+        counted = super().task_done(kind, n, skipped, key)  # 0 for a call Ray repeated after a restart
         if counted:
-            self._tasks.inc(counted, tags={"kind": kind, "outcome": outcome})
+            self._tasks.inc(counted, tags={"kind": kind, "outcome": "skipped" if skipped else "done"})
+        return counted
 
     def task_failed(self, kind: str) -> None:
         super().task_failed(kind)

@@ -116,7 +116,7 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
     ledger = Ledger(store, ctx.experiment)
 
     if plan.is_finished(ledger, cfg):
-        summary = ray.get(coord.config_skipped.remote(cid, plan.landed_task_keys(ledger, cfg)))
+        summary = ray.get(coord.config_skipped.remote(cid, plan.landed_task_keys(ledger, cid)))
         if summary is not None:
             tune.report({**summary, "done": True, "skipped": True})
             return
@@ -179,7 +179,7 @@ def _resume_train(ctx: RunContext, cfg: Configuration, ledger: Ledger):
         tp = tables.read_part(store, tables.part_path(store, ctx.experiment, "test_points", cid, "test_points"))
         models = tables.read_part(store, tables.part_path(store, ctx.experiment, "models", cid, "model"))
     except tables.CorruptPart as exc:
-        coord.notice.remote(tables.set_aside(store, ctx.experiment, _local_path(store, exc.path), exc.reason))
+        coord.notice.remote(tables.set_aside(store, ctx.experiment, exc.where, exc.reason))
         return None
     state, notice = load_base(store, cfg, models["n_params"][0].as_py())
     if state is None:
@@ -190,11 +190,6 @@ def _resume_train(ctx: RunContext, cfg: Configuration, ledger: Ledger):
     degenerate, n_train = models["degenerate_reason"][0].as_py(), models["n_train"][0].as_py()
     damping = tasks.effective_damping(cfg, models["min_eigenvalue"][0].as_py(), models["top_eigenvalue"][0].as_py())
     return ray.put(state["theta"]), test_points, degenerate, n_train, damping
-
-
-def _local_path(store: Store, uri: str) -> str:
-    """A path as `Store.uri_of` printed it, back inside the store's filesystem."""
-    return uri[len("s3://"):] if store.fs.type_name == "s3" and uri.startswith("s3://") else uri
 
 
 def _removals(ctx: RunContext, cfg: Configuration, n: int, n_test: int) -> tuple[list[int], list | None]:
@@ -314,16 +309,6 @@ class _ProgressCallback(tune.Callback):
             self.on_config_done(self.configs[trial.config["config_id"]], result)
 
 
-def load_datasets(configs: list[Configuration]) -> dict[str, object]:
-    """Every data set the configurations use, each loaded once (keyed by `dataset_key`)."""
-    loaded: dict[str, object] = {}
-    for cfg in configs:
-        key = dataset_key(cfg)
-        if key not in loaded:
-            loaded[key] = tasks.load_data(cfg)
-    return loaded
-
-
 @contextlib.contextmanager
 def _credentials_hidden():
     """The AWS credentials out of this process's environment for the block (see CREDENTIAL_VARS)."""
@@ -342,10 +327,10 @@ def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: N
     start = time.perf_counter()
     configs = spec.configurations()
     # Data first: a missing or unreadable data set stops the run before anything is written.
-    loaded = loaded if loaded is not None else load_datasets(configs)
+    loaded = loaded if loaded is not None else tasks.load_datasets(configs)
     write_configs(store, spec, configs, version)
     counts = plan.task_counts(configs, lambda c: loaded[dataset_key(c)].n_train)
-    initial = plan.landed_keys(Ledger(store, spec.experiment), configs)
+    initial = plan.landed_keys(Ledger(store, spec.experiment), [c.config_id for c in configs])
     coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}").remote(
         store, spec.experiment, {c.config_id: c.methods for c in configs}, counts, len(configs), initial)
     datasets = {key: ray.put(data) for key, data in loaded.items()}  # put once, shared by every task

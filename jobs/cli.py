@@ -135,13 +135,6 @@ def _data_errors() -> tuple[type[Exception], ...]:
     return (module.DatasetNotFound,) if module is not None and hasattr(module, "DatasetNotFound") else ()
 
 
-def _n_train_of(cfg) -> int:
-    """Training-set size of a configuration's data: loaded once per data set, not once per configuration."""
-    from jobs.tasks import load_data
-
-    return _cached_data(cfg, load_data).n_train
-
-
 def cmd_data(args) -> int:
     from influence.data_files import write_tiny
 
@@ -161,24 +154,13 @@ def cmd_validate(args) -> int:
         table.add_row(c.config_id, c.label())
     console.print(table)
     from jobs.plan import task_counts
-    from jobs.tasks import load_data
+    from jobs.tasks import dataset_key, load_datasets
 
-    _check_feasible(spec, configs, lambda cfg: _cached_data(cfg, load_data))
-    counts = task_counts(configs, _n_train_of)
+    loaded = load_datasets(configs)  # each data set once, not once per configuration
+    _check_feasible(spec, configs, lambda cfg: loaded[dataset_key(cfg)])
+    counts = task_counts(configs, lambda cfg: loaded[dataset_key(cfg)].n_train)
     console.print("tasks: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
-
-
-_DATA: dict[str, object] = {}
-
-
-def _cached_data(cfg, load):
-    from jobs.tasks import dataset_key
-
-    key = dataset_key(cfg)
-    if key not in _DATA:
-        _DATA[key] = load(cfg)
-    return _DATA[key]
 
 
 def _machine_memory() -> int:
@@ -215,8 +197,7 @@ def cmd_run(args) -> int:
     store = open_store(args.store, create=False)
     console = Console(width=None if sys.stdout.isatty() else 120)
     from cluster.runtime import connect
-    from cluster.sweep import load_datasets
-    from jobs.tasks import dataset_key
+    from jobs.tasks import dataset_key, load_datasets
     from storage.lease import acquire, check_free
 
     configs = spec.configurations()

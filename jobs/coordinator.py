@@ -239,23 +239,16 @@ class Coordinator:
     def _recount(self) -> None:
         """After a restart: the tasks done so far, from the parts in the store (what was there at the start
         counts as skipped, the rest as done by this run), and the finished configurations."""
+        from jobs.plan import landed_keys  # jobs.plan imports this module
+
         ledger = Ledger(self.store, self.experiment)
-        for cid in self.methods:
-            present = {"train": {cid} if ledger.done("models", cid, "model") else set(),
-                       "influence": {f"{cid}/{p}" for p in ledger.parts("influence", cid)},
-                       "retrain": {f"{cid}/{p}" for p in ledger.parts("retrain", cid)}}
-            for kind, keys in present.items():
-                self.skipped[kind] |= keys & self.initial[kind]
-                self.done[kind] |= keys - self.initial[kind]
-            if ledger.done("stats", cid, FINAL_PART):
-                self.finished.add(cid)
+        for kind, keys in landed_keys(ledger, list(self.methods)).items():
+            self.skipped[kind] |= set(keys) & self.initial[kind]
+            self.done[kind] |= set(keys) - self.initial[kind]
+        self.finished |= {cid for cid in self.methods if ledger.done("stats", cid, FINAL_PART)}
         self.notices.append("the coordinator was restarted; its statistics are rebuilt from the parts in the store")
 
     # -- progress -------------------------------------------------------------------------------
-    def set_totals(self, totals: dict[str, int], configs: int) -> None:
-        self.totals.update(totals)
-        self.configs_total = configs
-
     def add_total(self, kind: str, n: int, config_id: str | None = None) -> None:
         """Plans that depend on results (top-k removals) learn their task counts late; with a config_id the
         call is idempotent (it sets that configuration's extra count)."""
@@ -264,13 +257,17 @@ class Coordinator:
         else:
             self.extra[(kind, config_id)] = n
 
-    def task_done(self, kind: str, n: int = 1, skipped: bool = False, key: str | None = None) -> None:
+    def task_done(self, kind: str, n: int = 1, skipped: bool = False, key: str | None = None) -> int:
         """Count a finished (or, `skipped`, already stored) task; under its `key`, counted once however often
-        the call arrives."""
+        the call arrives. Returns how many tasks this call added (0 for a repeated call)."""
         if key is None:
             self.unkeyed[kind] += n
-        else:
-            (self.skipped if skipped else self.done)[kind].add(key)
+            return n
+        counted = (self.skipped if skipped else self.done)[kind]
+        if key in counted:
+            return 0
+        counted.add(key)
+        return 1
 
     def task_failed(self, kind: str) -> None:
         self.failed[kind] += 1
@@ -289,7 +286,7 @@ class Coordinator:
             totals[k] = max(totals[k], done[k] + skipped[k])
         return {"totals": totals, "done": done, "skipped": skipped, "failed": dict(self.failed),
                 "configs_done": len(self.finished), "configs_total": self.configs_total,
-                "notices": list(self.notices), "recovered": self.recovered}
+                "notices": list(self.notices)}
 
     @property
     def configs_done(self) -> int:

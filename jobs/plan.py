@@ -88,19 +88,18 @@ def task_key(config_id: str, part: str | None = None) -> str:
     return config_id if part is None else f"{config_id}/{part}"
 
 
-def landed_task_keys(ledger: Ledger, cfg: Configuration) -> dict[str, list[str]]:
+def landed_task_keys(ledger: Ledger, config_id: str) -> dict[str, list[str]]:
     """The tasks of each kind whose parts a configuration holds in the store, by key."""
-    cid = cfg.config_id
-    return {"train": [task_key(cid)] if ledger.done("models", cid, "model") else [],
-            "influence": [task_key(cid, p) for p in ledger.parts("influence", cid)],
-            "retrain": [task_key(cid, p) for p in ledger.parts("retrain", cid)]}
+    return {"train": [task_key(config_id)] if ledger.done("models", config_id, "model") else [],
+            "influence": [task_key(config_id, p) for p in ledger.parts("influence", config_id)],
+            "retrain": [task_key(config_id, p) for p in ledger.parts("retrain", config_id)]}
 
 
-def landed_keys(ledger: Ledger, configs: list[Configuration]) -> dict[str, list[str]]:
-    """`landed_task_keys` of every configuration together: what the store held when a run began."""
+def landed_keys(ledger: Ledger, config_ids: list[str]) -> dict[str, list[str]]:
+    """`landed_task_keys` of several configurations together (what the store held when a run began)."""
     out: dict[str, list[str]] = {"train": [], "influence": [], "retrain": []}
-    for cfg in configs:
-        for kind, keys in landed_task_keys(ledger, cfg).items():
+    for config_id in config_ids:
+        for kind, keys in landed_task_keys(ledger, config_id).items():
             out[kind] += keys
     return out
 

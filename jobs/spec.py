@@ -26,8 +26,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from jobs.spec_checks import (  # noqa: F401 (the vocabulary is part of this module's interface)
     ACTIVATIONS, DAMPING_POLICIES, DATASETS, DTYPES, FILE_DATASETS, IMAGE_MODELS, METHODS, MODELS, OPTIMIZERS,
     REMOVAL_KINDS, RESOURCE_KINDS, RETRAIN_STARTS, SCHEDULES, TEST_POINT_KINDS, METHOD_SETTINGS, SpecError, _bool,
@@ -35,7 +33,7 @@ from jobs.spec_checks import (  # noqa: F401 (the vocabulary is part of this mod
     _optional, _percent, _show, _size, _subset,
 )
 from jobs.spec_rules import RemovalRule, Resources, TestPointRule  # noqa: F401 (part of this module's interface)
-from jobs.spec_yaml import SpecLoader
+from jobs.spec_yaml import read_spec_file
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 RETRAIN_FRACTION = 0.06  # warm-start retraining for 6% of the training epochs (Koh & Liang's code)
@@ -371,34 +369,13 @@ class Spec:
 
 # ---- parsing ----------------------------------------------------------------------------------------------
 
-MAX_SPEC_BYTES = 1_000_000  # a spec is a page of settings; anything this large is not one
-
-
 def load_spec(path: str | os.PathLike, *, max_configurations: int | None = None) -> Spec:
     """Read and validate a spec file; every mistake is a :class:`SpecError` naming the file.
 
     ``max_configurations``: a sweep whose grids would expand to more configurations is refused before it is
     expanded (expanding a runaway grid would itself take hours and all memory)."""
     source = str(path)
-    try:
-        size = Path(path).stat().st_size
-        if size > MAX_SPEC_BYTES:
-            raise SpecError("", source, f"a spec is at most {MAX_SPEC_BYTES:,} bytes", source,
-                            f"is {size:,} bytes long")
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        shipped = ", ".join(sorted(p.name for p in SPECS_DIR.glob("*.yaml")))
-        raise SpecError("", source, f"the specs shipped with fragile are in {SPECS_DIR}: {shipped}",
-                        source, "no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError("", source, str(e), source, "cannot be read") from None
-    try:
-        data = yaml.load(text, Loader=SpecLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(where, None, problem, source, "invalid YAML") from None
+    data = read_spec_file(path, SPECS_DIR)
     return parse_spec(data, source, max_configurations=max_configurations)
 
 

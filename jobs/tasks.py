@@ -98,6 +98,16 @@ def load_data(cfg: Configuration) -> Dataset:
     return load_dataset(cfg.dataset, dtype=DTYPES[cfg.dtype], **extra, **cfg.data_options())
 
 
+def load_datasets(configs: list[Configuration]) -> dict[str, Dataset]:
+    """Every data set the configurations use, each loaded once (keyed by `dataset_key`)."""
+    loaded: dict[str, Dataset] = {}
+    for cfg in configs:
+        key = dataset_key(cfg)
+        if key not in loaded:
+            loaded[key] = load_data(cfg)
+    return loaded
+
+
 def dataset_key(cfg: Configuration) -> str:
     """Configurations with equal keys load the same data (so a sweep loads each data set once)."""
     parts = [cfg.dataset, cfg.split_seed, cfg.test_fraction, cfg.dtype, cfg.data_root, cfg.subset, cfg.test_subset,
@@ -164,19 +174,17 @@ def checkpoint_problem(state: dict, cfg: Configuration, n_params: int) -> str | 
 def load_base(store: Store, cfg: Configuration, n_params: int) -> tuple[dict | None, str | None]:
     """The stored checkpoint of `cfg`'s base model if it is sound, else (None, a notice) after setting the
     bad file aside (it is kept, and θ̂ is trained again). (None, None) when there is none."""
-    from storage.tables import CorruptPart, set_aside
-
     path = checkpoint_path(store, cfg.experiment, cfg.model_key)
     try:
         state = load_checkpoint(store, cfg.experiment, cfg.model_key)
-    except CorruptPart as exc:
-        return None, set_aside(store, cfg.experiment, path, exc.reason)
+    except tables.CorruptPart as exc:
+        return None, tables.set_aside(store, cfg.experiment, path, exc.reason)
     if state is None:
         return None, None
     problem = checkpoint_problem(state, cfg, n_params)
     if problem is not None:
-        return None, set_aside(store, cfg.experiment, path, f"not the base model of configuration "
-                                                           f"{cfg.config_id}: {problem}")
+        return None, tables.set_aside(store, cfg.experiment, path, f"not the base model of configuration "
+                                                                  f"{cfg.config_id}: {problem}")
     return state, None
 
 

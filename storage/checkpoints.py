@@ -60,9 +60,9 @@ def load_checkpoint(store: Store, experiment: str, model_key: str, *,
     except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, ...)
         raise CorruptPart(store.uri_of(path), f"not a loadable checkpoint ({len(data)} bytes; checkpoints hold "
                                               f"tensors and plain Python values only): {type(exc).__name__}: "
-                                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+                                              f"{str(exc).splitlines()[0] if str(exc) else ''}", path) from None
     if not isinstance(state, dict):
-        raise CorruptPart(store.uri_of(path), f"holds a {type(state).__name__}, not a checkpoint's dict")
+        raise CorruptPart(store.uri_of(path), f"holds a {type(state).__name__}, not a checkpoint's dict", path)
     return state
 
 

@@ -11,6 +11,7 @@ same file instead of adding a duplicate. Same family of names for every stored t
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
@@ -33,14 +34,16 @@ SET_ASIDE = "_set_aside"
 
 class CorruptPart(StoreError):
     """A stored file that cannot be read as what its name says it is (truncated, foreign schema, a
-    checkpoint of another model). Callers set it aside (``set_aside``) and recompute it."""
+    checkpoint of another model). Callers set it aside (``set_aside(store, experiment, e.where, e.reason)``)
+    and recompute it. ``path`` is the file as the user writes it (``Store.uri_of``), ``where`` the same file
+    inside the store's filesystem."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, where: str | None = None):
         super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.where = path, reason, path if where is None else where
 
     def __reduce__(self):  # so that it crosses process boundaries (Ray) intact
-        return (CorruptPart, (self.path, self.reason))
+        return (CorruptPart, (self.path, self.reason, self.where))
 
 PARTITION = "config_id"
 _SUFFIX = ".parquet"
@@ -253,8 +256,6 @@ def set_aside(store: Store, experiment: str, path: str, reason: str) -> str:
     ``<experiment>/_set_aside/<its path below the experiment>.<UTC time>`` and return a message that names
     both places and the reason. The file is kept for inspection; listings no longer see it, so the task that
     makes it runs again."""
-    import time
-
     base = store.path(check_name("experiment", experiment)) + "/"
     relative = path[len(base):] if path.startswith(base) else path.rsplit("/", 1)[-1]
     target = f"{base}{SET_ASIDE}/{relative}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
@@ -278,12 +279,13 @@ def read_part(store: Store, path: str) -> pa.Table:
         data = pq.read_table(pa.BufferReader(raw))
     except Exception as exc:  # noqa: BLE001 - the bytes are in memory: any failure here is a bad file
         raise CorruptPart(store.uri_of(path), f"not a readable Parquet file ({len(raw)} bytes): "
-                                              f"{type(exc).__name__}: {exc}") from None
+                                              f"{type(exc).__name__}: {exc}", path) from None
     # Conform to today's schema, so that one part and the whole dataset read with the same types.
     try:
         data = _conform(table, data, config_id)
     except StoreError as exc:
-        raise CorruptPart(store.uri_of(path), f"does not match the schema of the {table} table: {exc}") from None
+        raise CorruptPart(store.uri_of(path), f"does not match the schema of the {table} table: {exc}",
+                          path) from None
     ids = pa.array([config_id] * data.num_rows, pa.string())
     return data.add_column(0, pa.field(PARTITION, pa.string(), nullable=False), ids)
 
