@@ -25,9 +25,10 @@ from cluster.runtime import ConnectError
 from cluster.submit import SubmitError
 from jobs.spec import SpecError, load_spec
 from storage.query import QueryError, experiments, query
+from storage.retry import SettingError
 from storage.uri import StoreError, open_store
 
-USER_ERRORS = (SpecError, StoreError, QueryError)
+USER_ERRORS = (SpecError, StoreError, QueryError, SettingError)
 DEFAULT_STORE = "./results"
 LARGE_SWEEP = 10_000  # configurations; a sweep larger than this runs only with --yes
 
@@ -119,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         args.store = args.store or os.environ.get("FRAGILE_STORE") or DEFAULT_STORE
     err = Console(stderr=True)
     try:
+        from storage.lease import lease_ttl
+        from storage.retry import retry_budget
+
+        retry_budget(), lease_ttl()  # a mistyped FRAGILE_* duration is said before anything starts
         commands = {"run": cmd_run, "validate": cmd_validate, "query": cmd_query, "submit": cmd_submit,
                     "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "cluster": cmd_cluster,
                     "report": cmd_report, "data": cmd_data}

@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+from .retry import env_seconds
 from .uri import Store, StoreError, check_name, delete_file, read_bytes, write_atomic
 
 __all__ = ["LEASE", "LeaseHeld", "Lease", "acquire", "check_free", "read_lease", "TTL_ENV"]
@@ -67,12 +68,9 @@ def _path(store: Store, experiment: str) -> str:
     return store.path(check_name("experiment", experiment), LEASE)
 
 
-def _ttl() -> float:
-    raw = os.environ.get(TTL_ENV, "").strip()
-    try:
-        return float(raw) if raw else DEFAULT_TTL_S
-    except ValueError:
-        raise StoreError(f"{TTL_ENV}={raw!r} is not a number of seconds") from None
+def lease_ttl() -> float:
+    """Seconds a lease lasts without renewal (``FRAGILE_LEASE_TTL_S``, default 60)."""
+    return env_seconds(TTL_ENV, DEFAULT_TTL_S)
 
 
 def read_lease(store: Store, experiment: str) -> Holder | None:
@@ -165,7 +163,7 @@ def acquire(store: Store, experiment: str, *, force: bool = False, ttl: float | 
     """Take the lease of ``experiment`` or raise ``LeaseHeld`` naming the run that holds it.
 
     ``notice`` receives a line when a stale or forced lease is taken over (shown to the user)."""
-    ttl = _ttl() if ttl is None else ttl
+    ttl = lease_ttl() if ttl is None else ttl
     path = _path(store, experiment)
     _current(store, experiment, force, notice)
     now = time.time()

@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["is_transient", "with_retries", "retry_budget", "RETRY_BUDGET_ENV", "DEFAULT_BUDGET_S"]
+__all__ = ["is_transient", "with_retries", "retry_budget", "env_seconds", "SettingError", "RETRY_BUDGET_ENV",
+           "DEFAULT_BUDGET_S"]
 
 T = TypeVar("T")
 log = logging.getLogger("fragile.storage")
@@ -52,18 +53,27 @@ def is_transient(exc: BaseException | None) -> bool:
     return False
 
 
-def retry_budget() -> float:
-    """Seconds one storage operation may keep retrying (``FRAGILE_STORE_RETRY_S``, default 120)."""
-    raw = os.environ.get(RETRY_BUDGET_ENV, "").strip()
+class SettingError(ValueError):
+    """An environment variable of the storage layer set to something that is not a duration."""
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A duration in seconds from the environment variable `name` (unset or empty: `default`)."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_BUDGET_S
+        return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{RETRY_BUDGET_ENV}={raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise ValueError(f"{RETRY_BUDGET_ENV}={raw!r} must be >= 0 seconds")
+        raise SettingError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise SettingError(f"{name}={raw!r} must be >= 0 seconds")
     return value
+
+
+def retry_budget() -> float:
+    """Seconds one storage operation may keep retrying (``FRAGILE_STORE_RETRY_S``, default 120)."""
+    return env_seconds(RETRY_BUDGET_ENV, DEFAULT_BUDGET_S)
 
 
 def with_retries(call: Callable[[], T], *, op: str = "storage operation", uri: str = "",

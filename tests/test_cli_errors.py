@@ -165,3 +165,28 @@ def test_exact_on_a_model_too_large_for_the_task_memory_is_refused(tmp_path, cap
 def test_bad_resource_memory(tmp_path, capsys):
     assert main(["validate", _spec(tmp_path, "experiment: x\nresources: {train: {memory: lots}}\n")]) == 2
     assert "resources.train.memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["FRAGILE_STORE_RETRY_S", "FRAGILE_LEASE_TTL_S"])
+def test_a_mistyped_duration_in_the_environment(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.setenv(name, "2 minutes")
+    store = tmp_path / "store"
+    assert main(["run", str(SMOKE), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"{name}='2 minutes' is not a number of seconds" in err
+    assert not store.exists()
+
+
+def test_a_spec_file_too_large_to_be_a_spec(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text("experiment: x\n" + "# padding\n" * 120_000)
+    assert main(["validate", str(big)]) == 2
+    assert "is 1,200,014 bytes long" in capsys.readouterr().err
+
+
+def test_an_unreadable_token_file(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "gone"))
+    assert main(["status", "--address", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "RAY_AUTH_TOKEN_PATH" in err and "cannot be read" in err

@@ -133,6 +133,12 @@ def test_cluster_up_listens_on_loopback_only_and_wants_the_token(tmp_path):
         refused = subprocess.run([*fragile, "status", "--address", state.address], cwd=ROOT, env=base,
                                  capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2 and "requires a Ray token" in refused.stderr, refused.stderr
+        no_token = {k: v for k, v in {**base, **state.env()}.items() if k != "RAY_AUTH_TOKEN_PATH"}
+        driver = subprocess.run([*fragile, "run", str(ROOT / "jobs" / "specs" / "iris-smoke.yaml"), "--address",
+                                 f"127.0.0.1:{ports[0]}", "--store", str(tmp_path / "store")], cwd=ROOT, env=no_token,
+                                capture_output=True, text=True, timeout=120)
+        assert driver.returncode == 2 and "requires a token" in driver.stderr, driver.stderr[-2000:]
+        assert not (tmp_path / "store").exists()  # refused before anything was written
         allowed = subprocess.run([*fragile, "status"], cwd=ROOT, env={**base, **state.env()}, capture_output=True,
                                  text=True, timeout=60)
         assert allowed.returncode == 0, allowed.stderr
