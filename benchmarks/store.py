@@ -58,7 +58,8 @@ import pyarrow.fs as pafs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from cluster import s3server  # noqa: E402
-from jobs.coordinator import FINAL_PART, Coordinator, StatsBook  # noqa: E402
+from jobs.coordinator import FINAL_PART, Coordinator  # noqa: E402
+from jobs.stats import StatsBook  # noqa: E402
 from storage import tables  # noqa: E402
 from storage.ledger import Ledger  # noqa: E402
 from storage.query import query  # noqa: E402

@@ -30,7 +30,11 @@ class MeteredCoordinator(Coordinator):
                               tag_keys=("experiment",))
         self._spearman = Gauge("fragile_spearman", "running Spearman of estimate vs actual",
                                tag_keys=("experiment", "config", "method", "test_point"))
-        for metric in (self._tasks, self._retrains, self._rate, self._configs, self._spearman):
+        # Cells whose correlation is undefined and left out of every mean, per configuration: 1 for a collapsed
+        # network, and the number of (method, test point) solves that diverged.
+        self._left_out = Gauge("fragile_left_out", "cells left out of the means: collapsed network, diverged solves",
+                               tag_keys=("experiment", "config", "reason"))
+        for metric in (self._tasks, self._retrains, self._rate, self._configs, self._spearman, self._left_out):
             metric.set_default_tags(tags)
         self._first_retrain: float | None = None
 
@@ -74,6 +78,9 @@ class MeteredCoordinator(Coordinator):
         return summary
 
     def _set_spearman(self, config_id: str, summary: dict[str, float]) -> None:
+        for reason in ("collapsed", "diverged"):
+            if summary.get(reason):
+                self._left_out.set(summary[reason], tags={"config": config_id, "reason": reason})
         for key, value in summary.items():
             if key.startswith("spearman/") and value is not None and not math.isnan(value):
                 _, method, selection = key.split("/", 2)

@@ -17,13 +17,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import pyarrow.compute as pc
 import ray
 from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from jobs import plan, tasks
+from jobs.science import SCIENCE
 from cluster.metrics import MeteredCoordinator
+from jobs.coordinator import part_stamps
 from jobs.spec import Configuration, Spec
 from storage import tables
 from storage.checkpoints import checkpoint_exists
@@ -127,7 +128,7 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
     resumed = _resume_train(ctx, cfg, ledger) if plan.is_trained(
         ledger, cfg, checkpoint_exists(store, ctx.experiment, cfg.model_key)) else None
     if resumed is not None:
-        theta_ref, test_points, degenerate, n_train, damping = resumed
+        theta_ref, test_points, degenerate, n_train, damping, sources = resumed
         coord.task_done.remote("train", skipped=True, key=plan.task_key(cid))
     else:
         theta_ref, out_ref = train_remote.options(**_outside_trial(ctx.resources["train"], f"train {cid}")).remote(
@@ -136,8 +137,9 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
         for message in out.notices:
             coord.notice.remote(message)
         test_points, degenerate, n_train, damping = out.test_points, out.degenerate_reason, out.n_train, out.damping
+        sources = out.science
         coord.task_done.remote("train", key=plan.task_key(cid))
-    ray.get(coord.register.remote(cid, cfg.methods, test_points, degenerate))
+    ray.get(coord.register.remote(cid, cfg.methods, test_points, degenerate, sources))
     test_idx = [i for i, _ in test_points]
 
     # 2. influence estimates per (method, chunk of test points)
@@ -148,7 +150,7 @@ def run_trial(tune_config: dict, ctx: RunContext) -> None:
             store, cfg, data_ref, theta_ref, t.method, t.chunk, t.test_idx, damping)) for t in inf_tasks])
 
     # 3. which training points to retrain without (or, for group removal, which groups)
-    removed, groups = _removals(ctx, cfg, n_train, len(test_idx))
+    removed, groups = plan.removals(store, ctx.experiment, cfg, n_train, len(test_idx))
     rt_tasks = plan.retrain_tasks(cfg, removed)
     extra = len(rt_tasks) - plan.task_counts([cfg], lambda c: n_train)["retrain"]
     if extra:
@@ -189,39 +191,8 @@ def _resume_train(ctx: RunContext, cfg: Configuration, ledger: Ledger):
     test_points = list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist()))
     degenerate, n_train = models["degenerate_reason"][0].as_py(), models["n_train"][0].as_py()
     damping = tasks.effective_damping(cfg, models["min_eigenvalue"][0].as_py(), models["top_eigenvalue"][0].as_py())
-    return ray.put(state["theta"]), test_points, degenerate, n_train, damping
-
-
-def _removals(ctx: RunContext, cfg: Configuration, n: int, n_test: int) -> tuple[list[int], list | None]:
-    """The rules' training points, as a sorted union; for group removal, the group ids and their
-    (members, mode). Rules chosen by estimate read them back from the landed influence parts."""
-    import torch  # kept out of the driver's import path
-
-    from influence.scores import select_groups, select_removals
-
-    estimate = torch.empty(0, n, dtype=torch.float64)  # the other rules only need n
-    if any(r.kind in ("top_k", "percentile", "group") for r in cfg.removals):
-        inf = tables.read_table(ctx.store, ctx.experiment, "influence", config_ids=[cfg.config_id])
-        # Rank by the first method's estimates (the removal set must not depend on which methods are compared),
-        # or, where its solve diverged for some test point, by the next method's that converged for all.
-        for method in cfg.methods:
-            rows = inf.filter(pc.equal(inf["method"], method)).sort_by([("test_idx", "ascending"),
-                                                                        ("train_idx", "ascending")])
-            estimate = torch.tensor(rows["estimate"].to_numpy(zero_copy_only=False)).reshape(-1, n)
-            if not torch.isnan(estimate).any():
-                break
-        else:
-            raise ValueError(f"every method's solve diverged for some test point ({', '.join(cfg.methods)}), so the "
-                             f"points to retrain without cannot be ranked; see the influence table's diverged column")
-    if cfg.removals[0].kind == "group":
-        r = cfg.removals[0]
-        members = select_groups(estimate, r.k, r.groups, seed=cfg.seed)
-        groups = [(m, "group" if g < n_test else "random_group") for g, m in enumerate(members)]
-        return list(range(len(groups))), groups
-    removed = set()
-    for r in cfg.removals:
-        removed.update(select_removals(estimate, r.kind, k=r.k, seed=cfg.seed, indices=r.indices, at=r.at))
-    return sorted(removed), None
+    sources = part_stamps(models=models, test_points=tp)
+    return ray.put(state["theta"]), test_points, degenerate, n_train, damping, sources
 
 
 def _run_parts(ctx: RunContext, cfg: Configuration, ledger: Ledger, table: str,
@@ -266,6 +237,8 @@ class RunResult:
     progress: dict
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # config_id -> table -> science stamps other than this run's found in its parts (jobs/science.py)
+    stale: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 def write_configs(store: Store, spec: Spec, configs: list[Configuration], version: str) -> None:
@@ -278,6 +251,7 @@ def write_configs(store: Store, spec: Spec, configs: list[Configuration], versio
             "depth": [cfg.depth], "width": [cfg.width], "activation": [cfg.activation],
             "weight_decay": [cfg.weight_decay], "lr": [cfg.lr], "epochs": [cfg.epochs], "seed": [cfg.seed],
             "retrain_epochs": [cfg.retrain_epochs], "damping": [cfg.damping], "methods": [",".join(d["methods"])],
+            "science": [SCIENCE],
         })
 
 
@@ -360,6 +334,7 @@ def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: N
     finally:
         shutil.rmtree(tune_dir, ignore_errors=True)
     progress = ray.get(coord.progress.remote())
+    stale = ray.get(coord.stale_report.remote())
     on_progress(progress)
     errors = []
     for r in results:
@@ -367,7 +342,8 @@ def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: N
             cid = r.config.get("config_id", "?") if r.config else "?"
             errors.append(f"{ctx.configs[cid].label() if cid in ctx.configs else cid} [{cid}]: {_root_cause(r.error)}")
     ray.kill(coord)
-    return RunResult(results=results, progress=progress, errors=errors, seconds=time.perf_counter() - start)
+    return RunResult(results=results, progress=progress, errors=errors, seconds=time.perf_counter() - start,
+                     stale=stale)
 
 
 def _trial_name(ctx: RunContext, trial) -> str:

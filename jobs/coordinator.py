@@ -1,8 +1,8 @@
 """The coordinator: consumes landed parts and keeps the fragility statistics up to date.
 
-`StatsBook` is the plain-Python core (testable without Ray): it ingests `influence` and `retrain` parts in
-any order and in any chunking, and produces `stats` rows that equal a one-shot computation over the same
-rows. `Coordinator` is the thin Ray actor around it that also writes the snapshots and counts progress.
+`jobs.stats.StatsBook` is the plain-Python core (testable without Ray): it ingests `influence` and `retrain`
+parts in any order and in any chunking, and produces `stats` rows that equal a one-shot computation over the
+same rows. `Coordinator` is the thin Ray actor around it that also writes the snapshots and counts progress.
 
 A configuration's statistics live in one part that is replaced as results arrive: `running` while the
 configuration is in progress, `final` (with final = true) once every task landed. The `final` part is what
@@ -10,14 +10,10 @@ resume looks for, and what `stats` queries see for a finished configuration.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
-
-from influence.metrics import PairAccumulator, spearman
+from jobs.science import SCIENCE, UNSTAMPED, stamp_of
+from jobs.stats import StatsBook, parse_sources, summarise
 from storage import tables
 from storage.ledger import Ledger
 from storage.uri import Store
@@ -27,169 +23,21 @@ FINAL_PART = "final"
 TASK_KINDS = ("train", "influence", "retrain")
 
 
-@dataclass
-class _Config:
-    methods: tuple[str, ...]
-    test_points: list[tuple[int, str]]
-    degenerate_reason: str | None
-    pairs: dict[tuple[str, int], PairAccumulator] = field(default_factory=dict)
-    predicted_dtheta: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
-    actual_dtheta: dict[int, float] = field(default_factory=dict)
-    controls: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
-    diverged: set[tuple[str, int]] = field(default_factory=set)  # (method, test point) whose solve diverged
-    # Group removal: per group its members and mode and, per test point, its actual effect. A group's estimate
-    # is the sum of its members' estimates (kept in `pairs`, keyed by training point).
-    groups: dict[int, tuple[list[int], str]] = field(default_factory=dict)
-    group_actuals: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
-    snapshot: int = 0
+def part_stamps(**parts) -> dict[str, str | None]:
+    """table -> the science stamp of its (one-stamp) part, for the parts that have rows."""
+    return {table: rows["science"][0].as_py() for table, rows in parts.items() if rows.num_rows}
 
 
-class StatsBook:
-    """Incremental statistics per (configuration, method, test point)."""
-
-    def __init__(self) -> None:
-        self._configs: dict[str, _Config] = {}
-
-    def register(self, config_id: str, methods, test_points, degenerate_reason: str | None = None) -> None:
-        if config_id in self._configs:
-            return
-        c = _Config(tuple(methods), [(int(i), str(s)) for i, s in test_points], degenerate_reason)
-        for m in c.methods:
-            for t, _ in c.test_points:
-                c.pairs[(m, t)] = PairAccumulator()
-        self._configs[config_id] = c
-
-    def knows(self, config_id: str) -> bool:
-        return config_id in self._configs
-
-    def ingest(self, table: str, config_id: str, rows: pa.Table) -> None:
-        c = self._configs[config_id]
-        cols = rows.to_pydict()
-        if table == "influence":
-            by_key: dict[tuple[str, int], tuple[list, list]] = defaultdict(lambda: ([], []))
-            for m, t, i, e, p in zip(cols["method"], cols["test_idx"], cols["train_idx"], cols["estimate"],
-                                     cols["predicted_dtheta"]):
-                keys, vals = by_key[(m, t)]
-                keys.append(i)
-                vals.append(e)
-                c.predicted_dtheta[m][i] = p
-            for key, (keys, vals) in by_key.items():
-                if key in c.pairs:
-                    c.pairs[key].add_estimates(keys, vals)
-            for m, t, d in zip(cols["method"], cols["test_idx"], cols.get("diverged") or [False] * rows.num_rows):
-                if d:
-                    c.diverged.add((m, t))
-        elif table == "retrain":
-            by_test: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
-            n = rows.num_rows
-            modes, members = cols.get("mode") or [None] * n, cols.get("members") or [None] * n
-            for r, t, a, d, lr, mode, group in zip(cols["removed"], cols["test_idx"], cols["actual"], cols["dtheta"],
-                                                   cols["loss_retrained"], modes, members):
-                if r < 0:  # control replicate -(k+1)
-                    c.controls[t][-r - 1] = lr
-                    continue
-                if mode in ("group", "random_group"):
-                    c.groups[r] = (list(group or []), mode)
-                    c.group_actuals[t][r] = a
-                    continue
-                keys, vals = by_test[t]
-                keys.append(r)
-                vals.append(a)
-                c.actual_dtheta[r] = d
-            for t, (keys, vals) in by_test.items():
-                for m in c.methods:
-                    if (m, t) in c.pairs:
-                        c.pairs[(m, t)].add_actuals(keys, vals)
-        else:
-            raise ValueError(f"the coordinator consumes influence and retrain parts, not {table!r}")
-
-    def rows(self, config_id: str, *, final: bool) -> dict[str, list]:
-        """The `stats` rows of one configuration as they stand now."""
-        c = self._configs[config_id]
-        c.snapshot += 1
-        out: dict[str, list] = defaultdict(list)
-        for m in c.methods:
-            dth = self._dtheta_spearman(c, m)
-            # Top group g belongs to the g-th test point in ascending test_idx (the order the trial ranks in).
-            order = {t: g for g, t in enumerate(sorted(t for t, _ in c.test_points))}
-            for t, selection in c.test_points:
-                position = order[t]
-                acc = self._group_pairs(c, m, t, position) if c.groups else c.pairs[(m, t)]
-                s = acc.stats()
-                controls = list(c.controls.get(t, {}).values())
-                noise = float(np.std(controls, ddof=1)) if len(controls) >= 2 else math.nan
-                actual_std = float(np.std(acc.pairs()[1], ddof=1)) if acc.n >= 2 else math.nan
-                snr = actual_std / noise if noise > 0 else (math.inf if noise == 0 and actual_std > 0 else math.nan)
-                out["snr"].append(snr)
-                out["below_noise_floor"].append(bool(snr <= 1.0) if not math.isnan(snr) else None)
-                group = self._group_summary(c, t, position)
-                for k in ("group_actual", "random_group_mean", "random_group_std"):
-                    out[k].append(group[k])
-                out["method"].append(m)
-                out["test_idx"].append(t)
-                out["snapshot"].append(c.snapshot)
-                out["n"].append(s["n"])
-                for k in ("pearson", "spearman", "pearson_lo", "pearson_hi", "spearman_lo", "spearman_hi",
-                          "sign_agreement", "top10_overlap"):
-                    out[k].append(s[k])
-                out["dtheta_spearman"].append(dth)
-                out["noise_floor"].append(noise)
-                out["actual_std"].append(actual_std)
-                out["selection"].append(selection)
-                out["final"].append(final)
-                out["degenerate_reason"].append(
-                    c.degenerate_reason or (f"the {m} solve diverged for this test point" if (m, t) in c.diverged else None))
-        return dict(out)
-
-    @staticmethod
-    def _group_pairs(c: _Config, method: str, t: int, position: int) -> PairAccumulator:
-        """(Σ members' estimates, actual) over the groups retrained so far, for test point t: its own top group
-        and the random groups (another test point's top group is not about t, so it is left out)."""
-        acc = PairAccumulator()
-        single = c.pairs[(method, t)]
-        keys, sums, actuals = [], [], []
-        for g, a in c.group_actuals.get(t, {}).items():
-            members, mode = c.groups[g]
-            if mode == "group" and g != position:
-                continue
-            keys.append(g)
-            sums.append(sum(single.estimate(i) for i in members))
-            actuals.append(a)
-        acc.add_estimates(keys, sums)
-        acc.add_actuals(keys, actuals)
-        return acc
-
-    @staticmethod
-    def _group_summary(c: _Config, t: int, position: int) -> dict[str, float]:
-        nan = {"group_actual": math.nan, "random_group_mean": math.nan, "random_group_std": math.nan}
-        if not c.groups:
-            return nan
-        actuals = c.group_actuals.get(t, {})
-        rand = [a for g, a in actuals.items() if c.groups[g][1] == "random_group"]
-        return {"group_actual": actuals.get(position, math.nan),
-                "random_group_mean": float(np.mean(rand)) if rand else math.nan,
-                "random_group_std": float(np.std(rand, ddof=1)) if len(rand) >= 2 else math.nan}
-
-    @staticmethod
-    def _dtheta_spearman(c: _Config, method: str) -> float:
-        pred = c.predicted_dtheta.get(method, {})
-        keys = sorted(set(pred) & set(c.actual_dtheta))
-        if len(keys) < 3:
-            return math.nan
-        return spearman([pred[k] for k in keys], [c.actual_dtheta[k] for k in keys])
-
-
-def summarise(rows: dict[str, list]) -> dict[str, float]:
-    """A few scalars of one configuration's stats rows, for Tune and the console."""
-    out: dict[str, float] = {}
-    sp = [v for v in rows.get("spearman", []) if v is not None and not math.isnan(v)]
-    pe = [v for v in rows.get("pearson", []) if v is not None and not math.isnan(v)]
-    out["spearman_mean"] = float(np.mean(sp)) if sp else math.nan
-    out["pearson_mean"] = float(np.mean(pe)) if pe else math.nan
-    out["pairs"] = float(sum(rows.get("n", [])))
-    for m, sel, s in zip(rows.get("method", []), rows.get("selection", []), rows.get("spearman", [])):
-        out[f"spearman/{m}/{sel}"] = s
-    return out
+def final_sources(rows: dict[str, list]) -> dict[str, set[str]]:
+    """table -> stamps of what a final stats part was computed from, and of the part itself (nothing for an
+    empty part). A part written before stamps existed has no inputs recorded: its tables read as unstamped."""
+    if not rows.get("method"):
+        return {}
+    inputs = (rows.get("science_inputs") or [None])[0]
+    sources = parse_sources(inputs) if inputs else {t: {UNSTAMPED} for t in ("models", "test_points", "influence",
+                                                                            "retrain")}
+    sources["stats"] = {stamp_of(v) for v in set(rows.get("science") or [None])}
+    return sources
 
 
 class Coordinator:
@@ -223,6 +71,8 @@ class Coordinator:
         self.configs_total = configs_total
         self.notices: list[str] = []
         self.recovered = 0  # configurations whose statistics were rebuilt from the store
+        # config_id -> table -> science stamps other than this run's found among its parts (see jobs/science.py)
+        self.stale: dict[str, dict[str, set[str]]] = {}
         if initial is not None and self._replacement():
             self._recount()
 
@@ -246,6 +96,13 @@ class Coordinator:
             self.skipped[kind] |= set(keys) & self.initial[kind]
             self.done[kind] |= set(keys) - self.initial[kind]
         self.finished |= {cid for cid in self.methods if ledger.done("stats", cid, FINAL_PART)}
+        for cid in sorted(self.finished):  # which code wrote them: what the one that died had seen
+            try:
+                rows = tables.read_part(self.store, tables.part_path(self.store, self.experiment, "stats", cid,
+                                                                     FINAL_PART)).to_pydict()
+            except tables.CorruptPart:
+                continue
+            self._note_stale(cid, final_sources(rows))
         self.notices.append("the coordinator was restarted; its statistics are rebuilt from the parts in the store")
 
     # -- progress -------------------------------------------------------------------------------
@@ -286,16 +143,43 @@ class Coordinator:
             totals[k] = max(totals[k], done[k] + skipped[k])
         return {"totals": totals, "done": done, "skipped": skipped, "failed": dict(self.failed),
                 "configs_done": len(self.finished), "configs_total": self.configs_total,
-                "notices": list(self.notices)}
+                "notices": list(self.notices), "stale": self._stale_counts()}
+
+    # -- which code wrote the parts -------------------------------------------------------------
+    def _note_stale(self, config_id: str, sources: dict[str, set[str]]) -> None:
+        """Remember the stamps of `sources` (table -> stamps) that are not this run's; the first time a table
+        shows one, tell the user."""
+        for table, stamps in sources.items():
+            others = set(stamps) - {SCIENCE}
+            if not others:
+                continue
+            if not any(table in seen for seen in self.stale.values()):
+                self.notices.append(
+                    f"parts of the {table} table were written by another version of the science code "
+                    f"({', '.join(sorted(others))}; this run is {SCIENCE}): results mix versions until "
+                    f"`fragile run --recompute-stale` computes them again")
+            self.stale.setdefault(config_id, {}).setdefault(table, set()).update(others)
+
+    def _stale_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for per_table in self.stale.values():
+            for table in per_table:
+                counts[table] += 1
+        return dict(sorted(counts.items()))
+
+    def stale_report(self) -> dict[str, dict[str, list[str]]]:
+        """config_id -> table -> the other science stamps found in its parts (empty: nothing stale seen)."""
+        return {cid: {t: sorted(v) for t, v in sorted(per.items())} for cid, per in sorted(self.stale.items())}
 
     @property
     def configs_done(self) -> int:
         return len(self.finished)
 
     # -- statistics -----------------------------------------------------------------------------
-    def register(self, config_id: str, methods, test_points, degenerate_reason=None) -> None:
+    def register(self, config_id: str, methods, test_points, degenerate_reason=None, sources=None) -> None:
         self.methods.setdefault(config_id, tuple(methods))
-        self.book.register(config_id, methods, test_points, degenerate_reason)
+        self.book.register(config_id, methods, test_points, degenerate_reason, sources)
+        self._note_stale(config_id, self.book.sources(config_id))
 
     def _known(self, config_id: str) -> None:
         """Make sure the book knows `config_id`: a replacement coordinator rebuilds it from the store (its test
@@ -310,7 +194,7 @@ class Coordinator:
                                                               "model"))
         self.book.register(config_id, self.methods[config_id],
                            list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist())),
-                           model["degenerate_reason"][0].as_py())
+                           model["degenerate_reason"][0].as_py(), part_stamps(models=model, test_points=tp))
         ledger = Ledger(self.store, self.experiment)
         for table in ("influence", "retrain"):
             for part in ledger.parts(table, config_id):
@@ -320,6 +204,7 @@ class Coordinator:
                 except tables.CorruptPart:
                     continue  # the trial finds it when it announces the part, and has it recomputed
                 self.book.ingest(table, config_id, rows)
+        self._note_stale(config_id, self.book.sources(config_id))
         self.recovered += 1
 
     def ingest(self, table: str, config_id: str, path: str) -> dict[str, float]:
@@ -335,6 +220,7 @@ class Coordinator:
             self.notices.append(message)
             return {"set_aside": message}
         self.book.ingest(table, config_id, part)
+        self._note_stale(config_id, {table: {stamp_of(v) for v in set(part["science"].to_pylist())}})
         if table != "retrain":
             return {}
         self.retrains_landed += len({r for r in part["removed"].to_pylist() if r >= 0})
@@ -364,4 +250,5 @@ class Coordinator:
         for kind, keys in tasks.items():
             self.skipped[kind].update(keys)
         self.finished.add(config_id)
+        self._note_stale(config_id, final_sources(rows))
         return summarise(rows)

@@ -1,7 +1,9 @@
 """Configuration -> task graph: train -> influence chunks -> retrain chunks.
 
-Pure functions: which tasks a configuration needs, under which part names, and which of them the
-ledger already holds. The sweep (cluster/sweep.py) walks this plan and schedules only what is missing.
+Which tasks a configuration needs, under which part names, which of them the ledger already holds, and which
+training points to retrain without (`removals`, which reads the landed estimates when a rule ranks by them).
+The sweep (cluster/sweep.py) walks this plan and schedules only what is missing. Part of the science code
+(jobs/science.py).
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from typing import Callable
 from jobs.coordinator import FINAL_PART
 from jobs.spec import Configuration
 from jobs.tasks import influence_part_name, retrain_part_name
+from storage import tables
 from storage.ledger import Ledger
+from storage.uri import Store
 
 def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)] or []
@@ -47,6 +51,39 @@ def influence_tasks(cfg: Configuration, test_idx: list[int]) -> list[InfluenceTa
 
 def retrain_tasks(cfg: Configuration, removed: list[int]) -> list[RetrainTask]:
     return [RetrainTask(k, c) for k, c in enumerate(chunks(sorted(removed), cfg.retrain_chunk))]
+
+
+def removals(store: Store, experiment: str, cfg: Configuration, n: int, n_test: int) -> tuple[list[int], list | None]:
+    """The rules' training points, as a sorted union; for group removal, the group ids and their
+    (members, mode). Rules chosen by estimate read them back from the landed influence parts."""
+    import pyarrow.compute as pc
+    import torch
+
+    from influence.scores import select_groups, select_removals
+
+    estimate = torch.empty(0, n, dtype=torch.float64)  # the other rules only need n
+    if any(r.kind in ("top_k", "percentile", "group") for r in cfg.removals):
+        inf = tables.read_table(store, experiment, "influence", config_ids=[cfg.config_id])
+        # Rank by the first method's estimates (the removal set must not depend on which methods are compared),
+        # or, where its solve diverged for some test point, by the next method's that converged for all.
+        for method in cfg.methods:
+            rows = inf.filter(pc.equal(inf["method"], method)).sort_by([("test_idx", "ascending"),
+                                                                        ("train_idx", "ascending")])
+            estimate = torch.tensor(rows["estimate"].to_numpy(zero_copy_only=False)).reshape(-1, n)
+            if not torch.isnan(estimate).any():
+                break
+        else:
+            raise ValueError(f"every method's solve diverged for some test point ({', '.join(cfg.methods)}), so the "
+                             f"points to retrain without cannot be ranked; see the influence table's diverged column")
+    if cfg.removals[0].kind == "group":
+        r = cfg.removals[0]
+        members = select_groups(estimate, r.k, r.groups, seed=cfg.seed)
+        groups = [(m, "group" if g < n_test else "random_group") for g, m in enumerate(members)]
+        return list(range(len(groups))), groups
+    removed = set()
+    for r in cfg.removals:
+        removed.update(select_removals(estimate, r.kind, k=r.k, seed=cfg.seed, indices=r.indices, at=r.at))
+    return sorted(removed), None
 
 
 def n_test_points(cfg: Configuration) -> int:

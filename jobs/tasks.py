@@ -23,6 +23,7 @@ from influence.models import MLP, build_model
 from influence.objective import per_example_loss
 from influence.scores import influence_estimates, select_test_points
 from influence.train import group_weights, removal_weights, retrain_batched, retrain_loop, train
+from jobs.science import SCIENCE
 from jobs.spec import Configuration
 from storage import tables
 from storage.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
@@ -153,6 +154,7 @@ class TrainOutput:
     degenerate_reason: str | None
     trained: bool  # False when θ̂ came from a stored checkpoint
     notices: tuple[str, ...] = ()  # what the user should hear (a bad checkpoint set aside)
+    science: dict[str, str | None] | None = None  # table -> the science stamp of the parts it wrote
 
 
 def checkpoint_problem(state: dict, cfg: Configuration, n_params: int) -> str | None:
@@ -214,7 +216,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
         theta, grad_norm, objective = result.theta.detach(), result.grad_norm, result.objective
         seconds = result.seconds
         state = {"theta": theta.cpu(), "grad_norm": grad_norm, "objective": objective, "seconds": seconds,
-                 "model_key": cfg.model_key, "configuration": cfg.to_dict()}
+                 "model_key": cfg.model_key, "configuration": cfg.to_dict(), "science": SCIENCE}
         checkpoint = save_checkpoint(store, cfg.experiment, cfg.model_key, state)
     else:
         theta = state["theta"].to(device)
@@ -237,17 +239,21 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
         "min_eigenvalue": [min_eig], "n_params": [model.n_params], "n_train": [data.n_train],
         "seconds": [seconds if trained else time.perf_counter() - start], "checkpoint": [checkpoint],
         "degenerate": [reason is not None], "degenerate_reason": [reason],
+        # θ̂ is what this row describes: a reused checkpoint keeps the stamp of the code that trained it
+        "science": [SCIENCE if trained else state.get("science")],
     })
 
     chosen = select_test_points(test_losses, [r.rule() for r in cfg.test_points], seed=cfg.seed)
     idx = [i for i, _ in chosen]
     tables.write_part(store, cfg.experiment, "test_points", cfg.config_id, "test_points", {
         "test_idx": idx, "loss": [float(test_losses[i]) for i in idx],
-        "label": [int(labels[i]) for i in idx], "selection": [s for _, s in chosen],
+        "label": [int(labels[i]) for i in idx], "selection": [s for _, s in chosen], "science": [SCIENCE] * len(idx),
     })
     return theta.cpu(), TrainOutput(test_points=chosen, n_train=data.n_train,
                                     damping=effective_damping(cfg, min_eig, top_eig), degenerate_reason=reason,
-                                    trained=trained, notices=(notice,) if notice else ())
+                                    trained=trained, notices=(notice,) if notice else (),
+                                    science={"models": SCIENCE if trained else state.get("science"),
+                                             "test_points": SCIENCE})
 
 
 def _spectrum(cfg: Configuration, model, theta: torch.Tensor, data: Dataset) -> tuple[float, float]:
@@ -329,6 +335,7 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
             "residual": per_test(inf.residual),
             "diverged": per_test(inf.diverged),
             "seconds": [seconds / max(T, 1)] * (T * n),
+            "science": [SCIENCE] * (T * n),
         }
         return tables.write_part(store, cfg.experiment, "influence", cfg.config_id, part, rows)
     except Exception as exc:  # noqa: BLE001
@@ -457,5 +464,6 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups) ->
         "seconds": [seconds / weights.shape[0]] * (len(rows_k) * T),
         "group_size": np.repeat(np.asarray(sizes, dtype=np.int64), T),
         "members": [m for m in members for _ in range(T)],
+        "science": [SCIENCE] * (len(rows_k) * T),
     }
     return tables.write_part(store, cfg.experiment, "retrain", cfg.config_id, part, rows)

@@ -65,21 +65,21 @@ TABLES: dict[str, pa.Schema] = {
         # Flat copies of the common fields, so SQL can group by them without JSON functions.
         ("dataset", _str), ("model", _str), ("depth", _i64), ("width", _i64), ("activation", _str),
         ("weight_decay", _f64), ("lr", _f64), ("epochs", _i64), ("seed", _i64), ("retrain_epochs", _i64),
-        ("damping", _f64), ("methods", _str),
+        ("damping", _f64), ("methods", _str), ("science", _str),
     ]),
     "models": pa.schema([
         _key("model_key", _str), ("train_loss", _f64), ("test_loss", _f64), ("test_accuracy", _f64),
         ("train_accuracy", _f64), ("objective", _f64), ("grad_norm", _f64), ("top_eigenvalue", _f64),
         ("min_eigenvalue", _f64), ("n_params", _i64), ("n_train", _i64), ("seconds", _f64),
-        ("checkpoint", _str), ("degenerate", _bool), ("degenerate_reason", _str),
+        ("checkpoint", _str), ("degenerate", _bool), ("degenerate_reason", _str), ("science", _str),
     ]),
     "test_points": pa.schema([
-        _key("test_idx", _i64), ("loss", _f64), ("label", _i64), ("selection", _str),
+        _key("test_idx", _i64), ("loss", _f64), ("label", _i64), ("selection", _str), ("science", _str),
     ]),
     "influence": pa.schema([
         _key("method", _str), _key("test_idx", _i64), _key("train_idx", _i64), ("estimate", _f64),
         ("predicted_dtheta", _f64), ("damping", _f64), ("iterations", _i64), ("residual", _f64),
-        ("diverged", _bool), ("seconds", _f64),
+        ("diverged", _bool), ("seconds", _f64), ("science", _str),
     ]),
     "retrain": pa.schema([
         # removed: a training index; negative = control replicate (-1 first control, -2 second, ...).
@@ -87,7 +87,7 @@ TABLES: dict[str, pa.Schema] = {
         ("actual", _f64), ("dtheta", _f64), ("mode", _str), ("epochs", _i64), ("seed", _i64),
         ("seconds", _f64),
         # Group removal: removed is the group id, members the removed training points (null otherwise).
-        ("group_size", _i64), ("members", pa.list_(_i64)),
+        ("group_size", _i64), ("members", pa.list_(_i64)), ("science", _str),
     ]),
     "stats": pa.schema([
         _key("method", _str), _key("test_idx", _i64), _key("snapshot", _i64), ("n", _i64),
@@ -101,6 +101,12 @@ TABLES: dict[str, pa.Schema] = {
         # Group removal: the test loss change of removing this test point's top group, and the mean and
         # spread of the random groups' changes (the reference it is compared with).
         ("group_actual", _f64), ("random_group_mean", _f64), ("random_group_std", _f64),
+        # Cells whose correlations are undefined and left out of every mean (their correlation columns are
+        # NaN): the network collapsed to a constant predictor, or this method's solve diverged.
+        ("collapsed", _bool), ("diverged", _bool),
+        # science: the version of the science code that computed the row (jobs/science.py); science_inputs:
+        # "table=version" for every version among the parts it was computed from, ";"-separated.
+        ("science", _str), ("science_inputs", _str),
     ]),
 }
 

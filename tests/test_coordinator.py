@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from influence.metrics import pearson, spearman
-from jobs.coordinator import StatsBook, summarise
+from jobs.stats import StatsBook, summarise
 
 N, TESTS = 40, (3, 7)
 

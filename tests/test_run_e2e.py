@@ -12,7 +12,9 @@ import pytest
 from influence.metrics import pearson, spearman
 from jobs.cli import main
 from jobs.spec import load_spec
+from jobs.science import SCIENCE
 from storage import tables
+from storage.ledger import Ledger
 from storage.query import query
 from storage.uri import open_store
 
@@ -53,6 +55,19 @@ def test_every_table_written_with_expected_rows(smoke_run):
     models = tables.read_table(store, spec.experiment, "models")
     for uri in models["checkpoint"].to_pylist():
         assert store.fs.get_file_info(uri).size > 0
+
+
+def test_every_part_and_checkpoint_carries_the_science_stamp(smoke_run):
+    from storage.checkpoints import load_checkpoint
+
+    store, spec = smoke_run
+    for table in TABLES:
+        assert set(tables.read_table(store, spec.experiment, table)["science"].to_pylist()) == {SCIENCE}, table
+    stats = tables.read_table(store, spec.experiment, "stats")
+    assert set(stats["science_inputs"].to_pylist()) == {
+        f"influence={SCIENCE};models={SCIENCE};retrain={SCIENCE};test_points={SCIENCE}"}
+    for cfg in spec.configurations():
+        assert load_checkpoint(store, spec.experiment, cfg.model_key)["science"] == SCIENCE
 
 
 def test_final_stats_equal_one_shot_recomputation(smoke_run):
@@ -102,14 +117,109 @@ def test_actual_is_retrained_minus_control_and_controls_give_noise_floor(smoke_r
         assert row.noise_floor == pytest.approx(float(np.std(losses, ddof=1)), rel=1e-9, abs=1e-300)
 
 
-def test_second_run_schedules_nothing_and_changes_no_row(smoke_run, capsys):
+def test_second_run_schedules_nothing_and_changes_no_row(smoke_run, capsys, monkeypatch):
+    """...and its output fits 80 columns with every id and number whole."""
     store, spec = smoke_run
     before = _counts(store, spec.experiment)
+    monkeypatch.setenv("COLUMNS", "80")
     capsys.readouterr()
     assert main(["run", str(SMOKE), "--store", store.uri]) == 0
     out = capsys.readouterr().out
     assert "0 tasks run" in out
     assert _counts(store, spec.experiment) == before
+    assert "…" not in out and "..." not in out
+    for cfg in spec.configurations():
+        assert f"[{cfg.config_id}]" in out  # each configuration's line names its id, unbroken
+    table = out[out.index("Spearman and Pearson"):out.index("ρ, r: Spearman")]
+    headers = ["depth", "wd", "test", "point", "method", "ρ", "r", "‖Δθ‖", "min snr", "seeds", "coll.", "div."]
+    assert all(h in table for h in headers) and "-- row" not in table  # every column shown, as a table
+    rows = [line.split() for line in table.splitlines() if line.strip().startswith(("1 ", "2 "))]
+    assert len(rows) == 2 * 2 * 2 * 5 and all(row[-3] == "1/1" for row in rows)
+    assert max(len(line.rstrip()) for line in table.splitlines()) <= 80
+
+
+def _copy_store(store, tmp_path):
+    import shutil
+
+    shutil.copytree(store.uri, tmp_path / "copy")
+    return open_store(str(tmp_path / "copy"))
+
+
+@pytest.mark.slow
+def test_a_run_that_finds_parts_of_another_science_version_says_so_and_recomputes_them(smoke_run, tmp_path, capsys):
+    """One configuration was left half done by an older version (its retrain parts unstamped, as a store
+    written before stamps existed reads, and no final statistics): the resumed run completes it, warns that
+    its results mix versions and names the table; the warning persists in later runs; --recompute-stale sets
+    its parts aside and computes them again, after which the statistics equal a clean run's."""
+    store, spec = smoke_run
+    store = _copy_store(store, tmp_path)
+    cid = spec.configurations()[1].config_id
+    clean = tables.read_table(store, spec.experiment, "stats", config_ids=[cid]).to_pandas()
+    path = tables.part_path(store, spec.experiment, "retrain", cid, "retrain-00000")
+    old = tables.read_part(store, path).drop_columns(["config_id", "science"])
+    tables.write_part(store, spec.experiment, "retrain", cid, "retrain-00000", old)
+    assert tables.delete_part(store, spec.experiment, "stats", cid, "final")
+    capsys.readouterr()
+    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "parts of the retrain table were written by another version of the science code (unstamped" in out
+    assert "1 configuration(s) hold parts written by another version" in out and "retrain (1)" in out
+    assert "--recompute-stale" in out
+    stats = tables.read_table(store, spec.experiment, "stats", config_ids=[cid])
+    assert "unstamped" in stats["science_inputs"][0].as_py()
+    assert main(["run", str(SMOKE), "--store", store.uri]) == 0  # finished now, still mixed: still said
+    assert "1 configuration(s) hold parts written by another version" in " ".join(capsys.readouterr().out.split())
+
+    assert main(["run", str(SMOKE), "--store", store.uri, "--recompute-stale"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "files set aside under" in out and "hold parts written by another version" in out
+    assert "warning:" not in out
+    set_aside = list((tmp_path / "copy" / spec.experiment / "_set_aside").rglob("*.parquet.*"))
+    assert any("retrain-00000" in p.name for p in set_aside)  # kept, not deleted
+    after = tables.read_table(store, spec.experiment, "stats", config_ids=[cid]).to_pandas()
+    cols = ["method", "test_idx", "n", "spearman", "pearson", "noise_floor"]
+    assert after[cols].sort_values(cols[:2]).reset_index(drop=True).equals(
+        clean[cols].sort_values(cols[:2]).reset_index(drop=True))
+    assert main(["run", str(SMOKE), "--store", store.uri, "--recompute-stale"]) == 0
+    assert "every stored part of iris-smoke was written by this version" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_finished_configuration_of_a_store_older_than_stamps_is_recomputed_in_one_pass(smoke_run, tmp_path,
+                                                                                          capsys):
+    """Every part and the checkpoint of one configuration as a store written before stamps: a plain run warns
+    (all its tables), one --recompute-stale retrains it from scratch (the old checkpoint set aside, not reused),
+    and nothing is stale afterwards."""
+    from storage.checkpoints import load_checkpoint, save_checkpoint
+
+    store, spec = smoke_run
+    store = _copy_store(store, tmp_path)
+    cfg = spec.configurations()[2]
+    cid = cfg.config_id
+    for table in ("models", "test_points", "influence", "retrain", "stats"):
+        for part in Ledger(store, spec.experiment).parts(table, cid):
+            rows = tables.read_part(store, tables.part_path(store, spec.experiment, table, cid, part))
+            drop = ["config_id", "science"] + (["science_inputs", "collapsed", "diverged"] if table == "stats" else [])
+            tables.write_part(store, spec.experiment, table, cid, part, rows.drop_columns(drop))
+    state = load_checkpoint(store, spec.experiment, cfg.model_key)
+    state.pop("science")
+    save_checkpoint(store, spec.experiment, cfg.model_key, state)
+    clean = tables.read_table(store, spec.experiment, "stats", config_ids=[cid]).to_pandas()
+    capsys.readouterr()
+    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 configuration(s) hold parts written by another version of the science code (unstamped" in out
+    assert all(f"{t} (1)" in out for t in ("influence", "models", "retrain", "stats", "test_points"))
+    assert main(["run", str(SMOKE), "--store", store.uri, "--recompute-stale"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning:" not in out
+    assert load_checkpoint(store, spec.experiment, cfg.model_key)["science"] == SCIENCE  # trained again
+    after = tables.read_table(store, spec.experiment, "stats", config_ids=[cid]).to_pandas()
+    cols = ["method", "test_idx", "n", "spearman", "pearson", "noise_floor"]
+    assert after[cols].sort_values(cols[:2]).reset_index(drop=True).equals(
+        clean[cols].sort_values(cols[:2]).reset_index(drop=True))
+    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    assert "warning:" not in capsys.readouterr().out
 
 
 def test_query_cli_formats(smoke_run, capsys):
@@ -234,6 +344,16 @@ def test_cluster_up_submit_query_down(smoke_run, tmp_path, monkeypatch, capsys):
                 break
             time.sleep(2)
         assert "SUCCEEDED" in out, out
+        # at 80 columns the job id stays whole (it is pasted into logs/stop); csv and json for scripts
+        monkeypatch.setenv("COLUMNS", "80")
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert job in out and "…" not in out
+        assert main(["status", "--format", "json"]) == 0
+        assert job in [r["job"] for r in json.loads(capsys.readouterr().out)]
+        assert main(["status", job, "--format", "csv"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "job,status,started,entrypoint,message" and lines[1].startswith(f"{job},SUCCEEDED,")
         # The S3 results equal the local run's, estimate for estimate and statistic for statistic.
         sql = ("select config_id, method, test_idx, train_idx, estimate from influence order by all",
                "select config_id, method, test_idx, n, spearman, pearson, noise_floor from stats order by all")
