@@ -151,14 +151,20 @@ def status(address: str, job_id: str | None = None) -> list[dict]:
         except RuntimeError as exc:
             raise _explain(exc, f"cannot list the jobs at {address}") from None
     return [{"job": i.submission_id or i.job_id, "status": str(getattr(i.status, "value", i.status)),
-             "entrypoint": i.entrypoint, "message": _last_line(i.message)} for i in infos]
+             "started": _utc(i.start_time), "entrypoint": i.entrypoint, "message": _last_line(i.message)}
+            for i in infos]
 
 
-def _last_line(message: str | None, limit: int = 160) -> str:
-    """A failed job's message ends with its traceback; its last line says what went wrong."""
+def _utc(ms: int | None) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ms else ""
+
+
+def _last_line(message: str | None) -> str:
+    """A failed job's message ends with its traceback; its last line (whole) says what went wrong."""
     lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
-    text = lines[-1] if lines else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return lines[-1] if lines else ""
 
 
 def logs(address: str, job_id: str, *, follow: bool = False, out=print) -> None:

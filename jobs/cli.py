@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true",
                    help="take over the experiment's lease from another run that seems to hold it")
     r.add_argument("--yes", action="store_true", help=f"run a sweep of more than {LARGE_SWEEP:,} configurations")
+    r.add_argument("--recompute-stale", action="store_true",
+                   help="set aside (keep, under _set_aside/) and compute again every configuration whose stored "
+                        "parts were written by another version of the science code")
 
     v = sub.add_parser("validate", help="check a spec, print its configurations and task counts")
     v.add_argument("spec")
@@ -74,9 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=None, help="results store as the cluster sees it, e.g. s3://bucket/prefix "
                                                   "(default: the store `fragile cluster up` printed)")
     s.add_argument("--yes", action="store_true", help=f"submit a sweep of more than {LARGE_SWEEP:,} configurations")
+    s.add_argument("--recompute-stale", action="store_true",
+                   help="the job recomputes configurations whose parts another version of the science code wrote")
     st = sub.add_parser("status", help="status of one job, or of every job on the cluster")
     st.add_argument("job", nargs="?")
     st.add_argument("--address", default=None)
+    st.add_argument("--format", choices=("table", "csv", "json"), default="table")
     lg = sub.add_parser("logs", help="a job's output")
     lg.add_argument("job")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
@@ -109,8 +116,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _commands_text(parser: argparse.ArgumentParser) -> str:
+    """`fragile` alone: what each command does, one line each."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lines = [f"usage: fragile COMMAND ...   ({parser.description})", "", "commands:"]
+    width = max(len(c.dest) for c in sub._choices_actions)
+    lines += [f"  {c.dest:<{width}}  {c.help}" for c in sub._choices_actions]
+    lines += ["", "fragile COMMAND --help says more; start with: fragile run jobs/specs/iris-smoke.yaml"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(_commands_text(parser))
+        return 2
+    args = parser.parse_args(argv)
     if args.command == "run" and not args.address:
         from cluster.runtime import prepare_embedded
 
@@ -200,7 +222,7 @@ def _check_feasible(spec, configs, data_of) -> None:
 def cmd_run(args) -> int:
     spec = load_spec(args.spec, max_configurations=None if args.yes else LARGE_SWEEP)
     store = open_store(args.store, create=False)
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = _console()
     from cluster.runtime import connect
     from jobs.tasks import dataset_key, load_datasets
     from storage.lease import acquire, check_free
@@ -218,11 +240,27 @@ def cmd_run(args) -> int:
                         notice=lambda line: console.print(f"note: {line}", markup=False, highlight=False,
                                                           soft_wrap=True))
         try:
+            if args.recompute_stale:
+                _recompute_stale(spec, store, console)
             return _run(args, spec, store, loaded, console)
         finally:
             lease.release()
     finally:
         runtime.close()
+
+
+def _recompute_stale(spec, store, console) -> None:
+    from jobs.stale import describe, find_stale, set_aside_stale
+
+    configs = spec.configurations()
+    stale = find_stale(store, spec.experiment, configs)
+    if not stale:
+        console.print(f"every stored part of {spec.experiment} was written by this version of the science code",
+                      highlight=False)
+        return
+    moved = set_aside_stale(store, spec.experiment, configs, stale)
+    console.print(f"{describe(stale)}: {moved} files set aside under {store.uri}/{spec.experiment}/_set_aside/ "
+                  f"and computed again", highlight=False, soft_wrap=True)
 
 
 def _run(args, spec, store, loaded, console) -> int:
@@ -238,12 +276,13 @@ def _run(args, spec, store, loaded, console) -> int:
                         TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
     bars = {k: progress.add_task(k, total=None, note="") for k in ("configurations", "train", "influence", "retrain")}
 
-    shown = [0]  # notices printed so far
+    shown: set[str] = set()  # notices printed so far (a restarted coordinator starts its list again)
 
     def on_progress(p: dict) -> None:
-        for line in p.get("notices", [])[shown[0]:]:
-            progress.console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
-        shown[0] = max(shown[0], len(p.get("notices", [])))
+        for line in p.get("notices", []):
+            if line not in shown:
+                shown.add(line)
+                progress.console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
         progress.update(bars["configurations"], completed=p["configs_done"], total=p["configs_total"])
         for kind in ("train", "influence", "retrain"):
             skipped = p["skipped"][kind]
@@ -254,7 +293,12 @@ def _run(args, spec, store, loaded, console) -> int:
         parts = [f"{k.split('/', 1)[1]} {v:+.2f}" for k, v in sorted(result.items())
                  if k.startswith("spearman/") and isinstance(v, float) and not math.isnan(v)]
         tag = " (already in the store)" if result.get("skipped") else ""
-        progress.console.print(f"{cfg.label()}: Spearman {', '.join(parts) or 'undefined'}{tag}", markup=False)
+        if result.get("collapsed"):
+            tag = f"; collapsed to a constant predictor, left out of the means{tag}"
+        elif result.get("diverged"):
+            tag = f"; {int(result['diverged'])} diverged solve(s), left out of the means{tag}"
+        progress.console.print(f"{cfg.label()} [{cfg.config_id}]: Spearman {', '.join(parts) or 'undefined'}{tag}",
+                               markup=False, highlight=False)
 
     with progress:
         res = run_sweep(spec, store, version=project_version(), on_progress=on_progress,
@@ -262,17 +306,31 @@ def _run(args, spec, store, loaded, console) -> int:
     p = res.progress
     ran, skipped = sum(p["done"].values()), sum(p["skipped"].values())
     console.print(f"{ran} tasks run, {skipped} skipped (already in the store), {res.seconds:.0f} s")
+    if res.stale:
+        from jobs.stale import describe
+
+        console.print(f"[bold yellow]warning:[/] {escape(describe(res.stale))}; their results mix versions. "
+                      f"Recompute them with: {escape(f'fragile run {shlex.quote(args.spec)} --recompute-stale')}",
+                      highlight=False, soft_wrap=True)
     if res.errors:
         for e in res.errors:
             console.print(f"[red]failed:[/] {escape(e)}", highlight=False)
         console.print(f"{len(res.errors)} configuration(s) failed; fix the cause and rerun the same command: "
                       "parts that landed are kept and only missing ones are computed")
         return 1
-    for title, tbl in summary_tables(store, spec):
-        _print_table(console, tbl, title=f"Spearman and Pearson {title} (mean over seeds)")
+    for title, names, tbl in summary_tables(store, spec):
+        _print_summary(console, f"Spearman and Pearson {title}", names, tbl)
+    console.print(SUMMARY_CAPTION, highlight=False, soft_wrap=False)
     console.print(f"results: {store.uri}/{spec.experiment}  (try: fragile query \"select * from stats\" "
                   f"--store {args.store} --experiment {spec.experiment})")
     return 0
+
+
+def _console() -> Console:
+    """The terminal's width, or $COLUMNS; 120 when the output goes to a file or a pipe (a log stays readable)."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+        return Console()
+    return Console(width=120)
 
 
 def _experiment(args, store) -> str:
@@ -305,7 +363,7 @@ def cmd_query(args) -> int:
     elif args.format == "json":
         print(json.dumps(result.to_pylist(), default=str, indent=1))
     else:
-        _print_table(Console(), result)
+        _print_table(_console(), result)
     return 0
 
 
@@ -322,7 +380,8 @@ def cmd_submit(args) -> int:
     if not store:
         raise UsageError("say where the cluster should write results: --store s3://bucket/prefix "
                          "(or export FRAGILE_STORE as `fragile cluster up` prints it)")
-    job = submit.submit(args.spec, _address(args), store, extra_args=("--yes",) if args.yes else ())
+    extra = (("--yes",) if args.yes else ()) + (("--recompute-stale",) if args.recompute_stale else ())
+    job = submit.submit(args.spec, _address(args), store, extra_args=extra)
     console = Console()
     console.print(f"submitted {spec.experiment} as job [bold]{job.job_id}[/]")
     console.print(f"dashboard: {job.dashboard}", highlight=False)
@@ -334,13 +393,27 @@ def cmd_status(args) -> int:
     from cluster import submit
 
     rows = submit.status(_address(args), args.job)
-    console = Console()
-    t = Table(title=f"jobs at {_address(args)}")
-    for col in ("job", "status", "entrypoint", "message"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(r["job"], r["status"], r["entrypoint"], r["message"])
-    console.print(t)
+    if args.format == "json":
+        print(json.dumps(rows, indent=1))
+        return 0
+    if args.format == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=["job", "status", "started", "entrypoint", "message"])
+        writer.writeheader()
+        writer.writerows(rows)
+        return 0
+    headers = ["job", "status", "started", "entrypoint", "message"]
+    cells = [[r[h] for h in headers] for r in rows]
+    t = _table()
+    for k, col in enumerate(headers):
+        if col in ("job", "status", "started"):  # ids and times whole on one line
+            _column(t, col, [c[k] for c in cells], justify="left")
+        else:  # the entrypoint and the message wrap
+            t.add_column(col, justify="left", overflow="fold")
+    for c in cells:
+        t.add_row(*c)
+    _show(_console(), t, headers, cells, f"jobs at {_address(args)}")
     return 0
 
 
@@ -412,13 +485,80 @@ def _dir_flag(args) -> str:
     return f" --dir {shlex.quote(args.dir)}" if args.dir else ""
 
 
+def _table() -> Table:
+    """A rich table that fits a narrow terminal: light borders, one space (the border) between columns. Cells
+    wrap at spaces, never with an ellipsis; `_show` prints rows as blocks where the columns cannot fit."""
+    return Table(box=box.SIMPLE_HEAD, padding=(0, 0, 0, 0), pad_edge=False, collapse_padding=True)
+
+
+def _column(t: Table, name: str, values: list[str], justify: str = "right") -> None:
+    """A column whose cells never break inside a word: its minimum width is its longest value (ids, numbers) or
+    the longest word of its header, which may wrap at spaces."""
+    widest = max([len(v) for v in values] + [len(w) for w in name.split()] + [1])
+    t.add_column(name, justify=justify, overflow="fold", min_width=widest)
+
+
+def _show(console: Console, t: Table, headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    """Print the table if every column fits the terminal; otherwise one block per row, `column  value` per
+    line (rich would drop the columns that do not fit)."""
+    if title:  # above the table rather than in it: a table narrower than its title would fold the title
+        console.print(title, highlight=False, markup=False, soft_wrap=True)
+    if t.__rich_measure__(console, console.options).minimum <= console.width:
+        console.print(t)
+        return
+    width = max(len(h) for h in headers)
+    for k, row in enumerate(rows):
+        console.print(f"-- row {k + 1} --", highlight=False, markup=False)
+        for h, v in zip(headers, row):
+            console.print(f"{h:<{width}}  {v}", highlight=False, markup=False, soft_wrap=True)
+
+
 def _print_table(console: Console, tbl, title: str | None = None) -> None:
-    t = Table(title=title)
-    for name in tbl.column_names:
-        t.add_column(name, justify="right")
-    for row in tbl.to_pylist():
-        t.add_row(*[_fmt(v) for v in row.values()])
-    console.print(t)
+    rows = [[_fmt(v) for v in row.values()] for row in tbl.to_pylist()]
+    t = _table()
+    for k, name in enumerate(tbl.column_names):
+        _column(t, name, [r[k] for r in rows])
+    for r in rows:
+        t.add_row(*r)
+    _show(console, t, tbl.column_names, rows, title)
+
+
+SUMMARY_CAPTION = ("ρ, r: Spearman and Pearson of estimate vs actual, means over the seeds used (seeds with a "
+                   "defined correlation); ‖Δθ‖ ρ: Spearman of predicted vs retrained parameter change; seeds: "
+                   "used/run; coll.: seeds whose network collapsed to a constant predictor, div.: seeds whose "
+                   "solve diverged (their cells are left out of the means); min snr: the smallest spread of the "
+                   "actual effects over the spread of the control retrains (inf: the controls agree exactly; "
+                   "<= 1: the ground truth is noise)")
+
+
+def _print_summary(console: Console, title: str, names: list[str], tbl) -> None:
+    """The end-of-run table of one grid, the numbers that matter in columns that fit 80 characters."""
+    cols = [(n, n) for n in names] + [("spearman", "ρ"), ("pearson", "r"), ("dtheta_spearman", "‖Δθ‖ ρ"),
+                                      ("min_snr", "min snr")]
+    rows = []
+    for r in tbl.to_pylist():
+        cells = [_fmt(r[k]) if k in names else _fmt2(r[k]) for k, _ in cols]
+        cells += [f"{r['seeds_used']}/{r['seeds_run']}", str(r["collapsed"]), str(r["diverged"])]
+        rows.append(cells)
+    headers = [h for _, h in cols] + ["seeds", "coll.", "div."]
+    t = _table()
+    for k, h in enumerate(headers):
+        _column(t, h, [r[k] for r in rows], justify="left" if k < len(names) else "right")
+    for r in rows:
+        t.add_row(*r)
+    _show(console, t, headers, rows, title)
+
+
+def _fmt2(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.2f}" if abs(v) < 100 else f"{v:.3g}"
+    return str(v)
 
 
 def _fmt(v) -> str:

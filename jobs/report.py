@@ -2,13 +2,15 @@
 
 One table per sweep grid of the spec, grouped by the axes that grid varies (seeds are averaged), by test-point
 selection and by method: mean Spearman and Pearson over seeds, the Spearman of predicted vs retrained ‖Δθ‖, and
-the mean noise ratio (the spread of the actual effects over the spread of the control retrains) so a
-correlation can be read against its noise floor.
+the smallest and median noise ratio `snr` (the spread of the actual effects over the spread of the control
+retrains) so a correlation can be read against its noise floor. Means are over valid cells only: a seed whose
+network collapsed to a constant predictor, or whose solve diverged, is counted in its own column and left out.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
+from jobs.figures import spearman_figure
 from jobs.spec import Configuration, Spec
 from storage.query import connect
 from storage.uri import Store
@@ -29,31 +31,48 @@ def grid_members(spec: Spec, configs: list[Configuration]) -> list[tuple[list[st
     return out
 
 
-def summary_tables(store: Store, spec: Spec) -> list[tuple[str, pa.Table]]:
-    """(title, table) per grid, over the final statistics of this spec's configurations."""
+# A cell (configuration, method, test point) enters a mean only when its correlation is defined: not a network
+# that collapsed to a constant predictor, not a diverged solve (their stats rows carry NaN correlations anyway).
+# Parts written before stats had these columns read them as null: their reason says which it was.
+COLLAPSED = ("coalesce(s.collapsed, s.degenerate_reason is not null "
+             "and s.degenerate_reason not like '%solve diverged%')")
+DIVERGED = "coalesce(s.diverged, coalesce(s.degenerate_reason like '%solve diverged%', false))"
+VALID = f"not {COLLAPSED} and not {DIVERGED} and not isnan(coalesce(s.spearman, 'NaN'::double))"
+
+
+def _summary_sql(group: list[str], where: str) -> str:
+    """Means over seeds of the valid cells, with the counts that say what the means are over: seeds used (valid)
+    and run, and the seeds left out because the network collapsed or the solve diverged."""
+    cols = ", ".join(group)
+    return f"""
+        select {cols},
+               avg(s.spearman) filter (where {VALID}) as spearman,
+               avg(s.pearson) filter (where {VALID}) as pearson,
+               avg(nullif(s.dtheta_spearman, 'NaN'::double)) filter (where {VALID}) as dtheta_spearman,
+               min(nullif(s.snr, 'NaN'::double)) filter (where {VALID}) as min_snr,
+               median(nullif(s.snr, 'NaN'::double)) filter (where {VALID}) as median_snr,
+               count(distinct c.seed) filter (where {VALID}) as seeds_used,
+               count(distinct c.seed) as seeds_run,
+               count(distinct c.seed) filter (where {COLLAPSED}) as collapsed,
+               count(distinct c.seed) filter (where {DIVERGED} and not {COLLAPSED}) as diverged
+        from stats s join configs c using (config_id)
+        where s.final and {where}
+        group by all order by all"""
+
+
+def summary_tables(store: Store, spec: Spec) -> list[tuple[str, list[str], pa.Table]]:
+    """(title, grouping columns, table) per grid, over the final statistics of this spec's configurations."""
     configs = spec.configurations()
     con = connect(store, spec.experiment)
     out = []
     for axes, ids in grid_members(spec, configs):
         if not ids:
             continue
-        group = [f"c.{a}" for a in axes] + ["s.selection", "s.method"]
-        cols = ", ".join(f"{g} as \"{_LABELS.get(g.split('.')[1], g.split('.')[1])}\"" for g in group)
+        group = [f"c.{a} as \"{_LABELS.get(a, a)}\"" for a in axes] + ['s.selection as "test point"', "s.method"]
         id_list = ", ".join(f"'{i}'" for i in ids)
-        sql = f"""
-            select {cols},
-                   round(avg(nullif(s.spearman, 'NaN'::double)), 3) as spearman,
-                   round(avg(nullif(s.pearson, 'NaN'::double)), 3) as pearson,
-                   round(avg(nullif(s.dtheta_spearman, 'NaN'::double)), 3) as "‖Δθ‖ spearman",
-                   avg(nullif(s.actual_std / nullif(s.noise_floor, 0), 'NaN'::double)) as "actual/noise",
-                   count(distinct c.seed) as seeds,
-                   count(*) filter (where s.degenerate_reason is not null) as degenerate
-            from stats s join configs c using (config_id)
-            where s.final and s.config_id in ({id_list})
-            group by all order by all
-        """
         title = "by " + " × ".join(a.replace("_", " ") for a in axes) if axes else "all configurations"
-        out.append((title, con.sql(sql).to_arrow_table()))
+        names = [_LABELS.get(a, a) for a in axes] + ["test point", "method"]
+        out.append((title, names, con.sql(_summary_sql(group, f"s.config_id in ({id_list})")).to_arrow_table()))
     return out
 
 
@@ -69,18 +88,8 @@ def varying_axes(con) -> list[str]:
 
 
 def summary(con, axes: list[str]) -> pa.Table:
-    """Mean Spearman / Pearson over seeds of the final statistics, by the varying axes, test point and method."""
-    group = ", ".join([f"c.{a}" for a in axes] + ["s.selection", "s.method"])
-    return con.sql(f"""
-        select {group},
-               avg(nullif(s.spearman, 'NaN'::double)) as spearman,
-               avg(nullif(s.pearson, 'NaN'::double)) as pearson,
-               avg(nullif(s.dtheta_spearman, 'NaN'::double)) as dtheta_spearman,
-               avg(nullif(s.actual_std / nullif(s.noise_floor, 0), 'NaN'::double)) as actual_over_noise,
-               count(distinct c.seed) as seeds,
-               count(*) filter (where s.degenerate_reason is not null) as degenerate
-        from stats s join configs c using (config_id)
-        where s.final group by all order by all""").to_arrow_table()
+    """The same summary as the console's, for `fragile report`: by the varying axes, test point and method."""
+    return con.sql(_summary_sql([f"c.{a}" for a in axes] + ["s.selection", "s.method"], "true")).to_arrow_table()
 
 
 def write_report(store: Store, experiment: str, out) -> list:
@@ -100,7 +109,7 @@ def write_report(store: Store, experiment: str, out) -> list:
     files = [out / "summary.csv", out / "summary.md"]
     for axis, other in (("depth", "width"), ("width", "depth")):
         if axis in axes:
-            files.append(_figure(con, experiment, axis, other, out / f"spearman_by_{axis}.png"))
+            files.append(spearman_figure(con, experiment, axis, other, out / f"spearman_by_{axis}.png"))
     return files
 
 
@@ -114,33 +123,3 @@ def _markdown(table: pa.Table, title: str) -> str:
     lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def _figure(con, experiment: str, axis: str, other: str, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mode = con.sql(f"select {other} from configs group by {other} order by count(*) desc, {other} limit 1").fetchall()[0][0]
-    data = con.sql(f"""
-        select c.{axis} as x, c.weight_decay as wd, s.method, s.selection,
-               avg(nullif(s.spearman, 'NaN'::double)) as spearman
-        from stats s join configs c using (config_id)
-        where s.final and c.{other} = {mode!r} group by all order by all""").to_arrow_table().to_pylist()
-    selections = sorted({r["selection"] for r in data})
-    fig, panels = plt.subplots(1, len(selections), figsize=(5 * len(selections), 3.8), squeeze=False, sharey=True)
-    for ax, sel in zip(panels[0], selections):
-        lines = sorted({(r["wd"], r["method"]) for r in data if r["selection"] == sel})
-        for wd, method in lines:
-            pts = [(r["x"], r["spearman"]) for r in data if (r["selection"], r["wd"], r["method"]) == (sel, wd, method)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method}, wd {wd:g}")
-        ax.set(title=f"{sel}-loss test point", xlabel=f"{axis} ({other} {mode})", ylim=(-1.05, 1.05))
-        ax.axhline(0, color="grey", lw=0.5)
-    panels[0][0].set_ylabel("Spearman (estimate vs actual)")
-    panels[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{experiment}: influence estimates vs leave-one-out retraining")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

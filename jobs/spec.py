@@ -548,6 +548,33 @@ def _resources(value: object) -> dict[str, Resources]:
 _SWEEP_FORMS = "sweep must be a grid (axis: [values, ...]) or a non-empty list of grids; omit it for one configuration"
 
 
+def _axis_list() -> str:
+    """The sweep axes as a user writes them, grouped by the spec section they come from; where an axis is
+    not named like its key in the section, that key follows it: ``data: dataset (data.name), ...``."""
+    groups: dict[str, list[str]] = {}
+    for axis in SWEEPABLE:
+        path = _PATHS.get(axis, axis)
+        section, _, key = path.rpartition(".")
+        groups.setdefault(section, []).append(axis if key == axis else f"{axis} ({path})")
+    return "; ".join(f"{section}: {', '.join(axes)}" if section else ", ".join(axes)
+                     for section, axes in groups.items())
+
+
+def _unknown_axis(where: str, axis: object) -> SpecError:
+    """A sweep axis that is not one: the axes listed by section, with the closest one guessed (a spec
+    key written in a sweep, ``ground_truth.epochs`` or ``chunk``, is pointed at its axis name)."""
+    guess = _AXIS_HINTS.get(axis) or _closest(axis, SWEEPABLE)
+    if guess is None:  # a mistyped spec key, e.g. ground_truth.epoch
+        near = _closest(axis, _AXIS_HINTS)
+        guess = _AXIS_HINTS[near] if near else None
+    shown = f"{guess!r}" + (f" ({_PATHS[guess]})" if guess in _PATHS and _PATHS[guess].rpartition(".")[2] != guess
+                            else "")
+    return SpecError(f"{where}.{axis}", axis,
+                     f"sweep axes are spec keys without their section, renamed where shown; allowed: "
+                     f"{_axis_list()}" + (f"; did you mean {shown}?" if guess else ""),
+                     problem="unknown key")
+
+
 def _grids(value: object) -> tuple[tuple[dict[str, tuple], ...], tuple[str, ...]]:
     """The sweep as (grids, their key paths); each grid axis -> its values, checked and de-duplicated."""
     if value is None:
@@ -568,7 +595,7 @@ def _grids(value: object) -> tuple[tuple[dict[str, tuple], ...], tuple[str, ...]
             if axis in _NOT_SWEEPABLE:
                 raise SpecError(path, axis, _NOT_SWEEPABLE[axis], problem="not sweepable")
             if axis not in SWEEPABLE:
-                raise _unknown(where, axis, SWEEPABLE, _AXIS_HINTS)
+                raise _unknown_axis(where, axis)
             if not isinstance(values, list):
                 raise SpecError(path, values, f"sweep values must be a list, e.g. {axis}: [{_show(values)}]")
             if not values:

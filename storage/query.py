@@ -12,6 +12,9 @@ query raises ``QueryRefused``.
 """
 from __future__ import annotations
 
+import difflib
+import re
+
 import duckdb
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -66,6 +69,11 @@ def query(sql: str, store: Store, experiment: str) -> pa.Table:
             f"query refused: fragile query reads the tables of experiment {experiment!r} and nothing else (no "
             f"files, no COPY/EXPORT/ATTACH, no extensions, no settings). DuckDB said: {exc}\n\nSQL:\n  "
             f"{sql.strip()}") from None
+    except duckdb.CatalogException as exc:
+        missing = _MISSING_TABLE.search(str(exc))
+        if missing is None:
+            raise _query_error(exc, sql, store, experiment) from None
+        raise _unknown_table(missing.group(1), _session_tables(con), sql, store, experiment) from None
     except duckdb.Error as exc:
         raise _query_error(exc, sql, store, experiment) from None
     finally:
@@ -75,6 +83,32 @@ def query(sql: str, store: Store, experiment: str) -> pa.Table:
 def _query_error(exc: Exception, sql: str, store: Store, experiment: str) -> QueryError:
     # Raised "from None" by the caller: the DuckDB traceback adds nothing to this message.
     return QueryError(f"{type(exc).__name__}: {exc}\n\nSQL:\n  {sql.strip()}\n\n"
+                      f"Tables of experiment {experiment!r} in {store.uri}:\n{describe(store, experiment)}")
+
+
+# DuckDB's wording for a table it cannot find; its own "Did you mean" then names its internal catalog
+# (duckdb_tables, sqlite_schema, pg_sequences), which is no help here: replaced by the experiment's tables.
+_MISSING_TABLE = re.compile(r"Table with name (.+?) does not exist")
+
+
+def _session_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The experiment's tables, then any table or view the statement itself created (``create temp table``)."""
+    names = list(TABLES)
+    try:
+        rows = con.sql("select table_name from duckdb_tables() where not internal union all "
+                       "select view_name from duckdb_views() where not internal").fetchall()
+    except duckdb.Error:
+        rows = []
+    names += sorted({name for (name,) in rows} - set(names))
+    return names
+
+
+def _unknown_table(name: str, available: list[str], sql: str, store: Store, experiment: str) -> QueryError:
+    found = difflib.get_close_matches(name, available, n=1) or difflib.get_close_matches(
+        name.lower(), available, n=1)
+    guess = f"; did you mean {found[0]!r}?" if found else ""
+    return QueryError(f"unknown table: {name!r} does not exist; the tables of experiment {experiment!r} are "
+                      f"{', '.join(available)}{guess}\n\nSQL:\n  {sql.strip()}\n\n"
                       f"Tables of experiment {experiment!r} in {store.uri}:\n{describe(store, experiment)}")
 
 
