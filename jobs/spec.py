@@ -29,32 +29,16 @@ from typing import Callable
 from jobs.spec_checks import (  # noqa: F401 (the vocabulary is part of this module's interface)
     ACTIVATIONS, DAMPING_POLICIES, DATASETS, DTYPES, FILE_DATASETS, IMAGE_MODELS, METHODS, MODELS, OPTIMIZERS,
     REMOVAL_KINDS, RESOURCE_KINDS, RETRAIN_STARTS, SCHEDULES, TEST_POINT_KINDS, METHOD_SETTINGS, SpecError, _bool,
-    _choice, _classes, _closest, _data_root, _experiment, _indices, _int, _leaf, _methods, _number, _one_of,
+    _choice, _classes, _closest, _data_root, _experiment, _indices, _int, _methods, _number,
     _optional, _percent, _show, _size, _subset,
 )
-from jobs.spec_rules import RemovalRule, Resources, TestPointRule  # noqa: F401 (part of this module's interface)
+from jobs.spec_rules import (  # noqa: F401 (part of this module's interface)
+    RemovalRule, Resources, TestPointRule, check_removals, check_test_points, parse_removals, parse_test_points,
+)
 from jobs.spec_yaml import read_spec_file
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 RETRAIN_FRACTION = 0.06  # warm-start retraining for 6% of the training epochs (Koh & Liang's code)
-
-
-def _rules(key: str, value: object) -> tuple[TestPointRule, ...]:
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(r, TestPointRule) for r in value):
-        raise SpecError(key, value, "test_points must be a non-empty list of rules, e.g. - highest: 1")
-    return tuple(value)
-
-
-def _removal(key: str, value: object) -> tuple[RemovalRule, ...]:
-    rules = (value,) if isinstance(value, RemovalRule) else value
-    if not isinstance(rules, (list, tuple)) or not rules or not all(isinstance(r, RemovalRule) for r in rules):
-        raise SpecError(key, value, _REMOVALS_FORMS)
-    kinds = [r.kind for r in rules]
-    if len(rules) > 1 and ({"all", "group"} & set(kinds)):
-        raise SpecError(key, kinds, "all and group removals cannot be combined with other rules")
-    if len(set(kinds)) < len(kinds):
-        raise SpecError(key, kinds, "each removal kind at most once in a list")
-    return tuple(rules)
 
 
 _POSITIVE, _NON_NEGATIVE = "a number > 0", "a number >= 0"
@@ -90,8 +74,8 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "grad_chunk": lambda k, v: _int(k, v, 1),
     "damping": lambda k, v: _number(k, v, lambda x: x >= 0, _NON_NEGATIVE),
     "damping_policy": lambda k, v: _choice(k, v, DAMPING_POLICIES),
-    "test_points": _rules,
-    "removals": _removal,
+    "test_points": check_test_points,
+    "removals": check_removals,
     "retrain_start": lambda k, v: _choice(k, v, RETRAIN_STARTS),
     "retrain_epochs": _optional(lambda k, v: _int(k, v, 0)),
     "retrain_lr": _optional(lambda k, v: _number(k, v, lambda x: x > 0, _POSITIVE)),
@@ -332,12 +316,6 @@ _PATHS = {"experiment": "experiment", "test_points": "test_points"} | {
 _AXIS_HINTS = {key: flat for section, keys in _SECTIONS.items() for key, flat in keys.items()
                if key not in FIELDS and flat in SWEEPABLE}
 _AXIS_HINTS |= {path: flat for flat, path in _PATHS.items() if flat in SWEEPABLE}
-_REMOVALS_FORMS = ("removals must be all, {top_k: K}, {percentile: {at: P, k: K}}, {random: K}, "
-                   "{explicit: [i, ...]}, {group: {k: K, random: G}}, or a list of single-point rules")
-_RULE_FORMS = ("each test-point rule is a one-key mapping: highest: K, median: K, percentile: P (or {at: P, k: K}), "
-               "random: K or explicit: [i, ...], e.g. - highest: 1")
-
-
 @dataclass(frozen=True)
 class Spec:
     """A parsed spec: the base configuration, the sweep grids and the Ray resources per task kind.
@@ -408,9 +386,9 @@ def _parse(data: object, source: str, max_configurations: int | None = None) -> 
             else:  # influence.<method>: that method's settings
                 values.setdefault("solvers", {})[key] = raw
     if "removals" in values:
-        values["removals"] = _removal_rule(_PATHS["removals"], values["removals"])
+        values["removals"] = parse_removals(_PATHS["removals"], values["removals"])
     if "test_points" in top:
-        values["test_points"] = _test_point_rules("test_points", top["test_points"])
+        values["test_points"] = parse_test_points("test_points", top["test_points"])
     resources = _resources(top.get("resources"))
     grids, grid_paths = _grids(top.get("sweep"))
     planned = grid_size(grids)
@@ -461,76 +439,6 @@ def _unknown(path: str, key: object, allowed, hints: dict | None = None) -> Spec
     return SpecError(f"{path}.{key}" if path else str(key), key,
                      f"allowed: {', '.join(allowed)}" + (f"; did you mean {guess!r}?" if guess else ""),
                      problem="unknown key")
-
-
-def _one_key(path: str, value: object, kinds: tuple[str, ...], forms: str) -> tuple[str, object]:
-    """``{kind: argument}`` -> (kind, argument), the kind checked against `kinds`."""
-    if not isinstance(value, dict) or len(value) != 1:
-        raise SpecError(path, value, forms)
-    ((kind, argument),) = value.items()
-    if kind not in kinds:
-        raise SpecError(path, kind, f"{_leaf(path)} kind must be {_one_of(kinds, kind)}")
-    return kind, argument
-
-
-def _test_point_rules(path: str, value: object) -> tuple[TestPointRule, ...]:
-    if not isinstance(value, list) or not value:
-        raise SpecError(path, value, "test_points must be a non-empty list of rules, e.g. - highest: 1")
-    rules = []
-    for i, item in enumerate(value):
-        kind, argument = _one_key(f"{path}[{i}]", item, TEST_POINT_KINDS, _RULE_FORMS)
-        try:
-            if kind == "explicit":
-                rules.append(TestPointRule(kind, indices=argument))
-            elif kind == "percentile":
-                at, k = _keyed(argument, {"at": None, "k": 1}, "at", "percentile: P or percentile: {at: P, k: K}")
-                rules.append(TestPointRule(kind, k, at=at))
-            else:
-                rules.append(TestPointRule(kind, argument))
-        except SpecError as e:
-            raise e.moved(f"{path}[{i}].{kind}") from None
-    return tuple(rules)
-
-
-def _keyed(argument: object, defaults: dict, bare: str, forms: str) -> tuple:
-    """`P` or `{at: P, k: K}` -> the values of `defaults`' keys in order; a bare value is the `bare` key."""
-    if not isinstance(argument, dict):
-        argument = {bare: argument}
-    unknown = [k for k in argument if k not in defaults]
-    if unknown:
-        raise SpecError(unknown[0], argument, forms, problem="unknown key")
-    missing = [k for k, v in defaults.items() if v is None and k not in argument]
-    if missing:
-        raise SpecError(missing[0], argument, forms, problem="missing")
-    return tuple(argument.get(k, v) for k, v in defaults.items())
-
-
-def _removal_rule(path: str, value: object) -> tuple[RemovalRule, ...]:
-    if isinstance(value, list):
-        if not value:
-            raise SpecError(path, value, _REMOVALS_FORMS)
-        rules = tuple(r for i, item in enumerate(value) for r in _removal_rule(f"{path}[{i}]", item))
-        try:
-            return _removal(path, rules)
-        except SpecError as e:
-            raise e.moved(path) from None
-    if value == "all":
-        return (RemovalRule("all"),)
-    if isinstance(value, str):
-        raise SpecError(path, value, _REMOVALS_FORMS + ("; did you mean 'all'?" if _closest(value, ["all"]) else ""))
-    kind, argument = _one_key(path, value, REMOVAL_KINDS[1:], _REMOVALS_FORMS)
-    try:
-        if kind == "explicit":
-            return (RemovalRule(kind, indices=argument),)
-        if kind == "percentile":
-            at, k = _keyed(argument, {"at": None, "k": None}, "at", "percentile: {at: P, k: K}")
-            return (RemovalRule(kind, k, at=at),)
-        if kind == "group":
-            k, groups = _keyed(argument, {"k": None, "random": None}, "k", "group: {k: K, random: G}")
-            return (RemovalRule(kind, k, groups=groups),)
-        return (RemovalRule(kind, argument),)
-    except SpecError as e:
-        raise e.moved(f"{path}.{kind}" if e.key in ("k", "indices", "kind") else f"{path}.{kind}.{e.key}") from None
 
 
 def _resources(value: object) -> dict[str, Resources]:

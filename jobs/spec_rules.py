@@ -1,7 +1,8 @@
 """The rules and resources a spec is made of: which test points, which removals, which Ray resources.
 
-Frozen dataclasses validated on construction (each mistake a :class:`SpecError` keyed by field), used by
-:mod:`jobs.spec` for every configuration. Kept apart from it so that the configuration module stays about the
+Frozen dataclasses validated on construction (each mistake a :class:`SpecError` keyed by field), and the
+parsers that turn a spec's `test_points` and `ground_truth.removals` into them, used by :mod:`jobs.spec` for
+every configuration. Kept apart from it so that the configuration module stays about the
 configuration; cheap to import (no torch, no ray).
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import re
 from dataclasses import dataclass
 
 from jobs.spec_checks import (
-    REMOVAL_KINDS, TEST_POINT_KINDS, SpecError, _choice, _indices, _int, _number, _percent,
+    REMOVAL_KINDS, TEST_POINT_KINDS, SpecError, _choice, _closest, _indices, _int, _leaf, _number, _one_of,
+    _percent,
 )
 
 _NON_NEGATIVE = "a number >= 0"
@@ -152,3 +154,99 @@ class Resources:
         if self.memory is not None:
             options["memory"] = self.memory
         return options
+
+
+# ---- from a spec's YAML to rules ----------------------------------------------------------------------------
+
+def check_test_points(key: str, value: object) -> tuple[TestPointRule, ...]:
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(r, TestPointRule) for r in value):
+        raise SpecError(key, value, "test_points must be a non-empty list of rules, e.g. - highest: 1")
+    return tuple(value)
+
+
+def check_removals(key: str, value: object) -> tuple[RemovalRule, ...]:
+    rules = (value,) if isinstance(value, RemovalRule) else value
+    if not isinstance(rules, (list, tuple)) or not rules or not all(isinstance(r, RemovalRule) for r in rules):
+        raise SpecError(key, value, _REMOVALS_FORMS)
+    kinds = [r.kind for r in rules]
+    if len(rules) > 1 and ({"all", "group"} & set(kinds)):
+        raise SpecError(key, kinds, "all and group removals cannot be combined with other rules")
+    if len(set(kinds)) < len(kinds):
+        raise SpecError(key, kinds, "each removal kind at most once in a list")
+    return tuple(rules)
+
+
+_REMOVALS_FORMS = ("removals must be all, {top_k: K}, {percentile: {at: P, k: K}}, {random: K}, "
+                   "{explicit: [i, ...]}, {group: {k: K, random: G}}, or a list of single-point rules")
+_RULE_FORMS = ("each test-point rule is a one-key mapping: highest: K, median: K, percentile: P (or {at: P, k: K}), "
+               "random: K or explicit: [i, ...], e.g. - highest: 1")
+
+
+def _one_key(path: str, value: object, kinds: tuple[str, ...], forms: str) -> tuple[str, object]:
+    """``{kind: argument}`` -> (kind, argument), the kind checked against `kinds`."""
+    if not isinstance(value, dict) or len(value) != 1:
+        raise SpecError(path, value, forms)
+    ((kind, argument),) = value.items()
+    if kind not in kinds:
+        raise SpecError(path, kind, f"{_leaf(path)} kind must be {_one_of(kinds, kind)}")
+    return kind, argument
+
+
+def parse_test_points(path: str, value: object) -> tuple[TestPointRule, ...]:
+    if not isinstance(value, list) or not value:
+        raise SpecError(path, value, "test_points must be a non-empty list of rules, e.g. - highest: 1")
+    rules = []
+    for i, item in enumerate(value):
+        kind, argument = _one_key(f"{path}[{i}]", item, TEST_POINT_KINDS, _RULE_FORMS)
+        try:
+            if kind == "explicit":
+                rules.append(TestPointRule(kind, indices=argument))
+            elif kind == "percentile":
+                at, k = _keyed(argument, {"at": None, "k": 1}, "at", "percentile: P or percentile: {at: P, k: K}")
+                rules.append(TestPointRule(kind, k, at=at))
+            else:
+                rules.append(TestPointRule(kind, argument))
+        except SpecError as e:
+            raise e.moved(f"{path}[{i}].{kind}") from None
+    return tuple(rules)
+
+
+def _keyed(argument: object, defaults: dict, bare: str, forms: str) -> tuple:
+    """`P` or `{at: P, k: K}` -> the values of `defaults`' keys in order; a bare value is the `bare` key."""
+    if not isinstance(argument, dict):
+        argument = {bare: argument}
+    unknown = [k for k in argument if k not in defaults]
+    if unknown:
+        raise SpecError(unknown[0], argument, forms, problem="unknown key")
+    missing = [k for k, v in defaults.items() if v is None and k not in argument]
+    if missing:
+        raise SpecError(missing[0], argument, forms, problem="missing")
+    return tuple(argument.get(k, v) for k, v in defaults.items())
+
+
+def parse_removals(path: str, value: object) -> tuple[RemovalRule, ...]:
+    if isinstance(value, list):
+        if not value:
+            raise SpecError(path, value, _REMOVALS_FORMS)
+        rules = tuple(r for i, item in enumerate(value) for r in parse_removals(f"{path}[{i}]", item))
+        try:
+            return check_removals(path, rules)
+        except SpecError as e:
+            raise e.moved(path) from None
+    if value == "all":
+        return (RemovalRule("all"),)
+    if isinstance(value, str):
+        raise SpecError(path, value, _REMOVALS_FORMS + ("; did you mean 'all'?" if _closest(value, ["all"]) else ""))
+    kind, argument = _one_key(path, value, REMOVAL_KINDS[1:], _REMOVALS_FORMS)
+    try:
+        if kind == "explicit":
+            return (RemovalRule(kind, indices=argument),)
+        if kind == "percentile":
+            at, k = _keyed(argument, {"at": None, "k": None}, "at", "percentile: {at: P, k: K}")
+            return (RemovalRule(kind, k, at=at),)
+        if kind == "group":
+            k, groups = _keyed(argument, {"k": None, "random": None}, "k", "group: {k: K, random: G}")
+            return (RemovalRule(kind, k, groups=groups),)
+        return (RemovalRule(kind, argument),)
+    except SpecError as e:
+        raise e.moved(f"{path}.{kind}" if e.key in ("k", "indices", "kind") else f"{path}.{kind}.{e.key}") from None
