@@ -404,16 +404,9 @@ def cmd_status(args) -> int:
         writer.writerows(rows)
         return 0
     headers = ["job", "status", "started", "entrypoint", "message"]
-    cells = [[r[h] for h in headers] for r in rows]
-    t = _table()
-    for k, col in enumerate(headers):
-        if col in ("job", "status", "started"):  # ids and times whole on one line
-            _column(t, col, [c[k] for c in cells], justify="left")
-        else:  # the entrypoint and the message wrap
-            t.add_column(col, justify="left", overflow="fold")
-    for c in cells:
-        t.add_row(*c)
-    _show(_console(), t, headers, cells, f"jobs at {_address(args)}")
+    # ids and times whole on one line; the entrypoint and the message wrap
+    _print_rows(_console(), headers, [[r[h] for h in headers] for r in rows], f"jobs at {_address(args)}",
+                left=len(headers), wrap=("entrypoint", "message"))
     return 0
 
 
@@ -487,7 +480,7 @@ def _dir_flag(args) -> str:
 
 def _table() -> Table:
     """A rich table that fits a narrow terminal: light borders, one space (the border) between columns. Cells
-    wrap at spaces, never with an ellipsis; `_show` prints rows as blocks where the columns cannot fit."""
+    wrap at spaces, never with an ellipsis; `_print_rows` prints rows as blocks where the columns cannot fit."""
     return Table(box=box.SIMPLE_HEAD, padding=(0, 0, 0, 0), pad_edge=False, collapse_padding=True)
 
 
@@ -498,11 +491,22 @@ def _column(t: Table, name: str, values: list[str], justify: str = "right") -> N
     t.add_column(name, justify=justify, overflow="fold", min_width=widest)
 
 
-def _show(console: Console, t: Table, headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
-    """Print the table if every column fits the terminal; otherwise one block per row, `column  value` per
-    line (rich would drop the columns that do not fit)."""
+def _print_rows(console: Console, headers: list[str], rows: list[list[str]], title: str | None = None,
+                left: int = 0, wrap: tuple[str, ...] = ()) -> None:
+    """Print `rows` (strings) under `headers` as a table if every column fits the terminal, else one block per
+    row, `column  value` per line (rich would drop the columns that do not fit). The first `left` columns are
+    left-justified, the rest right-justified; `wrap` columns (free text) fold instead of holding their width."""
     if title:  # above the table rather than in it: a table narrower than its title would fold the title
         console.print(title, highlight=False, markup=False, soft_wrap=True)
+    t = _table()
+    for k, name in enumerate(headers):
+        justify = "left" if k < left else "right"
+        if name in wrap:
+            t.add_column(name, justify=justify, overflow="fold")
+        else:
+            _column(t, name, [r[k] for r in rows], justify=justify)
+    for r in rows:
+        t.add_row(*r)
     if t.__rich_measure__(console, console.options).minimum <= console.width:
         console.print(t)
         return
@@ -514,13 +518,7 @@ def _show(console: Console, t: Table, headers: list[str], rows: list[list[str]],
 
 
 def _print_table(console: Console, tbl, title: str | None = None) -> None:
-    rows = [[_fmt(v) for v in row.values()] for row in tbl.to_pylist()]
-    t = _table()
-    for k, name in enumerate(tbl.column_names):
-        _column(t, name, [r[k] for r in rows])
-    for r in rows:
-        t.add_row(*r)
-    _show(console, t, tbl.column_names, rows, title)
+    _print_rows(console, tbl.column_names, [[_fmt(v) for v in row.values()] for row in tbl.to_pylist()], title)
 
 
 SUMMARY_CAPTION = ("ρ, r: Spearman and Pearson of estimate vs actual, means over the seeds used (seeds with a "
@@ -541,12 +539,7 @@ def _print_summary(console: Console, title: str, names: list[str], tbl) -> None:
         cells += [f"{r['seeds_used']}/{r['seeds_run']}", str(r["collapsed"]), str(r["diverged"])]
         rows.append(cells)
     headers = [h for _, h in cols] + ["seeds", "coll.", "div."]
-    t = _table()
-    for k, h in enumerate(headers):
-        _column(t, h, [r[k] for r in rows], justify="left" if k < len(names) else "right")
-    for r in rows:
-        t.add_row(*r)
-    _show(console, t, headers, rows, title)
+    _print_rows(console, headers, rows, title, left=len(names))
 
 
 def _fmt2(v) -> str:

@@ -220,7 +220,7 @@ class Coordinator:
             self.notices.append(message)
             return {"set_aside": message}
         self.book.ingest(table, config_id, part)
-        self._note_stale(config_id, {table: {stamp_of(v) for v in set(part["science"].to_pylist())}})
+        self._note_stale(config_id, self.book.sources(config_id))  # the book read the part's stamps
         if table != "retrain":
             return {}
         self.retrains_landed += len({r for r in part["removed"].to_pylist() if r >= 0})
