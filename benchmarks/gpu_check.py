@@ -36,7 +36,8 @@ from influence.ihvp import make_solver  # noqa: E402
 from influence.models import build_model  # noqa: E402
 from influence.objective import per_example_loss  # noqa: E402
 from influence.scores import influence_estimates  # noqa: E402
-from influence.train import removal_weights, retrain_batched, train  # noqa: E402
+from influence.retrain import removal_weights, retrain_batched  # noqa: E402
+from influence.train import train  # noqa: E402
 
 TOLERANCE = 1e-8  # float64 agreement required between the devices
 WEIGHT_DECAY = 0.005

@@ -33,7 +33,7 @@ def _f(v, digits: int = 2) -> str:
 def _run(spec: Path, store: str) -> str:
     """`fragile run` as a user runs it; returns the line that says how many tasks ran and how long it took."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(spec), "--store", store], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "fragile", "run", str(spec), "--store", store], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -43,7 +43,7 @@ def _run(spec: Path, store: str) -> str:
 
 
 def _header(spec_path: Path, con, run_line: str | None) -> list[str]:
-    from jobs.cli import project_version
+    from fragile.cli import project_version
     from jobs.plan import task_counts
     from jobs.science import SCIENCE
     from jobs.spec import load_spec

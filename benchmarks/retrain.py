@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from influence.data import load_dataset  # noqa: E402
 from influence.models import build_model  # noqa: E402
-from influence.train import removal_weights, retrain_batched, retrain_loop, train  # noqa: E402
+from influence.retrain import removal_weights, retrain_batched, retrain_loop  # noqa: E402
+from influence.train import train  # noqa: E402
 
 WEIGHT_DECAY = 0.005
 LR = 0.01

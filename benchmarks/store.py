@@ -58,7 +58,8 @@ import pyarrow.fs as pafs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from cluster import s3server  # noqa: E402
-from jobs.coordinator import FINAL_PART, Coordinator  # noqa: E402
+from jobs.coordinator import Coordinator  # noqa: E402
+from jobs.protocol import FINAL_PART, influence_part, retrain_part  # noqa: E402
 from jobs.stats import StatsBook  # noqa: E402
 from storage import tables  # noqa: E402
 from storage.ledger import Ledger  # noqa: E402
@@ -69,16 +70,6 @@ BUCKET = "fragile-bench"
 METHODS = ("exact", "cg", "lissa", "arnoldi", "ekfac")
 TEST_CHUNK = 16  # test points per influence task (Configuration.test_chunk's default)
 SELECTIONS = ("highest", "median", "lowest", "random")
-
-
-# Part names as jobs.tasks makes them (copied, not imported: jobs.tasks imports torch, ~10 s here;
-# tests/test_benchmark_store.py checks that the two agree).
-def influence_part_name(method: str, chunk: int) -> str:
-    return f"{method}-{chunk:03d}"
-
-
-def retrain_part_name(chunk: int) -> str:
-    return f"retrain-{chunk:05d}"
 
 
 def say(message: str) -> None:
@@ -174,7 +165,7 @@ def make_config(shape: Shape, index: int, experiment_label: str) -> Config:
             t_chunk, rows = test_idx[ts], (min(start + TEST_CHUNK, T) - start) * n
             iterations = rng.integers(1, 100, len(t_chunk))
             residual = rng.uniform(1e-10, 1e-6, len(t_chunk))
-            influence.append(Part("influence", cid, influence_part_name(method, chunk), {
+            influence.append(Part("influence", cid, influence_part(method, chunk), {
                 "method": [method] * rows, "test_idx": np.repeat(t_chunk, n),
                 "train_idx": np.tile(np.arange(n, dtype=np.int64), len(t_chunk)),
                 "estimate": estimate[ts].reshape(-1), "predicted_dtheta": np.tile(predicted, len(t_chunk)),
@@ -192,7 +183,7 @@ def make_config(shape: Shape, index: int, experiment_label: str) -> Config:
         losses = np.concatenate([control_losses[:keep], (loss_control[:, None] + actual[:, removed]).T])  # [R, T]
         d = np.concatenate([control_dtheta[:keep], dtheta[removed]])
         R = len(ids)
-        retrain.append(Part("retrain", cid, retrain_part_name(chunk), {
+        retrain.append(Part("retrain", cid, retrain_part(chunk), {
             "removed": np.repeat(ids, T), "test_idx": np.tile(test_idx, R), "loss_retrained": losses.reshape(-1),
             "loss_control": np.tile(loss_control, R), "actual": (losses - loss_control).reshape(-1),
             "dtheta": np.repeat(d, T), "mode": np.repeat(np.asarray(["control"] * keep + ["warm"] * len(removed),

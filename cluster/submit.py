@@ -115,7 +115,7 @@ def submit(spec: str | Path, address: str, store: str, *, extra_args: tuple[str,
     stage = _stage(spec)
     try:
         # `python -m` puts the working directory first on sys.path: the shipped code, not an installed copy.
-        entrypoint = " ".join(["python -m jobs.cli run spec.yaml --address auto --store", shlex.quote(store),
+        entrypoint = " ".join(["python -m fragile run spec.yaml --address auto --store", shlex.quote(store),
                                *map(shlex.quote, extra_args)])
         job_id = _submit_when_ready(c, entrypoint=entrypoint, metadata={"spec": spec.name, "store": store},
                                     runtime_env={"working_dir": str(stage), "env_vars": _JOB_ENV})

@@ -26,8 +26,7 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from influence.models import MLP
 from influence.objective import objective
-
-CURVATURES: tuple[str, ...] = ("hessian", "ggn")
+from influence.registry import CURVATURES
 
 # Products with the identity, this many columns at a time, when a matrix is formed from products (GGN).
 _MATRIX_BLOCK = 256

@@ -1,4 +1,4 @@
-"""Inverse-Hessian-vector products s = (C + δI)^{-1} v, one class per method, and the registry of methods.
+"""Inverse-Hessian-vector products s = (C + δI)^{-1} v: the interface, ``exact``, and ``make_solver``.
 
 Every influence method needs the same thing, s_test = (H + δI)^{-1} ∇L(z_t, θ̂), and differs only in how it
 solves for it. So the interface is one method, :meth:`InverseHVP.solve_with_info` (``solve`` is derived), which
@@ -10,7 +10,8 @@ C is the Hessian H of the *full* objective R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)�
 ``curvature="ggn"``, see :mod:`influence.curvature`), so it already contains λI; the damping δ is on top of that
 and exists for non-convex models, where H at θ̂ can be indefinite. δ means the same in every method.
 
-Methods (:data:`METHODS`; settings and defaults in :data:`SETTINGS`):
+Methods (:data:`METHODS`; settings and defaults in :data:`SETTINGS`, declared with their meaning in
+:mod:`influence.registry`):
   ``exact``    dense C, one eigendecomposition                                  this module
   ``cg``       conjugate gradient on a block of right-hand sides, HVPs only     :mod:`influence.ihvp_krylov`
   ``lissa``    stochastic Neumann recursion (Agarwal et al.; Koh & Liang)       :mod:`influence.ihvp_lissa`
@@ -30,27 +31,17 @@ import torch
 
 from influence.curvature import CURVATURES, CurvatureOperator, curvature_matrix, hessian  # noqa: F401
 from influence.models import MLP
+from influence.registry import (  # noqa: F401 (DAMPING_POLICIES is part of this module's interface)
+    DAMPING_POLICIES, METHODS, SOLVER_SETTINGS, ZERO_RTOL, check_damping_policy, damping_to_add, solver_defaults,
+)
 
-DAMPING_POLICIES: tuple[str, ...] = ("always", "if_indefinite", "never")
-
-METHODS: tuple[str, ...] = ("exact", "cg", "lissa", "arnoldi", "ekfac")
-
-# Per method, the settings make_solver accepts and their defaults; plain data, so that a spec can be validated
-# against it cheaply. None means "derived", as each class's docstring says (LiSSA's depth: ≈ n / repeats, the
-# paper's rule; Arnoldi's iterations: 2·rank). Defaults follow the papers: CG tol 1e-8 and 100 iterations and
-# LiSSA scale 10 from Koh & Liang's code; damping 0, so that every method solves the same system as ``exact``.
-SETTINGS: dict[str, dict[str, object]] = {
-    "exact": {"damping": 0.0, "damping_policy": "if_indefinite", "curvature": "hessian"},
-    "cg": {"damping": 0.0, "curvature": "hessian", "tol": 1e-8, "max_iter": 100},
-    "lissa": {"damping": 0.0, "scale": 10.0, "depth": None, "repeats": 1, "batch_size": 10, "seed": 0},
-    "arnoldi": {"damping": 0.0, "curvature": "hessian", "rank": 20, "iterations": None, "seed": 0},
-    # chunk_size: examples per pass when fitting the factors (memory, not the result); a task sets it from
-    # the spec's grad_chunk, so it is not a spec setting of its own.
-    "ekfac": {"damping": 0.0, "labels": "true", "seed": 0, "chunk_size": 256},
-}
+# Per method, the settings make_solver accepts and their defaults, derived from the declarations in
+# influence.registry (where each one's allowed values and meaning are). None means "derived", as each class's
+# docstring says (LiSSA's depth: ≈ n / repeats, the paper's rule; Arnoldi's iterations: 2·rank).
+SETTINGS: dict[str, dict[str, object]] = {method: solver_defaults(method) for method in SOLVER_SETTINGS}
 
 # Eigenvalues of C + δI smaller than this (relative to the largest |eigenvalue|) make the solve meaningless.
-_SINGULAR_RTOL = 1e-12
+_SINGULAR_RTOL = ZERO_RTOL
 
 
 class SingularHessian(ValueError):
@@ -161,17 +152,15 @@ class ExactIHVP(InverseHVP):
 
     ``damping_policy``: ``"always"`` adds δ = ``damping``; ``"if_indefinite"`` adds it only when the minimum
     eigenvalue is <= 0, zero meaning below 1e-12 of the largest |eigenvalue| (so the convex case stays
-    undamped, hence exactly the textbook influence function); ``"never"`` ignores ``damping``.
+    undamped, hence exactly the textbook influence function); ``"never"`` ignores ``damping``. The rule is
+    :func:`influence.registry.damping_to_add`, the one that decides every configuration's δ.
     """
 
     name = "exact"
     amortised = True
 
     def __init__(self, H: torch.Tensor, *, damping: float = 0.0, damping_policy: str = "if_indefinite") -> None:
-        if damping_policy not in DAMPING_POLICIES:
-            raise ValueError(
-                f"unknown damping_policy {damping_policy!r}; choose one of {', '.join(DAMPING_POLICIES)}"
-            )
+        check_damping_policy(damping_policy)  # before the O(P³) decomposition
         damping = check_damping(damping)
         if H.ndim != 2 or H.shape[0] != H.shape[1]:
             raise ValueError(f"H must be a square [P, P] matrix; got shape {tuple(H.shape)}")
@@ -180,10 +169,9 @@ class ExactIHVP(InverseHVP):
         self.min_eigenvalue = float(eigenvalues[0])
         self.top_eigenvalue = float(eigenvalues[-1])
         # "<= 0" up to round-off: an eigenvalue of +1e-18 next to a top eigenvalue of 1 is a zero that eigh
-        # happened to round up (softmax regression without weight decay has an exact null space).
-        zero = _SINGULAR_RTOL * float(eigenvalues.abs().max())
-        add = damping_policy == "always" or (damping_policy == "if_indefinite" and self.min_eigenvalue <= zero)
-        self.damping_used = damping if add else 0.0
+        # happened to round up (softmax regression without weight decay has an exact null space). The largest
+        # |eigenvalue| is max(|top|, |min|), so this is the rule every configuration's δ is decided by.
+        self.damping_used = damping_to_add(damping_policy, damping, self.min_eigenvalue, self.top_eigenvalue)
 
         shifted = eigenvalues + self.damping_used
         check_spectrum(shifted, self.damping_used, self.min_eigenvalue, policy_hint=True)

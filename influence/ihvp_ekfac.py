@@ -55,8 +55,7 @@ from torch.func import functional_call, grad, vmap
 from influence.ihvp import InverseHVP, Solve, check_damping, check_spectrum, direct_solve_info
 from influence.models import Model
 from influence.nets import Layer
-
-LABELS: tuple[str, ...] = ("true", "sampled")
+from influence.registry import EKFAC_LABELS as LABELS
 
 # Per-example gradients G_i of one layer are formed this many numbers at a time (a Conv2d layer's G_i is out·in',
 # e.g. 512·4609 in a ResNet: a full chunk of them at once would be gigabytes).

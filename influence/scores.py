@@ -23,9 +23,8 @@ from influence.data import Dataset
 from influence.ihvp import InverseHVP
 from influence.models import MLP
 from influence.objective import per_example_loss
-
-TEST_SELECTIONS: tuple[str, ...] = ("highest", "median", "percentile", "random", "explicit")
-REMOVAL_RULES: tuple[str, ...] = ("all", "top_k", "percentile", "random", "explicit", "group")
+from influence.registry import REMOVAL_KINDS as REMOVAL_RULES
+from influence.registry import TEST_POINT_KINDS as TEST_SELECTIONS
 
 
 def per_example_grads(

@@ -1,8 +1,7 @@
 """Training to θ̂: minimise R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)‖θ‖², full batch or in minibatches.
 
-Retraining (leave-one-out ground truth) lives in :mod:`influence.retrain`; its names are re-exported here, where
-they were first defined, so ``from influence.train import retrain_batched`` keeps working. Training and
-retraining share one definition of the minibatch order (:func:`~influence.retrain.epoch_order`), the learning
+Retraining (leave-one-out ground truth) lives in :mod:`influence.retrain`. Training and retraining share one
+definition of the minibatch order (:func:`~influence.retrain.epoch_order`), the learning
 rate schedule (:func:`~influence.retrain.scheduled_lr`) and the objective's L2 term, so a retrained model sees
 what θ̂ saw.
 
@@ -21,26 +20,7 @@ import torch
 
 from influence.models import Model
 from influence.objective import objective, per_example_loss
-from influence.retrain import (  # noqa: F401  (re-exported: these lived here before the split)
-    _SGD,
-    ADAM_BETAS,
-    ADAM_EPS,
-    OPTIMIZERS,
-    SCHEDULES,
-    _Adam,
-    check_options,
-    check_same_device,
-    epoch_order,
-    epoch_seed,
-    full_batch_or,
-    group_weights,
-    minibatches,
-    removal_weights,
-    retrain_batched,
-    retrain_loop,
-    scheduled_lr,
-    steps_per_epoch,
-)
+from influence.retrain import check_options, check_same_device, full_batch_or, minibatches, scheduled_lr, steps_per_epoch
 
 # progress is called about this many times over a run (every 1% of the epochs), and every epoch for short runs.
 PROGRESS_CALLS: int = 100

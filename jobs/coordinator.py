@@ -2,7 +2,8 @@
 
 `jobs.stats.StatsBook` is the plain-Python core (testable without Ray): it ingests `influence` and `retrain`
 parts in any order and in any chunking, and produces `stats` rows that equal a one-shot computation over the
-same rows. `Coordinator` is the thin Ray actor around it that also writes the snapshots and counts progress.
+same rows. `Coordinator` wraps it: it also writes the snapshots and counts progress, in this process or as a
+Ray actor.
 
 A configuration's statistics live in one part that is replaced as results arrive: `running` while the
 configuration is in progress, `final` (with final = true) once every task landed. The `final` part is what
@@ -12,14 +13,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from jobs.protocol import FINAL_PART, MODEL_PART, RUNNING_PART, TEST_POINTS_PART
 from jobs.science import SCIENCE, UNSTAMPED, stamp_of
 from jobs.stats import StatsBook, parse_sources, summarise
 from storage import tables
 from storage.ledger import Ledger
 from storage.uri import Store
 
-RUNNING_PART = "running"
-FINAL_PART = "final"
 TASK_KINDS = ("train", "influence", "retrain")
 
 
@@ -41,7 +41,8 @@ def final_sources(rows: dict[str, list]) -> dict[str, set[str]]:
 
 
 class Coordinator:
-    """Ray actor (wrapped in cluster/sweep.py): every landed part is announced here.
+    """Every landed part is announced here: in this process for an inline run (jobs/runner.py), as a Ray actor
+    (cluster/runner.py) on a cluster.
 
     It can die and be replaced at any moment (the Ray actor restarts it with the same arguments): nothing
     it holds is only here. The statistics of a configuration it does not know are rebuilt from the parts in
@@ -79,9 +80,12 @@ class Coordinator:
     @staticmethod
     def _replacement() -> bool:
         """Whether this instance replaces one that died (a restarted Ray actor)."""
-        try:
-            import ray
+        import sys
 
+        ray = sys.modules.get("ray")  # an inline run never imports Ray, and must not start or join one here
+        if ray is None or not ray.is_initialized():
+            return False
+        try:
             return bool(ray.get_runtime_context().was_current_actor_reconstructed)
         except Exception:  # noqa: BLE001 - not in a Ray actor
             return False
@@ -189,9 +193,9 @@ class Coordinator:
         if config_id not in self.methods:
             raise KeyError(f"configuration {config_id} was never registered with the coordinator")
         tp = tables.read_part(self.store, tables.part_path(self.store, self.experiment, "test_points", config_id,
-                                                           "test_points"))
+                                                           TEST_POINTS_PART))
         model = tables.read_part(self.store, tables.part_path(self.store, self.experiment, "models", config_id,
-                                                              "model"))
+                                                              MODEL_PART))
         self.book.register(config_id, self.methods[config_id],
                            list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist())),
                            model["degenerate_reason"][0].as_py(), part_stamps(models=model, test_points=tp))

@@ -1,9 +1,8 @@
 """Configuration -> task graph: train -> influence chunks -> retrain chunks.
 
-Which tasks a configuration needs, under which part names, which of them the ledger already holds, and which
-training points to retrain without (`removals`, which reads the landed estimates when a rule ranks by them).
-The sweep (cluster/sweep.py) walks this plan and schedules only what is missing. Part of the science code
-(jobs/science.py).
+Which tasks a configuration needs, under which part names (`jobs/protocol.py` names them), how many tasks a
+sweep has, and which of them the ledger already holds. The pipeline (jobs/pipeline.py) walks this plan and
+schedules only what is missing. Pure: no torch, no Ray. Part of the science code (jobs/science.py).
 """
 from __future__ import annotations
 
@@ -11,12 +10,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from jobs.coordinator import FINAL_PART
+from jobs.protocol import FINAL_PART, MODEL_PART, TEST_POINTS_PART, influence_part, retrain_part
 from jobs.spec import Configuration
-from jobs.tasks import influence_part_name, retrain_part_name
-from storage import tables
 from storage.ledger import Ledger
-from storage.uri import Store
+
 
 def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)] or []
@@ -30,7 +27,7 @@ class InfluenceTask:
 
     @property
     def part(self) -> str:
-        return influence_part_name(self.method, self.chunk)
+        return influence_part(self.method, self.chunk)
 
 
 @dataclass(frozen=True)
@@ -40,7 +37,7 @@ class RetrainTask:
 
     @property
     def part(self) -> str:
-        return retrain_part_name(self.chunk)
+        return retrain_part(self.chunk)
 
 
 def influence_tasks(cfg: Configuration, test_idx: list[int]) -> list[InfluenceTask]:
@@ -51,39 +48,6 @@ def influence_tasks(cfg: Configuration, test_idx: list[int]) -> list[InfluenceTa
 
 def retrain_tasks(cfg: Configuration, removed: list[int]) -> list[RetrainTask]:
     return [RetrainTask(k, c) for k, c in enumerate(chunks(sorted(removed), cfg.retrain_chunk))]
-
-
-def removals(store: Store, experiment: str, cfg: Configuration, n: int, n_test: int) -> tuple[list[int], list | None]:
-    """The rules' training points, as a sorted union; for group removal, the group ids and their
-    (members, mode). Rules chosen by estimate read them back from the landed influence parts."""
-    import pyarrow.compute as pc
-    import torch
-
-    from influence.scores import select_groups, select_removals
-
-    estimate = torch.empty(0, n, dtype=torch.float64)  # the other rules only need n
-    if any(r.kind in ("top_k", "percentile", "group") for r in cfg.removals):
-        inf = tables.read_table(store, experiment, "influence", config_ids=[cfg.config_id])
-        # Rank by the first method's estimates (the removal set must not depend on which methods are compared),
-        # or, where its solve diverged for some test point, by the next method's that converged for all.
-        for method in cfg.methods:
-            rows = inf.filter(pc.equal(inf["method"], method)).sort_by([("test_idx", "ascending"),
-                                                                        ("train_idx", "ascending")])
-            estimate = torch.tensor(rows["estimate"].to_numpy(zero_copy_only=False)).reshape(-1, n)
-            if not torch.isnan(estimate).any():
-                break
-        else:
-            raise ValueError(f"every method's solve diverged for some test point ({', '.join(cfg.methods)}), so the "
-                             f"points to retrain without cannot be ranked; see the influence table's diverged column")
-    if cfg.removals[0].kind == "group":
-        r = cfg.removals[0]
-        members = select_groups(estimate, r.k, r.groups, seed=cfg.seed)
-        groups = [(m, "group" if g < n_test else "random_group") for g, m in enumerate(members)]
-        return list(range(len(groups))), groups
-    removed = set()
-    for r in cfg.removals:
-        removed.update(select_removals(estimate, r.kind, k=r.k, seed=cfg.seed, indices=r.indices, at=r.at))
-    return sorted(removed), None
 
 
 def n_test_points(cfg: Configuration) -> int:
@@ -117,7 +81,8 @@ def is_finished(ledger: Ledger, cfg: Configuration) -> bool:
 
 def is_trained(ledger: Ledger, cfg: Configuration, checkpoint_present: bool) -> bool:
     cid = cfg.config_id
-    return checkpoint_present and ledger.done("models", cid, "model") and ledger.done("test_points", cid, "test_points")
+    return (checkpoint_present and ledger.done("models", cid, MODEL_PART)
+            and ledger.done("test_points", cid, TEST_POINTS_PART))
 
 
 def task_key(config_id: str, part: str | None = None) -> str:
@@ -127,7 +92,7 @@ def task_key(config_id: str, part: str | None = None) -> str:
 
 def landed_task_keys(ledger: Ledger, config_id: str) -> dict[str, list[str]]:
     """The tasks of each kind whose parts a configuration holds in the store, by key."""
-    return {"train": [task_key(config_id)] if ledger.done("models", config_id, "model") else [],
+    return {"train": [task_key(config_id)] if ledger.done("models", config_id, MODEL_PART) else [],
             "influence": [task_key(config_id, p) for p in ledger.parts("influence", config_id)],
             "retrain": [task_key(config_id, p) for p in ledger.parts("retrain", config_id)]}
 

@@ -1,23 +1,34 @@
 """Paper-style summary tables from the stored tables (every number traceable to `stats` rows).
 
-One table per sweep grid of the spec, grouped by the axes that grid varies (seeds are averaged), by test-point
-selection and by method: mean Spearman and Pearson over seeds, the Spearman of predicted vs retrained ‖Δθ‖, and
-the smallest and median noise ratio `snr` (the spread of the actual effects over the spread of the control
-retrains) so a correlation can be read against its noise floor. Means are over valid cells only: a seed whose
-network collapsed to a constant predictor, or whose solve diverged, is counted in its own column and left out.
+One summary (``summary``), shown two ways with the same columns and labels: at the end of a run one table per
+sweep grid of the spec, grouped by the axes that grid varies (``summary_tables``), and by `fragile report` one
+table over the whole store, grouped by every swept axis whose `configs` column takes more than one value
+(``varying_axes``; a column that an old store's rows lack reads as null and so does not vary). Either way the
+rows are grouped further by test-point selection and by method, and seeds are averaged: mean Spearman and
+Pearson over seeds, the Spearman of predicted vs retrained ‖Δθ‖, and the smallest and median noise ratio `snr`
+(the spread of the actual effects over the spread of the control retrains) so a correlation can be read
+against its noise floor. Means are over valid cells only: a seed whose network collapsed to a constant
+predictor, or whose solve diverged, is counted in its own column and left out.
 """
 from __future__ import annotations
+
+from dataclasses import fields
 
 import pyarrow as pa
 
 from jobs.figures import spearman_figure
-from jobs.spec import Configuration, Spec
+from jobs.spec import SWEEPABLE, Configuration, Spec
 from storage.query import connect
+from storage.tables import TABLES
 from storage.uri import Store
 
-# A display column name per configuration field that a grid can vary.
-_LABELS = {"weight_decay": "wd", "retrain_epochs": "retrain epochs", "split_seed": "split seed",
-           "selection": "test point"}
+# The display name of a grouping column: the configuration field with spaces for underscores, except these.
+_LABELS = {"weight_decay": "wd", "selection": "test point"}
+
+
+def label(column: str) -> str:
+    """The display name of a configuration field (or `selection`) as a summary column: ``wd``, ``split seed``."""
+    return _LABELS.get(column, column.replace("_", " "))
 
 
 def grid_members(spec: Spec, configs: list[Configuration]) -> list[tuple[list[str], list[str]]]:
@@ -60,41 +71,84 @@ def _summary_sql(group: list[str], where: str) -> str:
         group by all order by all"""
 
 
+def summary_names(axes: list[str]) -> list[str]:
+    """The grouping columns of ``summary(con, axes)``, as displayed: the axes' labels, test point, method."""
+    return [label(a) for a in axes] + [label("selection"), "method"]
+
+
+def summary(con, axes: list[str], config_ids: list[str] | None = None) -> pa.Table:
+    """The summary over the final statistics of ``config_ids`` (None: every configuration in the store), one row
+    per value of the configuration columns ``axes``, test point and method; the grouping columns are named
+    ``summary_names(axes)``, then spearman, pearson, dtheta_spearman, min_snr, median_snr, seeds_used,
+    seeds_run, collapsed, diverged."""
+    unknown = [a for a in axes if a not in TABLES["configs"].names]
+    if unknown:
+        raise ValueError(f"{unknown} are not columns of configs; its columns are {', '.join(TABLES['configs'].names)}")
+    names = summary_names(axes)
+    group = [f'c."{a}" as "{n}"' for a, n in zip(axes, names)]
+    group += [f's.selection as "{names[-2]}"', f's.method as "{names[-1]}"']
+    if config_ids is None:
+        where = "true"
+    elif not config_ids:
+        where = "false"
+    else:
+        where = "s.config_id in (" + ", ".join("'" + i.replace("'", "''") + "'" for i in config_ids) + ")"
+    return con.sql(_summary_sql(group, where)).to_arrow_table()
+
+
 def summary_tables(store: Store, spec: Spec) -> list[tuple[str, list[str], pa.Table]]:
     """(title, grouping columns, table) per grid, over the final statistics of this spec's configurations."""
-    configs = spec.configurations()
     con = connect(store, spec.experiment)
     out = []
-    for axes, ids in grid_members(spec, configs):
+    for axes, ids in grid_members(spec, spec.configurations()):
         if not ids:
             continue
-        group = [f"c.{a} as \"{_LABELS.get(a, a)}\"" for a in axes] + ['s.selection as "test point"', "s.method"]
-        id_list = ", ".join(f"'{i}'" for i in ids)
         title = "by " + " × ".join(a.replace("_", " ") for a in axes) if axes else "all configurations"
-        names = [_LABELS.get(a, a) for a in axes] + ["test point", "method"]
-        out.append((title, names, con.sql(_summary_sql(group, f"s.config_id in ({id_list})")).to_arrow_table()))
+        out.append((title, summary_names(axes), summary(con, axes, ids)))
     return out
 
 
 # ---- `fragile report`: tables and figures from a store alone ------------------------------------------------
 
-# Configuration columns a sweep may vary; the report groups by those that take more than one value.
-_AXES = ("model", "depth", "width", "activation", "weight_decay", "lr", "epochs", "retrain_epochs", "damping")
+# The axes a report may group by: every field a sweep can vary (jobs/spec.py says which), except the seed
+# (seeds are averaged). Not the bookkeeping columns (spec_hash, version, config, science), and not the fields a
+# sweep cannot vary (experiment, methods, solvers, test_points, removals): the method is a grouping column of
+# its own, and the methods run alongside it do not change its numbers.
+_CANDIDATES = tuple(a for a in SWEEPABLE if a != "seed")
+# Fields derived from others unless a spec sets them (Configuration.__post_init__): retrain_epochs is
+# round(0.06 · epochs) (all of them when retraining from scratch), retrain_lr is lr. Where such a column is a
+# function of its sources among the stored configurations it merely follows them, and a column of its own would
+# repeat theirs; where it takes several values at one value of its sources, it was swept, and is an axis.
+_FOLLOWS = {"retrain_epochs": ("epochs", "retrain_start"), "retrain_lr": ("lr",)}
+# Fields that a Configuration may hold as None (batch_size None: full batch): there null is a value, and a sweep
+# over [null, 32] varies. In the other columns (the derived ones are resolved on construction) null only means
+# "written before the column existed", and is not counted.
+_NULLABLE = frozenset(f.name for f in fields(Configuration) if "None" in str(f.type)) - set(_FOLLOWS)
+
+
+def _distinct(a: str) -> str:
+    n = f'count(distinct "{a}")'
+    return f'{n} + (count(*) > count("{a}"))::int' if a in _NULLABLE else n
 
 
 def varying_axes(con) -> list[str]:
-    counts = con.sql("select " + ", ".join(f"count(distinct {a}) as {a}" for a in _AXES) + " from configs").fetchall()[0]
-    return [a for a, n in zip(_AXES, counts) if n and n > 1]
+    """The swept axes of the store: the configuration columns that take more than one value (see _CANDIDATES),
+    in field order, less those that merely follow another axis (see _FOLLOWS)."""
+    counts = con.sql("select " + ", ".join(f'{_distinct(a)} as "{a}"' for a in _CANDIDATES)
+                     + " from configs").fetchall()[0]
+    axes = [a for a, n in zip(_CANDIDATES, counts) if n and n > 1]
 
+    def combos(cols) -> int:
+        listed = ", ".join(f'"{c}"' for c in cols)
+        return con.sql(f"select count(*) from (select distinct {listed} from configs)").fetchall()[0][0]
 
-def summary(con, axes: list[str]) -> pa.Table:
-    """The same summary as the console's, for `fragile report`: by the varying axes, test point and method."""
-    return con.sql(_summary_sql([f"c.{a}" for a in axes] + ["s.selection", "s.method"], "true")).to_arrow_table()
+    return [a for a in axes if a not in _FOLLOWS or combos(_FOLLOWS[a] + (a,)) > combos(_FOLLOWS[a])]
 
 
 def write_report(store: Store, experiment: str, out) -> list:
-    """summary.csv and summary.md, plus a figure of Spearman against depth and against width where they vary
-    (each at the most common value of the other), one line per weight decay and method. Returns the files."""
+    """summary.csv and summary.md (the summary grouped by ``varying_axes``), plus a figure of Spearman against
+    depth and against width where they vary (each at the most common value of the other), one line per weight
+    decay and method. Returns the files."""
     from pathlib import Path
 
     import pyarrow.csv as pacsv

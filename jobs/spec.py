@@ -90,11 +90,13 @@ _DEFAULT_TEST_POINTS = (TestPointRule("highest", 1), TestPointRule("median", 1))
 MODEL_FIELDS = ("dataset", "test_fraction", "split_seed", "data_root", "subset", "test_subset", "classes",
                 "per_class", "image_size", "model", "depth", "width", "activation", "optimizer", "lr", "epochs",
                 "weight_decay", "seed", "momentum", "batch_size", "schedule", "mixed_precision", "dtype")
-# Fields added after the first results were stored: left out of the canonical JSON while they hold these
-# values, so configurations written before they existed keep their config_id and model_key (and resume).
-_LATER_DEFAULTS = {"data_root": None, "subset": None, "test_subset": None, "classes": None, "per_class": None,
-                   "image_size": None, "momentum": 0.9, "batch_size": None, "schedule": "constant",
-                   "mixed_precision": False, "dtype": "float64", "retrain_start": "warm"}
+
+
+def later(default: object):
+    """A Configuration field added after the first results were stored, with its ``default``: left out of the
+    canonical JSON (so of config_id and model_key) while it holds that default, so configurations written
+    before it existed keep their ids and resume. Every field added from now on must be declared with it."""
+    return field(default=default, metadata={"later": True})
 
 
 def _hash(obj: object) -> str:
@@ -124,12 +126,12 @@ class Configuration:
     dataset: str = "iris"
     test_fraction: float = 0.2
     split_seed: int = 0
-    data_root: str | None = None  # local folder or s3:// URI holding mnist / cifar10 / imagenet files
-    subset: float | int | None = None  # a fraction or count of the training points (stratified, by split_seed)
-    test_subset: int | None = None  # a count of test points
-    classes: int | tuple[str, ...] | None = None  # imagenet: the first k class folders, or these ones
-    per_class: int | None = None  # imagenet: the first m training images of each class
-    image_size: int | None = None  # imagenet: side of the centre crop (default 224)
+    data_root: str | None = later(None)  # local folder or s3:// URI holding mnist / cifar10 / imagenet files
+    subset: float | int | None = later(None)  # a fraction or count of the training points (stratified, by split_seed)
+    test_subset: int | None = later(None)  # a count of test points
+    classes: int | tuple[str, ...] | None = later(None)  # imagenet: the first k class folders, or these ones
+    per_class: int | None = later(None)  # imagenet: the first m training images of each class
+    image_size: int | None = later(None)  # imagenet: side of the centre crop (default 224)
     # model
     model: str = "mlp"
     depth: int = 1
@@ -141,11 +143,11 @@ class Configuration:
     epochs: int = 4000
     weight_decay: float = 0.005
     seed: int = 0
-    momentum: float = 0.9  # sgd only
-    batch_size: int | None = None  # None: full batch
-    schedule: str = "constant"
-    mixed_precision: bool = False  # bfloat16 autocast of the forward, on CUDA only
-    dtype: str = "float64"
+    momentum: float = later(0.9)  # sgd only
+    batch_size: int | None = later(None)  # None: full batch
+    schedule: str = later("constant")
+    mixed_precision: bool = later(False)  # bfloat16 autocast of the forward, on CUDA only
+    dtype: str = later("float64")
     # influence estimation
     methods: tuple[str, ...] = ("exact",)
     damping: float = 0.01
@@ -158,7 +160,7 @@ class Configuration:
     test_points: tuple[TestPointRule, ...] = _DEFAULT_TEST_POINTS
     # ground truth (warm-started retraining)
     removals: tuple[RemovalRule, ...] = (RemovalRule("all"),)
-    retrain_start: str = "warm"  # warm: from θ̂ for retrain_epochs; scratch: from θ0, the full schedule
+    retrain_start: str = later("warm")  # warm: from θ̂ for retrain_epochs; scratch: from θ0, the full schedule
     retrain_epochs: int | None = None  # an int after construction
     retrain_lr: float | None = None  # a float after construction
     controls: int = 3
@@ -221,7 +223,7 @@ class Configuration:
 
     def canonical_json(self) -> str:
         """``to_dict()`` as JSON with sorted keys and no whitespace: the text ``config_id`` hashes. Fields
-        added later are left out while they hold their defaults (see _LATER_DEFAULTS)."""
+        added later are left out while they hold their defaults (see :func:`later`)."""
         return _canonical(_without_later_defaults(self.to_dict()))
 
     @cached_property
@@ -258,6 +260,10 @@ class Configuration:
         else:
             shape = f"mlp d{self.depth} w{self.width} {self.activation}"
         return f"{shape} wd{self.weight_decay:g} s{self.seed}"
+
+
+# The fields declared with later(), and the defaults they are left out at.
+_LATER_DEFAULTS = {f.name: f.default for f in fields(Configuration) if f.metadata.get("later")}
 
 
 def _resolve_solvers(methods: tuple[str, ...], given: object) -> tuple:

@@ -1,8 +1,10 @@
 """The vocabulary of experiment specs and the single-value checks behind every spec error.
 
-Allowed names are constants here so that validating a spec imports nothing heavy; `influence/` must offer
-each of them. Each check returns the normalised value or raises :class:`SpecError` naming the key path, the
-bad value and what is allowed.
+Allowed names are constants, so that validating a spec imports nothing heavy. The influence vocabularies
+(methods, curvatures, EK-FAC labels, damping policies, test-point and removal kinds) and each method's settings
+come from :mod:`influence.registry`, which declares them once next to their implementations and is pure (no
+torch); data sets, models and activations are listed here, and `influence/` must offer each of them. Each check
+returns the normalised value or raises :class:`SpecError` naming the key path, the bad value and what is allowed.
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import math
 import re
 from typing import Callable
 
+from influence.registry import (  # noqa: F401 (the vocabulary is part of this module's interface)
+    CURVATURES, DAMPING_POLICIES, EKFAC_LABELS, METHODS, REMOVAL_KINDS, TEST_POINT_KINDS, Setting, spec_settings,
+)
+
 DATASETS = ("iris", "digits", "synthetic", "mnist", "cifar10", "imagenet")
 # Data sets read from files under data.root (the others ship with scikit-learn or are generated).
 FILE_DATASETS = ("mnist", "cifar10", "imagenet")
@@ -19,16 +25,10 @@ MODELS = ("mlp", "logistic", "small_cnn", "lenet", "vgg13", "resnet18", "resnet5
 # Models defined on images [C, H, W]; depth, width and activation do not apply to them.
 IMAGE_MODELS = ("small_cnn", "lenet", "vgg13", "resnet18", "resnet50")
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
-METHODS = ("exact", "cg", "lissa", "arnoldi", "ekfac")
-CURVATURES = ("hessian", "ggn")
-EKFAC_LABELS = ("true", "sampled")
-DAMPING_POLICIES = ("if_indefinite", "always", "never")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float64", "float32")
 RETRAIN_STARTS = ("warm", "scratch")
-TEST_POINT_KINDS = ("highest", "median", "percentile", "random", "explicit")
-REMOVAL_KINDS = ("all", "top_k", "percentile", "random", "explicit", "group")
 RESOURCE_KINDS = ("train", "influence", "retrain")
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -184,29 +184,29 @@ def _optional(check: Callable[[str, object], object]) -> Callable[[str, object],
     return lambda key, value: None if value is None else check(key, value)
 
 
-def _positive_int_or_derived(key: str, value: object) -> int | None:
-    return None if value is None else _int(key, value, 1)
-
-
 def _scale(key: str, value: object) -> float | str:
     if value == "auto":
         return "auto"
     return _number(key, value, lambda x: x > 0, "a number > 0, or auto (retry with larger scales until LiSSA converges)")
 
 
-# Per method: each setting with its default and its check (the names and defaults are influence.ihvp.SETTINGS,
-# without damping and damping_policy, which the influence section sets for every method alike).
+def _setting_check(setting: Setting) -> Callable[[str, object], object]:
+    """The spec check of one declared method setting (its constraint, as the checks above state it)."""
+    if setting.kind == "choice":
+        return lambda k, v: _choice(k, v, setting.choices)
+    if setting.kind == "number":
+        return lambda k, v: _number(k, v, setting.in_range, setting.rule())
+    if setting.kind == "int":
+        return lambda k, v: _int(k, v, setting.minimum)
+    if setting.kind == "int_or_derived":
+        return _optional(lambda k, v: _int(k, v, setting.minimum))  # None: derived
+    return _scale  # "scale"
+
+
+# Per method: each setting a spec may give it, with its default and its check, from influence.registry
+# (without damping and damping_policy, which the influence section sets for every method alike, and ekfac's
+# chunk_size, which a task takes from influence.grad_chunk).
 METHOD_SETTINGS: dict[str, dict[str, tuple[object, Callable[[str, object], object]]]] = {
-    "exact": {"curvature": ("hessian", lambda k, v: _choice(k, v, CURVATURES))},
-    "cg": {"curvature": ("hessian", lambda k, v: _choice(k, v, CURVATURES)),
-           "tol": (1e-8, lambda k, v: _number(k, v, lambda x: 0 < x < 1, "a number strictly between 0 and 1")),
-           "max_iter": (100, lambda k, v: _int(k, v, 1))},
-    "lissa": {"scale": (10.0, _scale), "depth": (None, _positive_int_or_derived),
-              "repeats": (1, lambda k, v: _int(k, v, 1)), "batch_size": (10, lambda k, v: _int(k, v, 1)),
-              "seed": (0, lambda k, v: _int(k, v, 0))},
-    "arnoldi": {"curvature": ("hessian", lambda k, v: _choice(k, v, CURVATURES)),
-                "rank": (20, lambda k, v: _int(k, v, 1)), "iterations": (None, _positive_int_or_derived),
-                "seed": (0, lambda k, v: _int(k, v, 0))},
-    "ekfac": {"labels": ("true", lambda k, v: _choice(k, v, EKFAC_LABELS)), "seed": (0, lambda k, v: _int(k, v, 0))},
+    method: {s.name: (s.default, _setting_check(s)) for s in spec_settings(method)} for method in METHODS
 }
 

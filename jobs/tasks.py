@@ -1,18 +1,18 @@
 """Task bodies: plain functions that call `influence/` and write parts through `storage/`.
 
-Nothing here knows about Ray; `cluster/sweep.py` wraps these as remote tasks. Every function writes its
-parts atomically under names derived from its task key, so running a task twice writes the same files.
-Seeds are derived explicitly from the configuration (and the control replicate), never from global state.
+Nothing here knows about Ray or where it runs: a runner (`jobs/runner.py` in this process, `cluster/runner.py`
+as Ray tasks) calls them. What they compute is decided in `jobs/protocol.py` (damping, seeds, controls, part
+names); these bodies do the computing and the writing. Every function writes its parts atomically under
+names derived from its task key, so running a task twice writes the same files.
 
-Devices: a task computes on `device_for_task()` (CUDA when Ray gave it a GPU, else the CPU) and hands back
-CPU results: θ̂ on the CPU, checkpoints of CPU tensors, rows from CPU arrays. Inputs arrive on the CPU.
+Devices: a task computes on the `device` it is given (`device_for(gpu_ids)`: CUDA when the runner gave it a
+GPU that torch can use, else the CPU) and hands back CPU results: θ̂ on the CPU, checkpoints of CPU tensors,
+rows from CPU arrays. Inputs arrive on the CPU.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,36 +22,29 @@ from influence.ihvp import hessian, make_solver
 from influence.models import MLP, build_model
 from influence.objective import per_example_loss
 from influence.scores import influence_estimates, select_test_points
-from influence.train import group_weights, removal_weights, retrain_batched, retrain_loop, train
+from influence.retrain import group_weights, removal_weights, retrain_batched, retrain_loop
+from influence.train import train
+from jobs import protocol
+from jobs.protocol import TrainOutput
 from jobs.science import SCIENCE
 from jobs.spec import Configuration
 from storage import tables
 from storage.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from storage.uri import Store
 
-# Exact Hessians (and their eigenvalues) are formed only up to this many parameters; larger models get
-# their curvature from iterative methods in a later version and report NaN here.
-EXACT_HESSIAN_MAX_PARAMS = 5000
-# Retraining stacks all removals of a chunk into one computation up to this many parameters per model;
-# beyond it (VGG, ResNets) the copies would not fit beside each other, so they retrain one after another.
-BATCHED_RETRAIN_MAX_PARAMS = 200_000
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-# The GPU ids Ray assigned to the running task, comma-separated, empty for none. The sweep's task wrapper sets
-# it around every task body (a Ray worker process runs many tasks, with and without GPUs); unset means "not
-# run by Ray", hence no GPU.
-TASK_GPUS_ENV = "FRAGILE_TASK_GPUS"
+CPU = torch.device("cpu")
 
 
-def device_for_task() -> torch.device:
-    """CUDA when this task was given a GPU (see `TASK_GPUS_ENV`) and torch can use one, else the CPU.
+def device_for(gpu_ids) -> torch.device:
+    """The device of a task given these GPUs: CUDA when it got one and torch can use it, else the CPU.
 
     Ray points CUDA_VISIBLE_DEVICES at the task's GPUs, so the task's first GPU is plain "cuda". A GPU that
     torch cannot use (a CPU-only build, no driver) falls back to the CPU rather than failing the task.
     """
-    if os.environ.get(TASK_GPUS_ENV, "").strip() and torch.cuda.is_available():
+    if list(gpu_ids) and torch.cuda.is_available():
         return torch.device("cuda")
-    return torch.device("cpu")
+    return CPU
 
 
 def _synchronize(device: torch.device) -> None:
@@ -144,19 +137,6 @@ def _degenerate_reason(pred: torch.Tensor, train_accuracy: float) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class TrainOutput:
-    """What the trial needs from the train task (θ̂ itself travels separately as an object reference)."""
-
-    test_points: list[tuple[int, str]]
-    n_train: int
-    damping: float  # δ every method uses for this configuration (see effective_damping)
-    degenerate_reason: str | None
-    trained: bool  # False when θ̂ came from a stored checkpoint
-    notices: tuple[str, ...] = ()  # what the user should hear (a bad checkpoint set aside)
-    science: dict[str, str | None] | None = None  # table -> the science stamp of the parts it wrote
-
-
 def checkpoint_problem(state: dict, cfg: Configuration, n_params: int) -> str | None:
     """Why a loaded checkpoint cannot be θ̂ of `cfg` (another model's, another shape), or None if it can."""
     theta = state.get("theta")
@@ -190,18 +170,20 @@ def load_base(store: Store, cfg: Configuration, n_params: int) -> tuple[dict | N
     return state, None
 
 
-def train_task(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tensor, TrainOutput]:
+def train_task(store: Store, cfg: Configuration, data: Dataset,
+               device: torch.device = CPU) -> tuple[torch.Tensor, TrainOutput]:
     """Train θ̂ (or reuse the stored checkpoint of an identical base model), pick the test points and
-    write the `models` and `test_points` parts of this configuration."""
+    write the `models` and `test_points` parts of this configuration. The train result is read from the
+    rows written, as a resumed run reads it from the stored parts (`protocol.train_output`)."""
     key = f"train/{cfg.config_id}"
     try:
-        return _train(store, cfg, data)
+        return _train(store, cfg, data, device)
     except Exception as exc:  # noqa: BLE001 - re-raised with the task key
-        raise task_error(key, tables.part_path(store, cfg.experiment, "models", cfg.config_id, "model"), exc) from exc
+        raise task_error(key, tables.part_path(store, cfg.experiment, "models", cfg.config_id,
+                                               protocol.MODEL_PART), exc) from exc
 
 
-def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tensor, TrainOutput]:
-    device = device_for_task()
+def _train(store: Store, cfg: Configuration, data: Dataset, device: torch.device) -> tuple[torch.Tensor, TrainOutput]:
     labels = data.y_test  # CPU, for the rows
     data = data.to(device)
     model = model_for(cfg, data)
@@ -232,7 +214,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
 
     top_eig, min_eig = _spectrum(cfg, model, theta, data)
 
-    tables.write_part(store, cfg.experiment, "models", cfg.config_id, "model", {
+    models = {
         "model_key": [cfg.model_key], "train_loss": [float(train_losses.mean())],
         "test_loss": [float(test_losses.mean())], "test_accuracy": [test_acc], "train_accuracy": [train_acc],
         "objective": [objective], "grad_norm": [grad_norm], "top_eigenvalue": [top_eig],
@@ -241,37 +223,34 @@ def _train(store: Store, cfg: Configuration, data: Dataset) -> tuple[torch.Tenso
         "degenerate": [reason is not None], "degenerate_reason": [reason],
         # θ̂ is what this row describes: a reused checkpoint keeps the stamp of the code that trained it
         "science": [SCIENCE if trained else state.get("science")],
-    })
+    }
+    tables.write_part(store, cfg.experiment, "models", cfg.config_id, protocol.MODEL_PART, models)
 
     chosen = select_test_points(test_losses, [r.rule() for r in cfg.test_points], seed=cfg.seed)
     idx = [i for i, _ in chosen]
-    tables.write_part(store, cfg.experiment, "test_points", cfg.config_id, "test_points", {
+    test_points = {
         "test_idx": idx, "loss": [float(test_losses[i]) for i in idx],
         "label": [int(labels[i]) for i in idx], "selection": [s for _, s in chosen], "science": [SCIENCE] * len(idx),
-    })
-    return theta.cpu(), TrainOutput(test_points=chosen, n_train=data.n_train,
-                                    damping=effective_damping(cfg, min_eig, top_eig), degenerate_reason=reason,
-                                    trained=trained, notices=(notice,) if notice else (),
-                                    science={"models": SCIENCE if trained else state.get("science"),
-                                             "test_points": SCIENCE})
+    }
+    tables.write_part(store, cfg.experiment, "test_points", cfg.config_id, protocol.TEST_POINTS_PART, test_points)
+    return theta.cpu(), protocol.train_output(cfg, models, test_points, notices=(notice,) if notice else ())
 
 
 def _spectrum(cfg: Configuration, model, theta: torch.Tensor, data: Dataset) -> tuple[float, float]:
-    """(top, smallest) eigenvalue of H at θ̂. Exact for the MLPs (the dense Hessian is small); for the
-    convolutional nets the top one from 20 Lanczos (Arnoldi) steps and the smallest unknown (NaN), which makes
-    the if_indefinite damping policy add δ, the safe choice for a non-convex net."""
-    if isinstance(model, MLP):
-        if model.n_params > EXACT_HESSIAN_MAX_PARAMS:
-            return math.nan, math.nan
+    """(top, smallest) eigenvalue of H at θ̂, as `protocol.spectrum_plan` says for this model: exact from the
+    dense Hessian (small MLPs); the top one from a few Arnoldi steps and the smallest unknown (NaN) for the
+    convolutional nets, which makes the if_indefinite damping policy add δ; both unknown otherwise."""
+    plan = protocol.spectrum_plan(isinstance(model, MLP), model.n_params)
+    if plan.method == "none":
+        return math.nan, math.nan
+    if plan.method == "exact":
         eig = torch.linalg.eigvalsh(hessian(model, theta, data.x_train, data.y_train, cfg.weight_decay))
         return float(eig[-1]), float(eig[0])
     from influence.curvature import CurvatureOperator
     from influence.ihvp_krylov import arnoldi_eigenpairs
 
     op = CurvatureOperator(model, theta, data.x_train, data.y_train, cfg.weight_decay)
-    # The Krylov basis holds one float64 vector of P entries per step: few steps for the ResNets.
-    steps = 20 if model.n_params <= 200_000 else 6
-    values, _, _ = arnoldi_eigenpairs(op, min(steps, model.n_params), seed=cfg.seed)
+    values, _, _ = arnoldi_eigenpairs(op, plan.steps, seed=cfg.seed)
     return float(values.max()), math.nan
 
 
@@ -286,38 +265,17 @@ def _progress(cfg: Configuration):
     return report
 
 
-def effective_damping(cfg: Configuration, min_eigenvalue: float, top_eigenvalue: float) -> float:
-    """The δ of (H + δI) for every method of a configuration, decided once so that all methods solve the same
-    system. `if_indefinite` adds δ only when H has an eigenvalue <= 0 (relative to its largest); where the
-    spectrum is unknown (models too large for an exact Hessian) it adds δ, the safe choice."""
-    if cfg.damping_policy == "never":
-        return 0.0
-    if cfg.damping_policy == "always" or math.isnan(min_eigenvalue):
-        return cfg.damping
-    indefinite = min_eigenvalue <= 1e-12 * max(abs(top_eigenvalue), abs(min_eigenvalue))
-    return cfg.damping if indefinite else 0.0
-
-
-def influence_part_name(method: str, chunk: int) -> str:
-    return f"{method}-{chunk:03d}"
-
-
 def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Tensor, method: str,
-                   chunk: int, test_idx: list[int], damping: float) -> str:
+                   chunk: int, test_idx: list[int], damping: float, device: torch.device = CPU) -> str:
     """Estimates of `method` for every (test point in this chunk, training point) with δ = `damping`;
     returns the part path. A test point whose solve diverged gets NaN estimates and diverged = true."""
-    part = influence_part_name(method, chunk)
+    part = protocol.influence_part(method, chunk)
     where = tables.part_path(store, cfg.experiment, "influence", cfg.config_id, part)
     try:
         start = time.perf_counter()
-        device = device_for_task()
         data, theta = data.to(device), theta.to(device)
         model = model_for(cfg, data)
-        settings = {**cfg.solver_settings(method), "damping": damping}
-        if method == "exact":
-            settings["damping_policy"] = "always"  # δ is already decided for the configuration
-        if method == "ekfac":
-            settings["chunk_size"] = cfg.grad_chunk  # examples per pass of the factor fit
+        settings = protocol.solver_settings(cfg, method, damping)
         solver = make_solver(method, model, theta, data.x_train, data.y_train, cfg.weight_decay, **settings)
         inf = influence_estimates(model, theta, data, test_idx, solver, chunk_size=cfg.grad_chunk)
         _synchronize(device)
@@ -342,10 +300,6 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
         raise task_error(f"influence/{cfg.config_id}/{part}", where, exc) from exc
 
 
-def retrain_part_name(chunk: int) -> str:
-    return f"retrain-{chunk:05d}"
-
-
 def retrain_base(cfg: Configuration, theta: torch.Tensor, model) -> torch.Tensor:
     """Where every retrain of a configuration starts: θ̂ (warm start) or θ0, the same initialisation θ̂ was
     trained from (scratch)."""
@@ -354,85 +308,55 @@ def retrain_base(cfg: Configuration, theta: torch.Tensor, model) -> torch.Tensor
     return model.init(cfg.seed, dtype=theta.dtype, device=theta.device)
 
 
-def order_seed(cfg: Configuration, replicate: int = 0) -> int:
-    """The minibatch order of retraining: one per configuration, so every chunk's removals and the controls
-    (stored by chunk 0 only) see the same order and its noise cancels in actual = removed − control. Control
-    replicate r > 0 uses another order: the spread this adds is the training-noise floor."""
-    return cfg.seed * 1000 + 500 + replicate
-
-
-def control_starts(cfg: Configuration, theta: torch.Tensor) -> torch.Tensor:
-    """Starting points of the control retrains: the base itself, then the base perturbed by a relative
-    `perturbation` (one seed per replicate, identical in every chunk). The spread of their final test
-    losses is the noise floor of the ground truth: warm-started Adam near a minimum amplifies round-off.
-    The noise is drawn on the CPU (then moved to θ̂'s device), so the starts are the same on every device.
-    With minibatches, replicates r > 0 start from the base exactly and differ in their order instead."""
-    starts = [theta]
-    for r in range(1, cfg.controls):
-        if cfg.batch_size is not None:
-            starts.append(theta)
-            continue
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + r)
-        noise = torch.randn(theta.shape, generator=g, dtype=theta.dtype, device="cpu").to(theta.device)
-        starts.append(theta + cfg.perturbation * theta.abs().clamp_min(1e-3) * noise)
-    return torch.stack(starts)
-
-
 def retrain_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Tensor, chunk: int,
-                 removed: list[int], test_idx: list[int], groups: list[tuple[list[int], str]] | None = None) -> str:
+                 removed: list[int], test_idx: list[int], groups: list[tuple[list[int], str]] | None = None,
+                 device: torch.device = CPU) -> str:
     """Retraining without each removal of a chunk (or, with `groups`, without each group of points at once:
     then `removed` are the group ids and `groups` their (members, mode)), as ONE batched computation for
     small models, with the control replicates beside them; writes one row per (removal, test point) and
     returns the part path."""
-    part = retrain_part_name(chunk)
+    part = protocol.retrain_part(chunk)
     where = tables.part_path(store, cfg.experiment, "retrain", cfg.config_id, part)
     try:
-        return _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups)
+        return _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, device)
     except Exception as exc:  # noqa: BLE001
         raise task_error(f"retrain/{cfg.config_id}/{part}", where, exc) from exc
 
 
-def _batched(model) -> bool:
-    """Whether the copies of a retrain chunk are stacked into one computation (else one after another)."""
-    return model.n_params <= BATCHED_RETRAIN_MAX_PARAMS
-
-
 def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset, weights: torch.Tensor,
                  seed: int) -> torch.Tensor:
-    schedule = cfg.schedule if cfg.retrain_start == "scratch" else "constant"
-    options = dict(weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs, schedule=schedule,
-                   seed=seed, **_train_options(cfg))
-    run = retrain_batched if _batched(model) else retrain_loop
+    options = dict(weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs,
+                   schedule=protocol.retrain_schedule(cfg), seed=seed, **_train_options(cfg))
+    run = retrain_batched if protocol.batched(model.n_params) else retrain_loop
     return run(model, starts, data.x_train, data.y_train, weights, **options)
 
 
-def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups) -> str:
-    device = device_for_task()
+def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, device) -> str:
     data, theta = data.to(device), theta.to(device)
     model = model_for(cfg, data)
     base = retrain_base(cfg, theta, model)
-    c = cfg.controls if chunk == 0 else 1  # controls are stored by the first chunk; the others need control 0
+    c = protocol.controls_in_chunk(cfg, chunk)
     dtype = data.x_train.dtype
     if groups is None:
         weights = removal_weights(data.n_train, removed, controls=c, dtype=dtype, device=device)
     else:
         weights = group_weights(data.n_train, [m for m, _ in groups], controls=c, dtype=dtype, device=device)
-    starts = torch.cat([control_starts(cfg, base)[:c], base.expand(len(removed), -1)])
+    starts = torch.cat([protocol.control_starts(cfg, base)[:c], base.expand(len(removed), -1)])
     start = time.perf_counter()
     if cfg.batch_size is None or c == 1:
-        thetas = _retrain_run(cfg, model, starts, data, weights, order_seed(cfg))
+        thetas = _retrain_run(cfg, model, starts, data, weights, protocol.order_seed(cfg))
     else:
         # Minibatch controls r > 0 differ in their order, so each runs apart from the batch.
         keep = [0] + list(range(c, weights.shape[0]))
         thetas = torch.empty_like(starts)
-        thetas[keep] = _retrain_run(cfg, model, starts[keep], data, weights[keep], order_seed(cfg))
+        thetas[keep] = _retrain_run(cfg, model, starts[keep], data, weights[keep], protocol.order_seed(cfg))
         for r in range(1, c):
-            thetas[r] = _retrain_run(cfg, model, starts[r:r + 1], data, weights[r:r + 1], order_seed(cfg, r))[0]
+            thetas[r] = _retrain_run(cfg, model, starts[r:r + 1], data, weights[r:r + 1], protocol.order_seed(cfg, r))[0]
     _synchronize(device)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         xt, yt = data.x_test[test_idx], data.y_test[test_idx]
-        if _batched(model):
+        if protocol.batched(model.n_params):
             losses = per_example_loss(model, thetas, xt, yt).cpu()  # [K, T]
         else:
             losses = torch.stack([per_example_loss(model, t, xt, yt) for t in thetas]).cpu()
@@ -460,7 +384,7 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups) ->
         "dtheta": np.repeat(dtheta[rows_k].numpy(), T),
         "mode": np.repeat(np.asarray(modes, dtype=object), T).tolist(),
         "epochs": [cfg.retrain_epochs] * (len(rows_k) * T),
-        "seed": [order_seed(cfg)] * (len(rows_k) * T),
+        "seed": [protocol.order_seed(cfg)] * (len(rows_k) * T),
         "seconds": [seconds / weights.shape[0]] * (len(rows_k) * T),
         "group_size": np.repeat(np.asarray(sizes, dtype=np.int64), T),
         "members": [m for m in members for _ in range(T)],

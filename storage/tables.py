@@ -8,6 +8,9 @@ A part is the output of one task and is named after the task key, so a task that
 same file instead of adding a duplicate. Same family of names for every stored thing: ``part_path``,
 ``write_part``, ``read_part``, ``part_exists``, ``delete_part`` (and ``checkpoint_path``,
 ``save_checkpoint``, ... in ``checkpoints.py``).
+
+Tables gain columns over time: a part written before a column existed reads it as null (``read_part``
+conforms every part to today's schema, and ``dataset`` reads every part with it).
 """
 from __future__ import annotations
 
@@ -62,10 +65,23 @@ TABLES: dict[str, pa.Schema] = {
     "configs": pa.schema([
         _key("spec_hash", _str), ("version", _str), ("experiment", _str),
         ("config", _str),  # canonical JSON of the whole configuration: the source of truth
-        # Flat copies of the common fields, so SQL can group by them without JSON functions.
+        # One flat column per field of jobs.spec.Configuration, so SQL can group by any swept axis without
+        # JSON functions (jobs/records.py fills them; tests/test_configs_table.py checks that every field has
+        # its column). Named after the field; ints int64, floats float64 (subset, a fraction or a count,
+        # too), bools bool, strings string; methods comma-joined ("exact,cg"); the structured fields
+        # (classes, solvers, test_points, removals) as the canonical JSON of their Configuration.to_dict()
+        # value. These first ones are the columns stores had first ...
         ("dataset", _str), ("model", _str), ("depth", _i64), ("width", _i64), ("activation", _str),
         ("weight_decay", _f64), ("lr", _f64), ("epochs", _i64), ("seed", _i64), ("retrain_epochs", _i64),
         ("damping", _f64), ("methods", _str), ("science", _str),
+        # ... and these the rest, in field order: parts written before they existed read them as null.
+        ("test_fraction", _f64), ("split_seed", _i64), ("data_root", _str), ("subset", _f64),
+        ("test_subset", _i64), ("classes", _str), ("per_class", _i64), ("image_size", _i64),
+        ("optimizer", _str), ("momentum", _f64), ("batch_size", _i64), ("schedule", _str),
+        ("mixed_precision", _bool), ("dtype", _str), ("damping_policy", _str), ("solvers", _str),
+        ("test_chunk", _i64), ("grad_chunk", _i64), ("test_points", _str), ("removals", _str),
+        ("retrain_start", _str), ("retrain_lr", _f64), ("controls", _i64), ("perturbation", _f64),
+        ("retrain_chunk", _i64),
     ]),
     "models": pa.schema([
         _key("model_key", _str), ("train_loss", _f64), ("test_loss", _f64), ("test_accuracy", _f64),

@@ -23,14 +23,11 @@ def run():
     return [bench.make_config(SHAPE, i, "bench") for i in range(SHAPE.configs)]
 
 
-def test_part_names_and_chunk_sizes_are_those_of_the_tasks():
+def test_chunk_sizes_are_those_of_the_tasks():
     from dataclasses import fields
 
-    from jobs import tasks
     from jobs.spec import Configuration
 
-    assert bench.influence_part_name("lissa", 3) == tasks.influence_part_name("lissa", 3)
-    assert bench.retrain_part_name(12) == tasks.retrain_part_name(12)
     defaults = {f.name: f.default for f in fields(Configuration)}
     assert bench.TEST_CHUNK == defaults["test_chunk"]
     assert bench.make_parser().get_default("chunk") == defaults["retrain_chunk"]

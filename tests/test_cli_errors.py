@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
+from fragile.cli import main
 from storage import tables
 from storage.uri import open_store
 

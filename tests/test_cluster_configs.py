@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.cli import _parser
+from fragile.cli import _parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster" / "configs"

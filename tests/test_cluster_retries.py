@@ -24,11 +24,11 @@ def _flaky_task():
 
 @pytest.mark.parametrize("error, retried", [(TransientTaskError, True), (TaskError, False)])
 def test_only_transient_task_errors_are_retried(ray_cluster, tmp_path, error, retried):
-    from cluster.sweep import _outside_trial
+    from cluster.runner import task_options
 
     ray = ray_cluster
     counter = tmp_path / "calls"
-    task = ray.remote(_flaky_task()).options(**_outside_trial({"num_cpus": 0.1}, f"flaky {error.__name__}"))
+    task = ray.remote(_flaky_task()).options(**task_options({"num_cpus": 0.1}, f"flaky {error.__name__}"))
     ref = task.remote(str(counter), error)
     if retried:
         assert ray.get(ref) == 2

@@ -9,7 +9,6 @@ would have made CPU tensors. With a GPU, the tests at the end compare CPU and CU
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,8 @@ from influence.ihvp import METHODS, make_solver
 from influence.models import build_model
 from influence.scores import influence_estimates, per_example_grads, select_removals, select_test_points
 from influence.stacked import StackedMLP
-from influence.train import check_same_device, removal_weights, retrain_batched, retrain_loop, train
+from influence.retrain import check_same_device, removal_weights, retrain_batched, retrain_loop
+from influence.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -220,18 +220,14 @@ def test_dataset_moves_as_a_whole(iris):
 # --- tasks: which device ----------------------------------------------------------------------------------------
 
 
-def test_device_for_task_is_cuda_only_when_a_gpu_was_assigned_and_usable(monkeypatch):
+def test_the_task_device_is_cuda_only_when_a_gpu_was_assigned_and_usable(monkeypatch):
     from jobs import tasks
 
-    monkeypatch.delenv(tasks.TASK_GPUS_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert tasks.device_for_task() == torch.device("cpu")  # not run by Ray: no GPU assigned
-    monkeypatch.setenv(tasks.TASK_GPUS_ENV, "")
-    assert tasks.device_for_task() == torch.device("cpu")  # Ray gave none
-    monkeypatch.setenv(tasks.TASK_GPUS_ENV, "0")
-    assert tasks.device_for_task() == torch.device("cuda")
+    assert tasks.device_for([]) == torch.device("cpu")  # no GPU assigned
+    assert tasks.device_for(["0"]) == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert tasks.device_for_task() == torch.device("cpu")  # assigned, but torch cannot use it
+    assert tasks.device_for(["0"]) == torch.device("cpu")  # assigned, but torch cannot use it
 
 
 class _FakeContext:
@@ -245,18 +241,15 @@ class _FakeContext:
         return {"GPU": self.gpus}
 
 
-def test_sweep_wrapper_hands_the_assigned_gpus_to_the_task_for_that_call_only(monkeypatch):
+def test_the_ray_wrapper_hands_the_assigned_gpu_to_the_body_as_its_device(monkeypatch):
     pytest.importorskip("ray")
-    from cluster import sweep
-    from jobs import tasks
+    from cluster import runner
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    seen = sweep._with_task_resources(lambda: (os.environ.get(tasks.TASK_GPUS_ENV), tasks.device_for_task()))
-    monkeypatch.delenv(tasks.TASK_GPUS_ENV, raising=False)
-    for gpus, expected in ((["1"], ("1", torch.device("cuda"))), ([], ("", torch.device("cpu")))):
-        monkeypatch.setattr(sweep.ray, "get_runtime_context", lambda gpus=gpus: _FakeContext(gpus))
-        assert seen() == expected
-        assert tasks.TASK_GPUS_ENV not in os.environ  # restored after the call
+    seen = runner.with_task_resources(lambda x, device: (x, device))
+    for gpus, expected in ((["1"], torch.device("cuda")), ([], torch.device("cpu"))):
+        monkeypatch.setattr(runner.ray, "get_runtime_context", lambda gpus=gpus: _FakeContext(gpus))
+        assert seen(7) == (7, expected)
 
 
 def _task_config(tmp_path):
@@ -271,14 +264,15 @@ def _task_config(tmp_path):
     return open_store(str(tmp_path)), cfg
 
 
-def _run_tasks(store, cfg, data):
+def _run_tasks(store, cfg, data, device=torch.device("cpu")):
     from jobs import tasks
     from storage import tables
 
-    theta, out = tasks.train_task(store, cfg, data)
+    theta, out = tasks.train_task(store, cfg, data, device=device)
     test_idx = [i for i, _ in out.test_points]
-    parts = [tasks.influence_task(store, cfg, data, theta, m, 0, test_idx, out.damping) for m in cfg.methods]
-    parts.append(tasks.retrain_task(store, cfg, data, theta, 0, [0, 3, 9], test_idx))
+    parts = [tasks.influence_task(store, cfg, data, theta, m, 0, test_idx, out.damping, device=device)
+             for m in cfg.methods]
+    parts.append(tasks.retrain_task(store, cfg, data, theta, 0, [0, 3, 9], test_idx, device=device))
     return theta, [tables.read_part(store, p).to_pydict() for p in parts]
 
 
@@ -287,9 +281,6 @@ def test_tasks_on_cpu_allocate_nothing_off_the_cpu(tmp_path, monkeypatch, iris, 
     pytest.importorskip("pyarrow")
     if stand_in_hosts != {"optim", "jacrev"}:
         pytest.skip(f"torch {torch.__version__} allocates on the default device inside optim or jacrev")
-    from jobs import tasks
-
-    monkeypatch.delenv(tasks.TASK_GPUS_ENV, raising=False)
     store, cfg = _task_config(tmp_path)
     with torch.device("meta"):
         theta, rows = _run_tasks(store, cfg, iris)
@@ -355,11 +346,10 @@ def test_cuda_tasks_write_the_same_rows_as_cpu_tasks(tmp_path, monkeypatch, iris
     from jobs import tasks
 
     results = []
-    for gpus in ("", "0"):
-        monkeypatch.setenv(tasks.TASK_GPUS_ENV, gpus)
-        (tmp_path / f"gpus{gpus or 'none'}").mkdir()
-        store, cfg = _task_config(tmp_path / f"gpus{gpus or 'none'}")
-        results.append(_run_tasks(store, cfg, iris))
+    for gpus in ([], ["0"]):
+        (tmp_path / f"gpus{len(gpus)}").mkdir()
+        store, cfg = _task_config(tmp_path / f"gpus{len(gpus)}")
+        results.append(_run_tasks(store, cfg, iris, tasks.device_for(gpus)))
     (theta_cpu, rows_cpu), (theta_gpu, rows_gpu) = results
     assert theta_gpu.device.type == "cpu" and _max_rel(theta_cpu, theta_gpu) < 1e-8
     for a, b in zip(rows_cpu, rows_gpu):

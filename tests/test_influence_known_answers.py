@@ -19,7 +19,8 @@ from influence.metrics import pearson, sign_agreement, spearman
 from influence.models import build_model
 from influence.objective import objective, per_example_loss
 from influence.scores import influence_estimates
-from influence.train import removal_weights, retrain_batched, train
+from influence.retrain import removal_weights, retrain_batched
+from influence.train import train
 
 WEIGHT_DECAY = 0.01
 

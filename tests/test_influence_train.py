@@ -11,7 +11,8 @@ from influence.models import ACTIVATIONS, MLP, build_model
 from influence.objective import objective, per_example_loss
 from influence.scores import per_example_grads
 from influence.stacked import StackedMLP
-from influence.train import removal_weights, retrain_batched, retrain_loop, train
+from influence.retrain import removal_weights, retrain_batched, retrain_loop
+from influence.train import train
 
 WEIGHT_DECAY = 0.005
 

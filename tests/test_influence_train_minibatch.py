@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from influence.models import MLP, build_model
 from influence.objective import objective, per_example_loss
-from influence.train import (
+from influence.retrain import (
     epoch_order,
     epoch_seed,
     group_weights,
@@ -23,8 +23,8 @@ from influence.train import (
     retrain_batched,
     retrain_loop,
     scheduled_lr,
-    train,
 )
+from influence.train import train
 
 WD = 0.005
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.cli import main
+from fragile.cli import main
 from jobs.spec import SWEEPABLE, SpecError, parse_spec
 from storage.query import QueryError, query
 from storage.tables import TABLES, write_part
@@ -88,7 +88,7 @@ def test_the_cli_prints_the_tables_once(store, capsys):
 
 
 def test_fragile_alone_lists_every_command_one_line_each(capsys):
-    from jobs.cli import _parser
+    from fragile.cli import _parser
 
     assert main([]) == 2
     out = capsys.readouterr().out

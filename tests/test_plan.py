@@ -43,15 +43,3 @@ def test_spec_vocabulary_is_what_influence_offers():
     assert spec.MODELS == models.MODELS
     assert spec.ACTIVATIONS == models.ACTIVATIONS
     assert spec.METHODS == ihvp.METHODS
-
-
-def test_spec_solver_settings_are_what_influence_accepts():
-    """Every setting a spec may give a method exists in influence.ihvp.SETTINGS with the same default;
-    damping and damping_policy are set once for all methods in the influence section."""
-    from influence import ihvp
-    from jobs import spec
-
-    for method, settings in spec.METHOD_SETTINGS.items():
-        # chunk_size (ekfac) is set by the task from influence.grad_chunk: memory only, not a result setting
-        theirs = {k: v for k, v in ihvp.SETTINGS[method].items() if k not in ("damping", "damping_policy", "chunk_size")}
-        assert {k: default for k, (default, _) in settings.items()} == theirs, method

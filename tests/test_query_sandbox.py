@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.cli import main
+from fragile.cli import main
 from storage.query import QueryRefused, query
 from storage.tables import write_part
 

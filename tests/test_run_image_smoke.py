@@ -22,7 +22,7 @@ from influence.data_files import write_tiny
 from influence.scores import select_groups, select_removals
 
 pytestmark = pytest.mark.slow
-from jobs.cli import main
+from fragile.cli import main
 from jobs.spec import load_spec
 from storage import tables
 from storage.uri import open_store

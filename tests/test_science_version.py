@@ -7,7 +7,7 @@ from jobs import science
 
 
 def _copy_sources(tmp_path):
-    for name in science.SCIENCE_SOURCES + ("jobs/cli.py", "README.md"):
+    for name in science.SCIENCE_SOURCES + ("fragile/cli.py", "README.md"):
         src = science.ROOT / name
         dst = tmp_path / name
         dst.parent.mkdir(parents=True, exist_ok=True)

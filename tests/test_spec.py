@@ -220,6 +220,110 @@ def test_fields_added_later_keep_old_ids():
     assert Configuration("iris", batch_size=32).config_id != Configuration("iris").config_id
 
 
+# The Configuration fields of the first release, which stored results: frozen. Any field not listed here was
+# added later and must be declared `later(default)`, or every stored config_id changes.
+FIRST_RELEASE_FIELDS = (
+    "experiment", "dataset", "test_fraction", "split_seed", "model", "depth", "width", "activation", "optimizer",
+    "lr", "epochs", "weight_decay", "seed", "methods", "damping", "damping_policy", "solvers", "test_chunk",
+    "grad_chunk", "test_points", "removals", "retrain_epochs", "retrain_lr", "controls", "perturbation",
+    "retrain_chunk",
+)
+# The later fields that already exist, with the values they are left out at (what the ids were made with).
+LATER_DEFAULTS = {"data_root": None, "subset": None, "test_subset": None, "classes": None, "per_class": None,
+                  "image_size": None, "momentum": 0.9, "batch_size": None, "schedule": "constant",
+                  "mixed_precision": False, "dtype": "float64", "retrain_start": "warm"}
+
+
+def test_every_field_added_after_the_first_release_is_declared_later():
+    later = {f.name: f.default for f in dataclasses.fields(Configuration) if f.metadata.get("later")}
+    undeclared = [name for name in S.FIELDS if name not in FIRST_RELEASE_FIELDS and name not in later]
+    assert not undeclared, (
+        f"Configuration fields {undeclared} are new but not declared with later(default): as they are, they enter "
+        f"the canonical JSON and change every config_id (and model_key) already stored, so no run resumes. "
+        f"Declare each as `name: type = later(default)` in jobs/spec.py, with the default that reproduces what "
+        f"ran before the field existed.")
+    assert not set(later) & set(FIRST_RELEASE_FIELDS), "a field of the first release is always in the canonical JSON"
+    assert {k: v for k, v in later.items() if k in LATER_DEFAULTS} == LATER_DEFAULTS, (
+        "the default of a later field changed: configurations stored with the old default would change id")
+    for name, value in LATER_DEFAULTS.items():
+        assert type(later[name]) is type(value), name  # 0.9 stays a float, None stays None
+
+
+# Every configuration of every shipped spec, as "config_id model_key", computed before ids were declared on the
+# fields. Changing the canonical form orphans every stored result: do it only on purpose, and update these.
+SHIPPED_IDS = {
+    "cifar10-smoke.yaml": (
+        "1527f5eec793 d0259d91b72e", "1d247ca9645d 5a6684ddf915",
+    ),
+    "cifar10.yaml": (
+        "07a0d22dd072 33a12153853b", "3888ccb8b51a 88e1511b85ff", "ab726e900d01 16328d713fd0",
+        "309905bf1ff4 2ee61be57c01", "35dda7ba59b2 baf4d849a04c",
+    ),
+    "digits.yaml": (
+        "1789a7ce9d4d 4b0f50533fd7", "216f98418d6c 8b4fc9a1d8ae", "5c4ffa980a61 f33f56b3d37f",
+        "c83a51b09d61 9c298a28fb09", "65765e061786 5bac349dab71", "18ba9716b432 b0671fcf8766",
+        "1cd07bb6e55a e72eb7a39afa", "beece5983c5a 2b744f076ab9", "8d43e3e44134 b07b29615d15",
+        "13788605c3b2 cdc68673dfad", "1924ddf7392e e70ae96aef00", "c649e1ee7d36 6d5ea2afbb09",
+    ),
+    "imagenet-smoke.yaml": (
+        "ab157a6b2564 fff84f0abd6e",
+    ),
+    "imagenet.yaml": (
+        "959a9226db38 3b0ac208bbf8",
+    ),
+    "iris-smoke.yaml": (
+        "d4f124c8cbc1 436edf3da876", "0b28d0cb059a 9be3739250bc", "3efce7230362 bae618e187a7",
+        "9abab7fc7501 aae6b2151f39",
+    ),
+    "iris.yaml": (
+        "b417e974b3f2 acfb16ea6b52", "5872d064de9f 0b99d5dcb735", "14924c2c0326 773476d6af2a",
+        "49888308882d edca4166a5c9", "4d6026f9ab45 2382ff58cd65", "42f5b9e7cdbd b5058d85a61e",
+        "46c0881dbc56 000517089555", "cb7d05a60187 77573eb74267", "a23a77dc84bb b885b755c306",
+        "3b7a23dd3be8 68d10e08cc73", "17947121beaf 87fe89e63dc7", "f7add954267d 8b0f0fc80ea8",
+        "236e6bc33d8a 9578b7526585", "95050456218c aaa0ae35f594", "d1825383a597 0c0db922e3ed",
+        "210d0e3b1aac 73c671ae4ff6", "507a2b05430b f1d78bae06ec", "5b182a0b3af0 d5d37ab6afc0",
+        "7871183033e8 32d602912705", "2d6c4b7100e9 581253d5031f", "d64dfc0f2737 cd9bdb3e2670",
+        "c39c3bb3b625 1b4b6c7ebc51", "a10d61d62d67 2b223c6ad290", "1f4f2049542b 39744c9c9395",
+        "a01814b548c8 72c8dbf11e51", "ba297988a039 dd20de0dc2f1", "2fae75462c62 d68d79e0a4a9",
+        "aed48deca5b9 0153e4f533f2", "bec53d72b80a 55bc2dd3c8b1", "ea9a96465fee 4ca39cbfa829",
+        "800781c80a94 b271a5701b4c", "b3f1cb8955d5 41be18ace683", "4fd6f8f4dfa2 06fde624f734",
+        "91d569f2e6ce 619e86cae441", "5758d5d86306 cf1d6f533688", "6c62df233ec6 38a8553a2bff",
+        "2686eae0d1a2 1820491adb63", "f37708289666 83a27e5e8f5d", "03fe83308310 b3d2a3e30ffe",
+        "147d3d98fffb c6e91e8be7f4", "d1b4e9d300d6 2bb3286cdd44", "5fb4a010ece9 2ea5b731c4c0",
+        "7dfa7c210833 faa9766b62a6", "c26f0f1bb9e4 0603a9b95257", "f76e366b5dad 8595a32f6599",
+        "bc1f740b054c 4091ed58e4ad", "d073b079d8bf 9b2ccb4ff7d8", "7ef511857886 da36d679ab61",
+        "9be3c19ec721 b828b6038cf2", "25ec8385a36e aec4224fe056", "0092c5b1998b f90f4e144ee0",
+        "025edbc25bb4 4cbac6b65ee1", "dd2e8e83f53d ca553f163b66", "1699b478ab83 bbede32f316e",
+        "bf4d06e38920 a7356ac312f3", "e5694a0233b9 e9cfa0d16b88", "9b7adfd7b988 de55b22af471",
+        "87a3751b5371 0dbc55558f9b", "ab00478bbb23 0ed4d82efda2", "90dcf4782da6 3006bb281ec0",
+        "052b841f3db0 8d15818a6ccd", "22c0279110a3 58f639a68e0c", "33d0b3b52f46 576ec1b5aafa",
+        "cc8adf702a79 916d0fd314ac", "1351c95458a7 81342f4f7524", "7cbf5db8be72 00f42e56b1e2",
+        "20d7c0ff5bf5 ee92831d463e", "119c02e77d45 b115ecc945d6", "1f6554773839 135304a94a29",
+        "58136b9f5a58 3af89121d191", "4f5fb09c5672 92669a804087", "42735f7e3520 1a264f8b5114",
+        "3347dcc513d1 3c514cce78dd", "e51d05f5c7fe efcb66b5c4dd", "479b510d3491 def26a9b701d",
+        "8f03c3d899e3 6ef2ab1dadde", "cf42e5a18387 60344593894c", "012613cf0837 d02719e6d66e",
+        "059f8b08c41e 994f12b304f5", "6149f4359a6f 78543bfb2d15", "d7e56b5b9a40 087a2a8d962a",
+        "1ec567a0ae16 c4772ddd447f", "afbe06a5a9c5 824bd227a983", "2847a34e1f20 56039c511dd1",
+    ),
+    "mnist-smoke.yaml": (
+        "ad2aa801169a 849dcf89222c", "a4116ae740b2 6db271077f09",
+    ),
+    "mnist.yaml": (
+        "47a020b22bb7 b1631ac89bad", "4ddb7d309ddf 41919cd0910e", "b60dbd6ed742 10d0e39d51a6",
+        "3185a0a8ad96 4a88bc5b9a79", "db91b1a45751 216312d382af", "362af0fa7a7e 1272f9bc4663",
+        "75d4be936970 fc49e869be54", "e5a3405431d0 f72d1165f9e2", "b4ee655712da 0b2063f7cb9b",
+        "e98001fd07c9 bd3d1a2c93e0", "cbc4172dcbf6 b3fcce10816b",
+    ),
+}
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
+def test_shipped_specs_keep_their_ids(path):
+    assert set(SHIPPED_IDS) == {p.name for p in SPECS}, "a spec was added or removed: list its ids here"
+    got = tuple(f"{c.config_id} {c.model_key}" for c in load_spec(path).configurations())
+    assert got == SHIPPED_IDS[path.name]
+
+
 def test_exponent_floats_and_int_floats(tmp_path):
     spec = load_spec(write(tmp_path, "experiment: x\nground_truth:\n  perturbation: 1e-9\ntrain:\n  lr: 1\n"))
     assert spec.base.perturbation == 1e-9 and spec.base.lr == 1.0 and isinstance(spec.base.lr, float)

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from influence.metrics import pearson, spearman
-from jobs.stats import StatsBook, summarise
+from jobs.records import write_configs
 from jobs.report import summary, summary_tables
 from jobs.spec import load_spec
+from jobs.stats import StatsBook, summarise
 from storage import tables
 from storage.query import connect
 from storage.uri import open_store
@@ -71,8 +72,6 @@ def _rows(seed: int):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from cluster.sweep import write_configs
-
     tmp = tmp_path_factory.mktemp("summaries")
     spec = _spec(tmp)
     store = open_store(str(tmp / "store"))
@@ -121,11 +120,12 @@ def test_summaries_average_valid_cells_and_count_the_rest(study, source):
     if source == "console":
         [(title, names, table)] = summary_tables(store, spec)
         assert names == ["test point", "method"]
-        key = lambda r: (r["test point"], r["method"])  # noqa: E731
     else:
         table = summary(connect(store, spec.experiment), [])
-        key = lambda r: (r["selection"], r["method"])  # noqa: E731
-    got = {key(r): r for r in table.to_pylist()}
+    # one summary: the same columns, named alike, for the console and for `fragile report`
+    assert table.column_names == ["test point", "method", "spearman", "pearson", "dtheta_spearman", "min_snr",
+                                  "median_snr", "seeds_used", "seeds_run", "collapsed", "diverged"]
+    got = {(r["test point"], r["method"]): r for r in table.to_pylist()}
     assert set(got) == {(sel, m) for _, sel in TEST_POINTS for m in METHODS}
     for (sel, m), r in got.items():
         diverged_here = m == "cg" and sel == "highest"
@@ -139,7 +139,7 @@ def test_summaries_average_valid_cells_and_count_the_rest(study, source):
 def test_console_summary_shows_seeds_used_of_run(study, capsys):
     from rich.console import Console
 
-    from jobs.cli import _print_summary
+    from fragile.cli import _print_summary
 
     spec, store, expected, _ = study
     [(title, names, table)] = summary_tables(store, spec)
@@ -173,8 +173,6 @@ def test_per_configuration_line_says_what_was_left_out(study):
 def test_flags_alone_and_rows_of_older_stores_leave_cells_out(tmp_path):
     """The summaries do not rely on the NaNs StatsBook writes: a row flagged collapsed with a finite Spearman,
     and a row of a store written before the flags existed (flags null, the reason set), are left out too."""
-    from cluster.sweep import write_configs
-
     spec = _spec(tmp_path)
     store = open_store(str(tmp_path / "store"))
     configs = spec.configurations()

@@ -83,7 +83,7 @@ class Run:
                 "COLUMNS": "200"}
         self.started = time.monotonic()
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec), "--store", store, *args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "fragile", "run", str(spec), "--store", store, *args],
                                          cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         self.seconds: float | None = None

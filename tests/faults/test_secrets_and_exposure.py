@@ -108,7 +108,7 @@ def test_cluster_up_listens_on_loopback_only_and_wants_the_token(tmp_path):
     from cluster import local, s3server
 
     state_dir = tmp_path / "cluster"
-    fragile = [sys.executable, "-m", "jobs.cli"]
+    fragile = [sys.executable, "-m", "fragile"]
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "AWS_", "FRAGILE_"))}
     ports = [str(s3server.free_port()) for _ in range(2)]
     began = time.monotonic()
@@ -146,7 +146,7 @@ def test_cluster_up_listens_on_loopback_only_and_wants_the_token(tmp_path):
         submitted = subprocess.run([*fragile, "submit", str(ROOT / "jobs" / "specs" / "iris.yaml")], cwd=ROOT,
                                    env={**base, **state.env()}, capture_output=True, text=True, timeout=90)
         assert submitted.returncode == 0, submitted.stderr
-        wait_for(lambda: any("jobs.cli run" in _cmd(p) for p in marked(local.CLUSTER_ID_ENV, state.cluster_id)),
+        wait_for(lambda: any("fragile run" in _cmd(p) for p in marked(local.CLUSTER_ID_ENV, state.cluster_id)),
                  90, "the job's driver", every=0.5)
     finally:
         down = subprocess.run([*fragile, "cluster", "down", "--dir", str(state_dir)], cwd=ROOT, env=base,

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true",
                    help="take over the experiment's lease from another run that seems to hold it")
     r.add_argument("--yes", action="store_true", help=f"run a sweep of more than {LARGE_SWEEP:,} configurations")
+    r.add_argument("--inline", action="store_true",
+                   help="run every task in this process, one after another, without Ray (for debugging: a "
+                        "breakpoint in a task body is hit; the same results as a Ray run)")
     r.add_argument("--recompute-stale", action="store_true",
                    help="set aside (keep, under _set_aside/) and compute again every configuration whose stored "
                         "parts were written by another version of the science code")
@@ -220,6 +223,8 @@ def _check_feasible(spec, configs, data_of) -> None:
 
 
 def cmd_run(args) -> int:
+    if args.inline and args.address:
+        raise UsageError("--inline runs every task in this process; it cannot use the cluster at --address")
     spec = load_spec(args.spec, max_configurations=None if args.yes else LARGE_SWEEP)
     store = open_store(args.store, create=False)
     console = _console()
@@ -233,7 +238,7 @@ def cmd_run(args) -> int:
     loaded = load_datasets(configs)
     _check_feasible(spec, configs, lambda cfg: loaded[dataset_key(cfg)])
     check_free(store, spec.experiment, force=args.force)
-    runtime = connect(args.address, num_cpus=args.num_cpus)
+    runtime = None if args.inline else connect(args.address, num_cpus=args.num_cpus)
     try:
         store = open_store(args.store)
         lease = acquire(store, spec.experiment, force=args.force,
@@ -246,7 +251,8 @@ def cmd_run(args) -> int:
         finally:
             lease.release()
     finally:
-        runtime.close()
+        if runtime is not None:
+            runtime.close()
 
 
 def _recompute_stale(spec, store, console) -> None:
@@ -267,7 +273,6 @@ def _run(args, spec, store, loaded, console) -> int:
     """The run itself, once nothing stands in its way: the sweep with its progress, then the summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cluster.sweep import run_sweep
     from jobs.report import summary_tables
 
     console.print(f"[bold]{spec.experiment}[/]: {len(spec.configurations())} configurations -> "
@@ -300,9 +305,13 @@ def _run(args, spec, store, loaded, console) -> int:
         progress.console.print(f"{cfg.label()} [{cfg.config_id}]: Spearman {', '.join(parts) or 'undefined'}{tag}",
                                markup=False, highlight=False)
 
+    if args.inline:
+        from jobs.pipeline import run_inline as run
+    else:
+        from cluster.sweep import run_sweep as run
     with progress:
-        res = run_sweep(spec, store, version=project_version(), on_progress=on_progress,
-                        on_config_done=on_config_done, loaded=loaded)
+        res = run(spec, store, version=project_version(), on_progress=on_progress, on_config_done=on_config_done,
+                  loaded=loaded)
     p = res.progress
     ran, skipped = sum(p["done"].values()), sum(p["skipped"].values())
     console.print(f"{ran} tasks run, {skipped} skipped (already in the store), {res.seconds:.0f} s")

@@ -1,0 +1,96 @@
+"""Where a task body runs: the seam between the per-configuration pipeline and the machinery that runs it.
+
+The pipeline (`jobs/pipeline.py`) hands every task body (`jobs/tasks.py`) to a runner and only ever asks it
+four things: `put` a value the tasks share (θ̂ found in the store), `submit` a body with its arguments,
+`wait` for one of several submitted tasks, and `get` what a task returned (or raise what it raised).
+
+- `InlineRunner` (here) runs each body at once, in this process, on the CPU: no Ray, no Tune. For debugging
+  (a breakpoint in a task body is hit), for `fragile run --inline`, and for most pipeline tests.
+- `cluster.runner.RayRunner` submits each body as a Ray task with the resources the spec gives its kind, the
+  retries a cluster needs, and the GPU Ray assigned to it passed in as the body's `device`.
+
+Both hand the body the same arguments; only the `device` keyword differs (the CPU here).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+TASK_KINDS = ("train", "influence", "retrain")
+
+
+class Runner(Protocol):
+    def put(self, value: Any) -> Any: ...
+
+    def submit(self, kind: str, name: str, body: Callable, *args: Any, num_returns: int = 1) -> Any: ...
+
+    def wait(self, handles: list) -> Any: ...
+
+    def get(self, handle: Any) -> Any: ...
+
+
+class Handle:
+    """A finished inline task: its value, or the exception it raised (raised again by `get`)."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+
+
+class InlineRunner:
+    """Runs every task body in this process, one after another, the moment it is submitted.
+
+    `threads`: torch's intra-op threads while a body runs (None: leave torch's setting alone); tiny models run
+    fastest on one. `on_task_end` is called after every body (the CLI refreshes its progress bars there)."""
+
+    def __init__(self, threads: int | None = None, on_task_end: Callable[[], None] | None = None) -> None:
+        self.threads, self.on_task_end = threads, on_task_end
+        self.ran: list[tuple[str, str]] = []  # (kind, name) of every body run, in order
+
+    def put(self, value: Any) -> Handle:
+        return Handle(value)
+
+    def submit(self, kind: str, name: str, body: Callable, *args: Any, num_returns: int = 1):
+        if kind not in TASK_KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; the kinds are {', '.join(TASK_KINDS)}")
+        from jobs.tasks import CPU
+
+        resolved = [a.value if isinstance(a, Handle) else a for a in args]
+        self.ran.append((kind, name))
+        try:
+            with _threads(self.threads):
+                value = body(*resolved, device=CPU)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever gets the result, as Ray would
+            handles = tuple(Handle(error=exc) for _ in range(num_returns))
+        else:
+            values = value if num_returns > 1 else (value,)
+            handles = tuple(Handle(v) for v in values)
+        if self.on_task_end is not None:
+            self.on_task_end()
+        return handles if num_returns > 1 else handles[0]
+
+    def wait(self, handles: list) -> Handle:
+        return handles[0]  # every inline task has finished by the time it is submitted
+
+    def get(self, handle: Handle) -> Any:
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+
+class _threads:
+    def __init__(self, n: int | None) -> None:
+        self.n, self.before = n, None
+
+    def __enter__(self):
+        if self.n is not None:
+            import torch
+
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.before is not None:
+            import torch
+
+            torch.set_num_threads(self.before)
