@@ -544,7 +544,8 @@ def _print_summary(console: Console, title: str, names: list[str], tbl) -> None:
                                       ("min_snr", "min snr")]
     rows = []
     for r in tbl.to_pylist():
-        cells = [_fmt(r[k]) if k in names else _fmt2(r[k]) for k, _ in cols]
+        # an axis at null (batch_size: full batch, subset: every point) is shown as the spec spells it
+        cells = [("null" if r[k] is None else _fmt(r[k])) if k in names else _fmt2(r[k]) for k, _ in cols]
         cells += [f"{r['seeds_used']}/{r['seeds_run']}", str(r["collapsed"]), str(r["diverged"])]
         rows.append(cells)
     headers = [h for _, h in cols] + ["seeds", "coll.", "div."]

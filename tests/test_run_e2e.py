@@ -438,3 +438,29 @@ def test_cluster_up_submit_query_down(small_inline, tmp_path, monkeypatch, capsy
 
     left = subprocess.run(["pgrep", "-g", str(state.ray_pid)], capture_output=True, text=True).stdout.split()
     assert not [p for p in left if _alive(int(p))]
+
+
+def test_a_sweep_over_split_seed_and_batch_size_reports_and_queries_by_them(tmp_path, capsys, monkeypatch):
+    """Axes that are not model shape: the run's summary, `fragile report` and SQL group by them."""
+    spec = tmp_path / "axes.yaml"
+    spec.write_text("experiment: axes\ntrain: {epochs: 40}\nground_truth: {epochs: 4, controls: 2}\n"
+                    "sweep: {split_seed: [0, 1], batch_size: [null, 32]}\n")
+    monkeypatch.setenv("COLUMNS", "100")
+    capsys.readouterr()
+    assert main(["run", str(spec), "--store", str(tmp_path / "store"), *INLINE]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Spearman and Pearson by split seed × batch size"):out.index("ρ, r: Spearman")]
+    rows = [line.split() for line in table.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 8  # split seed x batch size x test point, one method
+    assert {(r[0], r[1]) for r in rows} == {("0", "32"), ("1", "32"), ("0", "null"), ("1", "null")}
+    store = open_store(str(tmp_path / "store"))
+    by_axis = query("select c.split_seed, c.batch_size, count(*) as n from stats s join configs c using (config_id) "
+                    "where s.final group by all order by all", store, "axes").to_pylist()
+    assert [(r["split_seed"], r["batch_size"], r["n"]) for r in by_axis] == [
+        (0, 32, 2), (0, None, 2), (1, 32, 2), (1, None, 2)]
+    assert main(["report", "--store", store.uri, "--experiment", "axes", "--out", str(tmp_path / "report")]) == 0
+    import pyarrow.csv as pacsv
+
+    summary = pacsv.read_csv(tmp_path / "report" / "summary.csv")
+    assert summary.column_names[:4] == ["split seed", "batch size", "test point", "method"]
+    assert summary.num_rows == 2 * 2 * 2
