@@ -178,7 +178,7 @@ def make_config(shape: Shape, index: int, experiment_label: str) -> Config:
     retrain = []
     for chunk, start in enumerate(range(0, n, shape.chunk)):
         removed = np.arange(start, min(start + shape.chunk, n), dtype=np.int64)
-        keep = c if chunk == 0 else 0  # as jobs.tasks._retrain: the controls go with the first chunk only
+        keep = c if chunk == 0 else 0  # as jobs.protocol.controls_in_chunk: chunk 0 stores the controls
         ids = np.concatenate([-(np.arange(keep, dtype=np.int64) + 1), removed])
         losses = np.concatenate([control_losses[:keep], (loss_control[:, None] + actual[:, removed]).T])  # [R, T]
         d = np.concatenate([control_dtheta[:keep], dtheta[removed]])

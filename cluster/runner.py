@@ -19,12 +19,8 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.metrics import MeteredCoordinator
+from jobs.runner import TASK_RETRIES
 from jobs.tasks import TransientTaskError, device_for
-
-# A task is run again when its worker dies (Ray does that by itself) or when it failed because the store stayed
-# unreachable beyond the retry budget (TransientTaskError); a task's own exceptions (a singular Hessian, a bad
-# index) are deterministic and retrying them would only waste time.
-TASK_RETRIES = 3
 # The coordinator is restarted whenever its process dies, and calls in flight are delivered to the new one
 # (every coordinator call is idempotent, see jobs/coordinator.py).
 COORDINATOR_RESTARTS = 20

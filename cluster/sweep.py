@@ -37,7 +37,6 @@ class RunContext:
     """What every trial needs, shipped once through tune.with_parameters."""
 
     store: Store
-    experiment: str
     configs: dict[str, Configuration]
     resources: dict[str, dict]
     coordinator: object  # actor handle
@@ -103,7 +102,7 @@ def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: N
         store, spec.experiment, {c.config_id: c.methods for c in configs}, counts, len(configs), initial)
     datasets = {key: ray.put(data) for key, data in loaded.items()}  # put once, shared by every task
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    ctx = RunContext(store=store, experiment=spec.experiment, configs={c.config_id: c for c in configs},
+    ctx = RunContext(store=store, configs={c.config_id: c for c in configs},
                      resources={k: v.ray_options() for k, v in spec.resources.items()}, coordinator=coord,
                      datasets=datasets, max_in_flight=max(2, 2 * cpus))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"memory": TRIAL_MEMORY_BYTES})
@@ -147,10 +146,12 @@ def _trial_name(ctx: RunContext, trial) -> str:
 
 
 def _root_cause(error: BaseException) -> str:
+    """The line of a failed trial, as `jobs.pipeline.failure_line` makes it inline: Ray wraps the task's
+    exception, and its last line carries our TaskError message after the exception's qualified name."""
     text = str(error).strip().splitlines()
-    # Ray wraps the task's exception; its last line carries our TaskError message.
     for line in reversed(text):
         if "task " in line and "failed" in line:
-            return line.strip()
-    return text[-1] if text else repr(error)
+            line = line.strip()
+            return line[line.index("task "):] if "TaskError: task " in line else line
+    return text[-1].strip() if text else repr(error)
 

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fragile", description="How far can influence functions be trusted?")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run an experiment spec (embedded Ray unless --address is given)")
+    r = sub.add_parser("run", help="run an experiment spec (embedded Ray unless --address or --inline is given)")
     r.add_argument("spec", help="experiment spec (YAML), e.g. jobs/specs/iris.yaml")
     r.add_argument("--store", default=None,
                    help=f"results folder or s3://bucket/prefix (default: $FRAGILE_STORE, else {DEFAULT_STORE})")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_commands_text(parser))
         return 2
     args = parser.parse_args(argv)
-    if args.command == "run" and not args.address:
+    if args.command == "run" and not args.address and not args.inline:
         from cluster.runtime import prepare_embedded
 
         prepare_embedded()  # before anything imports Ray: it reads these settings once
@@ -223,8 +223,9 @@ def _check_feasible(spec, configs, data_of) -> None:
 
 
 def cmd_run(args) -> int:
-    if args.inline and args.address:
-        raise UsageError("--inline runs every task in this process; it cannot use the cluster at --address")
+    if args.inline and (args.address or args.num_cpus):
+        raise UsageError("--inline runs every task in this process, without Ray: --address and --num-cpus are for "
+                         "a Ray cluster (each task kind's CPUs come from the spec's resources section)")
     spec = load_spec(args.spec, max_configurations=None if args.yes else LARGE_SWEEP)
     store = open_store(args.store, create=False)
     console = _console()
@@ -540,7 +541,9 @@ SUMMARY_CAPTION = ("ρ, r: Spearman and Pearson of estimate vs actual, means ove
 
 def _print_summary(console: Console, title: str, names: list[str], tbl) -> None:
     """The end-of-run table of one grid, the numbers that matter in columns that fit 80 characters."""
-    cols = [(n, n) for n in names] + [("spearman", "ρ"), ("pearson", "r"), ("dtheta_spearman", "‖Δθ‖ ρ"),
+    from jobs.report import label
+
+    cols = [(n, label(n)) for n in names] + [("spearman", "ρ"), ("pearson", "r"), ("dtheta_spearman", "‖Δθ‖ ρ"),
                                       ("min_snr", "min snr")]
     rows = []
     for r in tbl.to_pylist():

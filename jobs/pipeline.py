@@ -7,7 +7,8 @@ announces every part, landed before or now, to the coordinator, which keeps the 
 of a spec in this process, without Ray.
 
 The coordinator is called synchronously: `jobs.coordinator.Coordinator` itself inline, a facade over the Ray
-actor on a cluster (`cluster.runner.ActorCoordinator`, which does not wait for the calls that return nothing).
+actor on a cluster (`cluster.runner.ActorCoordinator`, which does not wait for the calls whose answer the
+pipeline does not use: counts and notices).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
         theta, out = runner.put(resumed[0]), resumed[1]
         coord.task_done("train", skipped=True, key=plan.task_key(cid))
     else:
-        from jobs import tasks  # torch: imported by the first configuration that trains
+        from jobs import tasks
 
         theta, out_ref = runner.submit("train", f"train {cid}", tasks.train_task, store, cfg, data, num_returns=2)
         out = _get(runner, coord, "train", out_ref)
@@ -96,7 +97,7 @@ def resume_train(cfg: Configuration, store: Store, coord):
     """(θ̂, the train result) from the stored checkpoint and the `models` and `test_points` parts, or None when
     any of them is unreadable or not this configuration's (it is set aside, with a notice, and the train task
     runs again: it rewrites the same parts from the same θ̂, or trains θ̂ again)."""
-    from jobs.tasks import load_base  # torch
+    from jobs.tasks import load_base
 
     cid = cfg.config_id
     try:
@@ -177,9 +178,19 @@ def start_run(spec: Spec, store: Store, version: str, loaded: dict | None):
     return configs, loaded, counts, initial
 
 
+def failure_line(exc: BaseException) -> str:
+    """One line for a failed configuration: a task's own message (it names the task and its output), else the
+    exception's type and the last line of its message."""
+    from jobs.tasks import TaskError
+
+    if isinstance(exc, TaskError):
+        return str(exc)
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
+
+
 def run_inline(spec: Spec, store: Store, *, version: str, on_progress=lambda p: None,
-               on_config_done=lambda cfg, r: None, loaded: dict | None = None,
-               threads: int | None = None) -> RunResult:
+               on_config_done=lambda cfg, r: None, loaded: dict | None = None) -> RunResult:
     """Every configuration of `spec`, one after another, every task in this process: no Ray, no Tune. The
     same stored rows and statistics as `cluster.sweep.run_sweep`; a configuration that fails is reported and
     the others go on, as on a cluster."""
@@ -199,13 +210,15 @@ def run_inline(spec: Spec, store: Store, *, version: str, on_progress=lambda p: 
             last[0] = now
             on_progress(coord.progress())
 
+    # torch threads per task kind: the CPUs the spec gives it, as a Ray task gets
+    threads = {kind: max(1, int(r.num_cpus)) for kind, r in spec.resources.items()}
     runner = InlineRunner(threads=threads, on_task_end=progress)
     errors = []
     for cfg in configs:
         try:
             result = run_configuration(cfg, store, runner, coord, loaded[dataset_key(cfg)])
         except Exception as exc:  # noqa: BLE001 - reported per configuration, as a failed trial is
-            errors.append(f"{cfg.label()} [{cfg.config_id}]: {exc}")
+            errors.append(f"{cfg.label()} [{cfg.config_id}]: {failure_line(exc)}")
             continue
         on_config_done(cfg, result)
     on_progress(coord.progress())

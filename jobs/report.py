@@ -1,6 +1,7 @@
 """Paper-style summary tables from the stored tables (every number traceable to `stats` rows).
 
-One summary (``summary``), shown two ways with the same columns and labels: at the end of a run one table per
+One summary (``summary``), shown two ways with the same columns (named after the configuration fields, as in
+SQL; the console shows them under the labels of ``label``): at the end of a run one table per
 sweep grid of the spec, grouped by the axes that grid varies (``summary_tables``), and by `fragile report` one
 table over the whole store, grouped by every swept axis whose `configs` column takes more than one value
 (``varying_axes``; a column that an old store's rows lack reads as null and so does not vary). Either way the
@@ -72,8 +73,8 @@ def _summary_sql(group: list[str], where: str) -> str:
 
 
 def summary_names(axes: list[str]) -> list[str]:
-    """The grouping columns of ``summary(con, axes)``, as displayed: the axes' labels, test point, method."""
-    return [label(a) for a in axes] + [label("selection"), "method"]
+    """The grouping columns of ``summary(con, axes)``: the axes, selection (the test point's rule), method."""
+    return list(axes) + ["selection", "method"]
 
 
 def summary(con, axes: list[str], config_ids: list[str] | None = None) -> pa.Table:
@@ -84,9 +85,7 @@ def summary(con, axes: list[str], config_ids: list[str] | None = None) -> pa.Tab
     unknown = [a for a in axes if a not in TABLES["configs"].names]
     if unknown:
         raise ValueError(f"{unknown} are not columns of configs; its columns are {', '.join(TABLES['configs'].names)}")
-    names = summary_names(axes)
-    group = [f'c."{a}" as "{n}"' for a, n in zip(axes, names)]
-    group += [f's.selection as "{names[-2]}"', f's.method as "{names[-1]}"']
+    group = [f'c."{a}"' for a in axes] + ["s.selection", "s.method"]
     if config_ids is None:
         where = "true"
     elif not config_ids:

@@ -9,13 +9,19 @@ four things: `put` a value the tasks share (θ̂ found in the store), `submit` a
 - `cluster.runner.RayRunner` submits each body as a Ray task with the resources the spec gives its kind, the
   retries a cluster needs, and the GPU Ray assigned to it passed in as the body's `device`.
 
-Both hand the body the same arguments; only the `device` keyword differs (the CPU here).
+Both hand the body the same arguments; only the `device` keyword differs (the CPU here). Both give torch as
+many threads as the spec gives the task kind CPUs, and both run a task again when it failed because the store
+stayed unreachable beyond the retry budget (`TransientTaskError`), at most `TASK_RETRIES` times.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
 TASK_KINDS = ("train", "influence", "retrain")
+# A task is run again when its worker dies (Ray does that by itself) or when it failed because the store stayed
+# unreachable beyond the retry budget (TransientTaskError); a task's own exceptions (a singular Hessian, a bad
+# index) are deterministic and retrying them would only waste time.
+TASK_RETRIES = 3
 
 
 class Runner(Protocol):
@@ -40,12 +46,13 @@ class Handle:
 class InlineRunner:
     """Runs every task body in this process, one after another, the moment it is submitted.
 
-    `threads`: torch's intra-op threads while a body runs (None: leave torch's setting alone); tiny models run
-    fastest on one. `on_task_end` is called after every body (the CLI refreshes its progress bars there)."""
+    `threads`: torch's intra-op threads while a body of each kind runs (kind -> count; None: leave torch's
+    setting alone), as a Ray task gets as many as its CPUs; tiny models run fastest on one. `on_task_end` is
+    called after every body (the CLI refreshes its progress bars there)."""
 
-    def __init__(self, threads: int | None = None, on_task_end: Callable[[], None] | None = None) -> None:
-        self.threads, self.on_task_end = threads, on_task_end
-        self.ran: list[tuple[str, str]] = []  # (kind, name) of every body run, in order
+    def __init__(self, threads: dict[str, int] | None = None, on_task_end: Callable[[], None] | None = None) -> None:
+        self.threads, self.on_task_end = threads or {}, on_task_end
+        self.ran: list[tuple[str, str]] = []  # (kind, name) of every body run, in order (retries included)
 
     def put(self, value: Any) -> Handle:
         return Handle(value)
@@ -53,18 +60,24 @@ class InlineRunner:
     def submit(self, kind: str, name: str, body: Callable, *args: Any, num_returns: int = 1):
         if kind not in TASK_KINDS:
             raise ValueError(f"unknown task kind {kind!r}; the kinds are {', '.join(TASK_KINDS)}")
-        from jobs.tasks import CPU
+        from jobs.tasks import CPU, TransientTaskError
 
         resolved = [a.value if isinstance(a, Handle) else a for a in args]
-        self.ran.append((kind, name))
-        try:
-            with _threads(self.threads):
-                value = body(*resolved, device=CPU)
-        except Exception as exc:  # noqa: BLE001 - handed to whoever gets the result, as Ray would
-            handles = tuple(Handle(error=exc) for _ in range(num_returns))
-        else:
-            values = value if num_returns > 1 else (value,)
-            handles = tuple(Handle(v) for v in values)
+        for attempt in range(TASK_RETRIES + 1):
+            self.ran.append((kind, name))
+            try:
+                with _threads(self.threads.get(kind)):
+                    value = body(*resolved, device=CPU)
+            except TransientTaskError as exc:
+                if attempt < TASK_RETRIES:
+                    continue
+                handles = tuple(Handle(error=exc) for _ in range(num_returns))
+            except Exception as exc:  # noqa: BLE001 - handed to whoever gets the result, as Ray would
+                handles = tuple(Handle(error=exc) for _ in range(num_returns))
+            else:
+                values = value if num_returns > 1 else (value,)
+                handles = tuple(Handle(v) for v in values)
+            break
         if self.on_task_end is not None:
             self.on_task_end()
         return handles if num_returns > 1 else handles[0]

@@ -133,13 +133,13 @@ AXES = {
 
 @pytest.mark.parametrize("axis", AXES)
 def test_report_by_a_swept_axis(tmp_path, axis):
-    values, column, rho = AXES[axis]
+    values, _, rho = AXES[axis]
     spec, store = _study(tmp_path, f"by-{axis.replace('_', '-')}", {axis: values}, rho)
     mean = {v: rho(Configuration(spec.experiment, **{axis: v})) + 0.005 for v in values}  # seeds 0, 1 averaged
 
     [(title, names, table)] = summary_tables(store, spec)
-    assert names == [column, "test point", "method"] and title == f"by {axis.replace('_', ' ')}"
-    got = {(r[column], r["test point"], r["method"]): r for r in table.to_pylist()}
+    assert names == [axis, "selection", "method"] and title == f"by {axis.replace('_', ' ')}"
+    got = {(r[axis], r["selection"], r["method"]): r for r in table.to_pylist()}
     assert set(got) == {(v, sel, m) for v in values for sel in ("highest", "median") for m in ("exact", "cg")}
     for v in values:
         assert got[(v, "highest", "exact")]["spearman"] == pytest.approx(mean[v])
@@ -151,10 +151,10 @@ def test_report_by_a_swept_axis(tmp_path, axis):
     csv = pacsv.read_csv(tmp_path / "report" / "summary.csv")
     assert csv.column_names == table.column_names  # the same summary, the same labels
     assert csv.num_rows == table.num_rows == 2 * 2 * 2
-    by_value = {r[column]: r["spearman"] for r in csv.to_pylist()
-                if (r["test point"], r["method"]) == ("highest", "exact")}
+    by_value = {r[axis]: r["spearman"] for r in csv.to_pylist()
+                if (r["selection"], r["method"]) == ("highest", "exact")}
     assert by_value == pytest.approx(mean)
-    assert f"| {column} | test point | method |" in (tmp_path / "report" / "summary.md").read_text()
+    assert f"| {axis} | selection | method |" in (tmp_path / "report" / "summary.md").read_text()
     assert [p.name for p in files] == ["summary.csv", "summary.md"]  # no depth or width figure: they do not vary
 
     sql = (f"select {axis}, avg(spearman) as rho from stats join configs using (config_id) "
@@ -174,7 +174,7 @@ def test_derived_axes_that_follow_their_source_are_not_grouped_by(tmp_path, swee
     spec, store = _study(tmp_path, "derived", sweep, lambda c: 0.5)
     assert varying_axes(connect(store, spec.experiment)) == axes
     csv = pacsv.read_csv(write_report(store, spec.experiment, tmp_path / "report")[0])
-    assert csv.column_names[:len(axes) + 2] == [label(a) for a in axes] + ["test point", "method"]
+    assert csv.column_names[:len(axes) + 2] == list(axes) + ["selection", "method"]
 
 
 # ---- (d) a store written before the configs table had every field ----------------------------------------------
@@ -213,8 +213,8 @@ def test_an_old_shape_configs_part_reads_and_reports(tmp_path):
     # optimizer is null in the old rows and "adam" in the new ones: not an axis (a Configuration always has one)
     assert varying_axes(connect(store, spec.experiment)) == ["depth"]
     [(_, names, table)] = summary_tables(store, spec)
-    assert names == ["depth", "test point", "method"] and table.num_rows == 2 * 2 * 2
+    assert names == ["depth", "selection", "method"] and table.num_rows == 2 * 2 * 2
     csv = pacsv.read_csv(write_report(store, spec.experiment, tmp_path / "report")[0])
-    assert csv.column_names[:3] == ["depth", "test point", "method"] and csv.num_rows == 8
+    assert csv.column_names[:3] == ["depth", "selection", "method"] and csv.num_rows == 8
     got = query("select split_seed, count(*) as n from configs group by all order by n", store, spec.experiment)
     assert got.to_pylist() == [{"split_seed": 0, "n": 1}, {"split_seed": None, "n": 3}]

@@ -176,3 +176,38 @@ def test_a_failing_task_reaches_the_caller_and_is_counted(tmp_path, iris):
         pipeline.run_configuration(cfg, store, InlineRunner(), coord, iris)
     assert coord.progress()["failed"]["influence"] == 1
     assert tables.read_table(store, cfg.experiment, "influence").num_rows == 0
+
+
+def test_the_inline_runner_retries_store_outages_only_and_sets_threads_per_kind():
+    from jobs.runner import TASK_RETRIES
+    from jobs.tasks import TaskError, TransientTaskError
+
+    calls = []
+
+    def flaky(fail_times, error, device):
+        calls.append(torch.get_num_threads())
+        if len(calls) <= fail_times:
+            raise error("retrain/c/retrain-00000", "s3://b/x.parquet", "OSError: AWS Error NETWORK_CONNECTION")
+        return "done"
+
+    runner = InlineRunner(threads={"retrain": 1})
+    assert runner.get(runner.submit("retrain", "r", flaky, 2, TransientTaskError)) == "done"
+    assert calls == [1, 1, 1] and len(runner.ran) == 3
+    calls.clear()
+    with pytest.raises(TransientTaskError):  # still unreachable after every retry
+        runner.get(runner.submit("retrain", "r", flaky, TASK_RETRIES + 1, TransientTaskError))
+    assert len(calls) == TASK_RETRIES + 1
+    calls.clear()
+    with pytest.raises(TaskError):  # a task's own failure is deterministic: run once
+        runner.get(runner.submit("retrain", "r", flaky, 1, TaskError))
+    assert len(calls) == 1
+
+
+def test_a_failed_configuration_is_one_line_naming_what_failed():
+    from jobs.tasks import TaskError
+
+    task = TaskError("influence/abc/exact-000", "/s/x.parquet", "SingularHessian: add damping")
+    assert pipeline.failure_line(task) == str(task)
+    assert pipeline.failure_line(ValueError("first\nevery method's solve diverged")) == (
+        "ValueError: every method's solve diverged")
+    assert pipeline.failure_line(KeyError("x")) == "KeyError: 'x'"

@@ -299,12 +299,12 @@ def test_report_tables_and_figures(smoke_run, tmp_path, capsys):
     import pyarrow.csv as pacsv
 
     summary = pacsv.read_csv(tmp_path / "summary.csv")
-    assert summary.column_names[:4] == ["depth", "wd", "test point", "method"]  # the console's labels
+    assert summary.column_names[:4] == ["depth", "weight_decay", "selection", "method"]  # as in SQL
     assert set(summary.column_names) >= {"spearman", "pearson", "seeds_used", "seeds_run"}
     assert summary.num_rows == 2 * 2 * 2 * 5  # depth x weight decay x test point x method, seeds averaged
     exact = query("select avg(spearman) from stats s join configs c using (config_id) where s.method = 'exact' "
                   "and c.depth = 1 and c.weight_decay = 0.005 and s.selection = 'highest'", store, spec.experiment)
-    row = [r for r in summary.to_pylist() if (r["depth"], r["wd"], r["test point"], r["method"])
+    row = [r for r in summary.to_pylist() if (r["depth"], r["weight_decay"], r["selection"], r["method"])
            == (1, 0.005, "highest", "exact")][0]
     assert row["spearman"] == pytest.approx(exact.column(0)[0].as_py())
     assert (tmp_path / "spearman_by_depth.png").stat().st_size > 10_000
@@ -361,6 +361,23 @@ def test_failing_task_names_configuration_and_task_and_exits_1(tmp_path, capsys)
     assert tables.read_table(s, "singular", "stats").num_rows == 0
     leftovers = [p for p in store.rglob(".*") if "_tune" not in p.parts]  # Tune keeps its own markers
     assert not leftovers  # no temporary part files left
+
+
+@pytest.mark.slow
+def test_a_failing_task_on_ray_is_named_as_inline(ray_cluster, tmp_path, capsys):
+    """Through Ray the failure crosses a task and a trial: the line still names the configuration, the task key
+    and what to change, as the inline run's does."""
+    spec = tmp_path / "singular.yaml"
+    spec.write_text("experiment: singular\nmodel: {family: logistic}\ntrain: {weight_decay: 0.0, epochs: 50}\n"
+                    "influence: {damping_policy: never}\nground_truth: {epochs: 5, controls: 2}\n")
+    lines = []
+    for extra in ([], INLINE):
+        capsys.readouterr()
+        assert main(["run", str(spec), "--store", str(tmp_path / f"store{len(extra)}"), *extra]) == 1
+        lines.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("failed:")])
+    cid = load_spec(spec).configurations()[0].config_id
+    assert all(len(found) == 1 and f"influence/{cid}/exact-000" in found[0] for found in lines)
+    assert lines[0][0].split("failed: ")[1].split(" (output")[0] == lines[1][0].split("failed: ")[1].split(" (output")[0]
 
 
 def _alive(pid: int) -> bool:
@@ -463,5 +480,5 @@ def test_a_sweep_over_split_seed_and_batch_size_reports_and_queries_by_them(tmp_
     import pyarrow.csv as pacsv
 
     summary = pacsv.read_csv(tmp_path / "report" / "summary.csv")
-    assert summary.column_names[:4] == ["split seed", "batch size", "test point", "method"]
+    assert summary.column_names[:4] == ["split_seed", "batch_size", "selection", "method"]
     assert summary.num_rows == 2 * 2 * 2

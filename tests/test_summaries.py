@@ -119,13 +119,13 @@ def test_summaries_average_valid_cells_and_count_the_rest(study, source):
     spec, store, expected, _ = study
     if source == "console":
         [(title, names, table)] = summary_tables(store, spec)
-        assert names == ["test point", "method"]
+        assert names == ["selection", "method"]
     else:
         table = summary(connect(store, spec.experiment), [])
     # one summary: the same columns, named alike, for the console and for `fragile report`
-    assert table.column_names == ["test point", "method", "spearman", "pearson", "dtheta_spearman", "min_snr",
+    assert table.column_names == ["selection", "method", "spearman", "pearson", "dtheta_spearman", "min_snr",
                                   "median_snr", "seeds_used", "seeds_run", "collapsed", "diverged"]
-    got = {(r["test point"], r["method"]): r for r in table.to_pylist()}
+    got = {(r["selection"], r["method"]): r for r in table.to_pylist()}
     assert set(got) == {(sel, m) for _, sel in TEST_POINTS for m in METHODS}
     for (sel, m), r in got.items():
         diverged_here = m == "cg" and sel == "highest"
