@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.records import column_value, write_configs
-from jobs.report import label, summary_tables, varying_axes, write_report
+from jobs.report import summary_tables, varying_axes, write_report
 from jobs.spec import Configuration, parse_spec
 from storage import tables
 from storage.query import connect, query
