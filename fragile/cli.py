@@ -403,17 +403,17 @@ def cmd_status(args) -> int:
     from cluster import submit
 
     rows = submit.status(_address(args), args.job)
+    headers = ["job", "status", "started", "entrypoint", "message"]
     if args.format == "json":
         print(json.dumps(rows, indent=1))
         return 0
     if args.format == "csv":
         import csv
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=["job", "status", "started", "entrypoint", "message"])
+        writer = csv.DictWriter(sys.stdout, fieldnames=headers)
         writer.writeheader()
         writer.writerows(rows)
         return 0
-    headers = ["job", "status", "started", "entrypoint", "message"]
     # ids and times whole on one line; the entrypoint and the message wrap
     _print_rows(_console(), headers, [[r[h] for h in headers] for r in rows], f"jobs at {_address(args)}",
                 left=len(headers), wrap=("entrypoint", "message"))

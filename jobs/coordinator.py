@@ -15,17 +15,26 @@ from collections import defaultdict
 
 from jobs.protocol import FINAL_PART, MODEL_PART, RUNNING_PART, TEST_POINTS_PART
 from jobs.science import SCIENCE, UNSTAMPED, stamp_of
+from jobs.spec_checks import RESOURCE_KINDS
 from jobs.stats import StatsBook, parse_sources, summarise
 from storage import tables
 from storage.ledger import Ledger
 from storage.uri import Store
 
-TASK_KINDS = ("train", "influence", "retrain")
+TASK_KINDS = RESOURCE_KINDS  # a task kind is what the spec gives resources to
 
 
 def part_stamps(**parts) -> dict[str, str | None]:
     """table -> the science stamp of its (one-stamp) part, for the parts that have rows."""
     return {table: rows["science"][0].as_py() for table, rows in parts.items() if rows.num_rows}
+
+
+def read_train_parts(store: Store, experiment: str, config_id: str):
+    """The `models` and `test_points` parts of a trained configuration (raises CorruptPart for a bad one)."""
+    def read(table: str, part: str):
+        return tables.read_part(store, tables.part_path(store, experiment, table, config_id, part))
+
+    return read("models", MODEL_PART), read("test_points", TEST_POINTS_PART)
 
 
 def final_sources(rows: dict[str, list]) -> dict[str, set[str]]:
@@ -192,10 +201,7 @@ class Coordinator:
             return
         if config_id not in self.methods:
             raise KeyError(f"configuration {config_id} was never registered with the coordinator")
-        tp = tables.read_part(self.store, tables.part_path(self.store, self.experiment, "test_points", config_id,
-                                                           TEST_POINTS_PART))
-        model = tables.read_part(self.store, tables.part_path(self.store, self.experiment, "models", config_id,
-                                                              MODEL_PART))
+        model, tp = read_train_parts(self.store, self.experiment, config_id)
         self.book.register(config_id, self.methods[config_id],
                            list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist())),
                            model["degenerate_reason"][0].as_py(), part_stamps(models=model, test_points=tp))

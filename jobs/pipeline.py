@@ -16,7 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from jobs import plan, protocol
+from jobs import plan, protocol, tasks
+from jobs.coordinator import Coordinator, read_train_parts
+from jobs.records import write_configs
+from jobs.runner import InlineRunner
 from jobs.spec import Configuration, Spec
 from storage import tables
 from storage.checkpoints import checkpoint_exists
@@ -56,8 +59,6 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
         theta, out = runner.put(resumed[0]), resumed[1]
         coord.task_done("train", skipped=True, key=plan.task_key(cid))
     else:
-        from jobs import tasks
-
         theta, out_ref = runner.submit("train", f"train {cid}", tasks.train_task, store, cfg, data, num_returns=2)
         out = _get(runner, coord, "train", out_ref)
         for message in out.notices:
@@ -65,8 +66,6 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
         coord.task_done("train", key=plan.task_key(cid))
     coord.register(cid, cfg.methods, out.test_points, out.degenerate_reason, out.science)
     test_idx = [i for i, _ in out.test_points]
-
-    from jobs import tasks
 
     # 2. influence estimates per (method, chunk of test points)
     _run_parts(runner, coord, store, cfg, ledger, "influence", [
@@ -97,17 +96,12 @@ def resume_train(cfg: Configuration, store: Store, coord):
     """(θ̂, the train result) from the stored checkpoint and the `models` and `test_points` parts, or None when
     any of them is unreadable or not this configuration's (it is set aside, with a notice, and the train task
     runs again: it rewrites the same parts from the same θ̂, or trains θ̂ again)."""
-    from jobs.tasks import load_base
-
-    cid = cfg.config_id
     try:
-        tp = tables.read_part(store, tables.part_path(store, cfg.experiment, "test_points", cid,
-                                                      protocol.TEST_POINTS_PART))
-        models = tables.read_part(store, tables.part_path(store, cfg.experiment, "models", cid, protocol.MODEL_PART))
+        models, tp = read_train_parts(store, cfg.experiment, cfg.config_id)
     except tables.CorruptPart as exc:
         coord.notice(tables.set_aside(store, cfg.experiment, exc.where, exc.reason))
         return None
-    state, notice = load_base(store, cfg, models["n_params"][0].as_py())
+    state, notice = tasks.load_base(store, cfg, models["n_params"][0].as_py())
     if state is None:
         if notice:
             coord.notice(notice)
@@ -131,19 +125,21 @@ def _run_parts(runner, coord, store: Store, cfg: Configuration, ledger: Ledger, 
     before or now, to the coordinator as it becomes available. A landed part that cannot be read is set
     aside by the coordinator and computed again. `work`: (part, task name, (body, *args)) per part."""
     cid = cfg.config_id
-    pending = []
-    for part, name, call in work:
-        if ledger.done(table, cid, part):
-            path = tables.part_path(store, cfg.experiment, table, cid, part)
-            summary = coord.ingest(table, cid, path)
-            if "set_aside" in summary:
-                pending.append((part, name, call))
-                continue
-            coord.task_done(table, skipped=True, key=plan.task_key(cid, part))
-            if on_stats and summary:
-                on_stats(summary)
-        else:
-            pending.append((part, name, call))
+
+    def announce(part: str, path: str, skipped: bool) -> str | None:
+        """Hand a landed part to the coordinator; the set-aside message when it could not be read."""
+        summary = coord.ingest(table, cid, path)
+        if "set_aside" in summary:
+            return summary["set_aside"]
+        coord.task_done(table, skipped=skipped, key=plan.task_key(cid, part))
+        if on_stats and summary:
+            on_stats(summary)
+        return None
+
+    # landed before: announced now, or (unreadable, set aside) computed again
+    pending = [(part, name, call) for part, name, call in work
+               if not ledger.done(table, cid, part)
+               or announce(part, tables.part_path(store, cfg.experiment, table, cid, part), skipped=True)]
     in_flight: dict = {}
     while pending or in_flight:
         while pending and len(in_flight) < max_in_flight:
@@ -152,28 +148,20 @@ def _run_parts(runner, coord, store: Store, cfg: Configuration, ledger: Ledger, 
         ready = runner.wait(list(in_flight))
         part = in_flight.pop(ready)
         path = _get(runner, coord, table, ready)
-        summary = coord.ingest(table, cid, path)
-        if "set_aside" in summary:  # written a moment ago and already unreadable: not a file to compute again
-            from jobs.tasks import TaskError
-
+        set_aside = announce(part, path, skipped=False)
+        if set_aside:  # written a moment ago and already unreadable: not a file to compute again
             coord.task_failed(table)
-            raise TaskError(f"{table}/{cid}/{part}", path, summary["set_aside"])
-        coord.task_done(table, key=plan.task_key(cid, part))
-        if on_stats and summary:
-            on_stats(summary)
+            raise tasks.TaskError(f"{table}/{cid}/{part}", path, set_aside)
 
 
 def start_run(spec: Spec, store: Store, version: str, loaded: dict | None):
     """What every run of a spec does before its first task, inline or on Ray: load the data (a missing or
     unreadable data set stops the run before anything is written), write the `configs` rows, count the tasks
     and note which the store already holds. Returns (configs, data sets, task counts, landed task keys)."""
-    from jobs.records import write_configs
-    from jobs.tasks import dataset_key, load_datasets
-
     configs = spec.configurations()
-    loaded = loaded if loaded is not None else load_datasets(configs)
+    loaded = loaded if loaded is not None else tasks.load_datasets(configs)
     write_configs(store, spec, configs, version)
-    counts = plan.task_counts(configs, lambda c: loaded[dataset_key(c)].n_train)
+    counts = plan.task_counts(configs, lambda c: loaded[tasks.dataset_key(c)].n_train)
     initial = plan.landed_keys(Ledger(store, spec.experiment), [c.config_id for c in configs])
     return configs, loaded, counts, initial
 
@@ -181,9 +169,7 @@ def start_run(spec: Spec, store: Store, version: str, loaded: dict | None):
 def failure_line(exc: BaseException) -> str:
     """One line for a failed configuration: a task's own message (it names the task and its output), else the
     exception's type and the last line of its message."""
-    from jobs.tasks import TaskError
-
-    if isinstance(exc, TaskError):
+    if isinstance(exc, tasks.TaskError):
         return str(exc)
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
@@ -194,10 +180,6 @@ def run_inline(spec: Spec, store: Store, *, version: str, on_progress=lambda p: 
     """Every configuration of `spec`, one after another, every task in this process: no Ray, no Tune. The
     same stored rows and statistics as `cluster.sweep.run_sweep`; a configuration that fails is reported and
     the others go on, as on a cluster."""
-    from jobs.coordinator import Coordinator
-    from jobs.runner import InlineRunner
-    from jobs.tasks import dataset_key
-
     start = time.perf_counter()
     configs, loaded, counts, initial = start_run(spec, store, version, loaded)
     coord = Coordinator(store, spec.experiment, {c.config_id: c.methods for c in configs}, counts, len(configs),
@@ -216,7 +198,7 @@ def run_inline(spec: Spec, store: Store, *, version: str, on_progress=lambda p: 
     errors = []
     for cfg in configs:
         try:
-            result = run_configuration(cfg, store, runner, coord, loaded[dataset_key(cfg)])
+            result = run_configuration(cfg, store, runner, coord, loaded[tasks.dataset_key(cfg)])
         except Exception as exc:  # noqa: BLE001 - reported per configuration, as a failed trial is
             errors.append(f"{cfg.label()} [{cfg.config_id}]: {failure_line(exc)}")
             continue

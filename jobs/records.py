@@ -9,18 +9,18 @@ the science code, jobs/science.py).
 """
 from __future__ import annotations
 
-from dataclasses import fields
 
 import pyarrow as pa
 
 from jobs.science import SCIENCE
-from jobs.spec import Configuration, Spec, _canonical
+from jobs.protocol import CONFIG_PART
+from jobs.spec import FIELDS, Configuration, Spec, _canonical
 from storage import tables
 from storage.uri import Store
 
 __all__ = ["CONFIG_FIELDS", "column_value", "config_row", "write_configs"]
 
-CONFIG_FIELDS = tuple(f.name for f in fields(Configuration))
+CONFIG_FIELDS = FIELDS  # every field of Configuration, in order
 # Flat forms kept from before every field had a column, so old and new rows agree: methods as "exact,cg".
 _JOINED = ("methods",)
 
@@ -56,5 +56,5 @@ def write_configs(store: Store, spec: Spec, configs: list[Configuration], versio
     for cfg in configs:
         row = config_row(cfg) | {"spec_hash": spec.spec_hash, "version": version, "experiment": spec.experiment,
                                  "config": cfg.canonical_json(), "science": SCIENCE}
-        tables.write_part(store, spec.experiment, "configs", cfg.config_id, "config",
+        tables.write_part(store, spec.experiment, "configs", cfg.config_id, CONFIG_PART,
                           {name: [value] for name, value in row.items()})

@@ -15,9 +15,10 @@ stayed unreachable beyond the retry budget (`TransientTaskError`), at most `TASK
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Protocol
 
-TASK_KINDS = ("train", "influence", "retrain")
+from jobs.spec_checks import RESOURCE_KINDS as TASK_KINDS
 # A task is run again when its worker dies (Ray does that by itself) or when it failed because the store stayed
 # unreachable beyond the retry budget (TransientTaskError); a task's own exceptions (a singular Hessian, a bad
 # index) are deterministic and retrying them would only waste time.
@@ -69,15 +70,14 @@ class InlineRunner:
                 with _threads(self.threads.get(kind)):
                     value = body(*resolved, device=CPU)
             except TransientTaskError as exc:
-                if attempt < TASK_RETRIES:
-                    continue
-                handles = tuple(Handle(error=exc) for _ in range(num_returns))
+                if attempt == TASK_RETRIES:
+                    handles = (Handle(error=exc),) * num_returns
             except Exception as exc:  # noqa: BLE001 - handed to whoever gets the result, as Ray would
-                handles = tuple(Handle(error=exc) for _ in range(num_returns))
+                handles = (Handle(error=exc),) * num_returns
+                break
             else:
-                values = value if num_returns > 1 else (value,)
-                handles = tuple(Handle(v) for v in values)
-            break
+                handles = tuple(Handle(v) for v in (value if num_returns > 1 else (value,)))
+                break
         if self.on_task_end is not None:
             self.on_task_end()
         return handles if num_returns > 1 else handles[0]
@@ -91,19 +91,17 @@ class InlineRunner:
         return handle.value
 
 
-class _threads:
-    def __init__(self, n: int | None) -> None:
-        self.n, self.before = n, None
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op threads set to `n` for the block (None: left alone)."""
+    if n is None:
+        yield
+        return
+    import torch
 
-    def __enter__(self):
-        if self.n is not None:
-            import torch
-
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc) -> None:
-        if self.before is not None:
-            import torch
-
-            torch.set_num_threads(self.before)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

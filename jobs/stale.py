@@ -9,11 +9,12 @@ Nothing is deleted: the parts and the checkpoint move to `<experiment>/_set_asid
 """
 from __future__ import annotations
 
-from jobs.coordinator import FINAL_PART, final_sources
+from jobs.coordinator import final_sources
+from jobs.protocol import FINAL_PART
 from jobs.science import SCIENCE, stamp_of
 from jobs.spec import Configuration
 from storage import tables
-from storage.checkpoints import checkpoint_exists, checkpoint_path
+from storage.checkpoints import checkpoint_exists, checkpoint_path, load_checkpoint
 from storage.ledger import Ledger
 from storage.uri import Store
 
@@ -51,8 +52,6 @@ def find_stale(store: Store, experiment: str, configs: list[Configuration],
 
 
 def _checkpoint(store: Store, experiment: str, model_key: str):
-    from storage.checkpoints import load_checkpoint
-
     try:
         return load_checkpoint(store, experiment, model_key)
     except tables.CorruptPart:
