@@ -190,3 +190,14 @@ def test_an_unreadable_token_file(monkeypatch, tmp_path, capsys):
     assert main(["status", "--address", "http://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert "RAY_AUTH_TOKEN_PATH" in err and "cannot be read" in err
+
+
+@pytest.mark.parametrize("extra", [["--address", "auto"], ["--num-cpus", "2"]])
+def test_inline_refuses_the_ray_options(tmp_path, capsys, extra):
+    """--inline runs without Ray: an address or a CPU count for Ray is a mistake, said before anything runs."""
+    store = tmp_path / "store"
+    assert main(["run", str(SMOKE), "--store", str(store), "--inline", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--inline runs every task in this process, without Ray" in " ".join(err.split())
+    assert "--address and --num-cpus" in " ".join(err.split())
+    assert not store.exists()
