@@ -1,4 +1,5 @@
-"""Training to θ̂: minimise R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)‖θ‖², full batch or in minibatches.
+"""Training to θ̂: minimise R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)‖θ‖², full batch or in minibatches, or to
+‖∇R‖₂ <= grad_tol with full-batch L-BFGS.
 
 Retraining (leave-one-out ground truth) lives in :mod:`influence.retrain`. Training and retraining share one
 definition of the minibatch order (:func:`~influence.retrain.epoch_order`), the learning
@@ -20,7 +21,8 @@ import torch
 
 from influence.models import Model
 from influence.objective import objective, per_example_loss
-from influence.retrain import check_options, check_same_device, full_batch_or, minibatches, scheduled_lr, steps_per_epoch
+from influence.retrain import (GRAD_TOL, check_options, check_same_device, full_batch_or, minibatches, minimise_lbfgs,
+                               scheduled_lr, steps_per_epoch)
 
 # progress is called about this many times over a run (every 1% of the epochs), and every epoch for short runs.
 PROGRESS_CALLS: int = 100
@@ -29,7 +31,8 @@ PROGRESS_CALLS: int = 100
 # eq=False: the generated __eq__/__hash__ would compare tensors elementwise and fail; identity is right.
 @dataclass(frozen=True, eq=False)
 class TrainResult:
-    """θ̂ and facts about it: R(θ̂), the mean training loss, ‖∇R(θ̂)‖, epochs run and wall time."""
+    """θ̂ and facts about it: R(θ̂), the mean training loss, ‖∇R(θ̂)‖₂, epochs run (L-BFGS: iterations) and wall
+    time."""
 
     theta: torch.Tensor
     objective: float
@@ -55,6 +58,7 @@ def train(
     schedule: str = "constant",
     mixed_precision: bool = False,
     progress: Callable[[int, float], None] | None = None,
+    grad_tol: float = GRAD_TOL,
 ) -> TrainResult:
     """Minimise R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)‖θ‖² for ``epochs`` epochs with ``torch.optim`` from θ0.
 
@@ -69,18 +73,34 @@ def train(
     of a run shorter than 100), with ``epoch`` the number of epochs done and ``loss`` the mean minibatch
     objective over that epoch (for the full batch: R before the epoch's step).
 
-    ``grad_norm`` is ‖∇R‖ over the full training set at the returned θ (computed in float, not under autocast,
+    ``optimizer="lbfgs"``: ``torch.optim.LBFGS`` with a strong-Wolfe line search on the full-batch R, in the
+    data's dtype (see :func:`~influence.retrain.minimise_lbfgs`). An epoch is one iteration (one direction and
+    its line search): ``epochs`` caps them, and the run stops earlier once ‖∇R‖₂ <= ``grad_tol`` or no
+    useful step is left (where the line search stalls at R's round-off, unit steps polish ∇R further).
+    ``lr`` is the line search's first trial step (1.0 is the natural value).
+    Full batch only (``batch_size`` None), constant ``schedule``; ``momentum`` is unused, ``mixed_precision``
+    refused (the line search compares objective values). ``progress(i, R)`` as above, with i iterations done
+    and R after them, and once more at an early stop. ``grad_tol`` is ignored by adam and sgd.
+
+    ``grad_norm`` is ‖∇R‖₂ over the full training set at the returned θ (computed in float, not under autocast,
     and in chunks of ``batch_size`` examples when minibatched, so memory stays what training needed): the
     influence function assumes a stationary point, so this is the first thing to check when estimates look
     wrong.
     """
-    check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs)
+    check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs,
+                  grad_tol=grad_tol)
     if mixed_precision:
+        if optimizer == "lbfgs":
+            raise ValueError("mixed_precision does not apply to optimizer 'lbfgs': its line search compares "
+                             "objective values, which bfloat16 rounds away; pass mixed_precision=False")
         _check_mixed_precision(x)
     start = time.perf_counter()
     if theta0 is None:
         theta0 = model.init(seed, dtype=x.dtype, device=x.device)
     check_same_device(theta0=theta0, x=x, y=y)
+    if optimizer == "lbfgs":
+        return _train_lbfgs(model, theta0, x, y, weight_decay=weight_decay, lr=lr, epochs=epochs,
+                            grad_tol=grad_tol, progress=progress, start=start)
     n = x.shape[0]
     batch_size = full_batch_or(batch_size, n)
     theta = theta0.detach().clone().requires_grad_(True)
@@ -121,6 +141,28 @@ def train(
         epochs=epochs,
         seconds=time.perf_counter() - start,
     )
+
+
+def _train_lbfgs(model: Model, theta0: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,
+                 lr: float, epochs: int, grad_tol: float, progress: Callable[[int, float], None] | None,
+                 start: float) -> TrainResult:
+    every = max(1, epochs // PROGRESS_CALLS)
+    reported = 0
+
+    def report(iteration: int, value: float) -> None:
+        nonlocal reported
+        if iteration % every == 0 or iteration == epochs:
+            progress(iteration, value)
+            reported = iteration
+
+    run = minimise_lbfgs(lambda theta: objective(model, theta, x, y, weight_decay), theta0, lr=lr,
+                         iterations=epochs, grad_tol=grad_tol, progress=None if progress is None else report)
+    if progress is not None and 0 < run.iterations != reported:  # stopped early, between two reports
+        progress(run.iterations, run.objective)
+    theta = run.theta.requires_grad_(True)  # a fresh leaf: _final_state differentiates R at it
+    value, train_loss, grad_norm = _final_state(model, theta, x, y, weight_decay, None)
+    return TrainResult(theta=theta.detach(), objective=value, train_loss=train_loss, grad_norm=grad_norm,
+                       epochs=run.iterations, seconds=time.perf_counter() - start)
 
 
 def _check_mixed_precision(x: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ MODELS = ("mlp", "logistic", "small_cnn", "lenet", "vgg13", "resnet18", "resnet5
 # Models defined on images [C, H, W]; depth, width and activation do not apply to them.
 IMAGE_MODELS = ("small_cnn", "lenet", "vgg13", "resnet18", "resnet50")
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "lbfgs")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float64", "float32")
 RETRAIN_STARTS = ("warm", "scratch")
