@@ -68,8 +68,8 @@ class MeteredCoordinator(Coordinator):
         self._configs.set(self.configs_done)
         return summary
 
-    def config_skipped(self, config_id: str, tasks: dict[str, list[str]]) -> dict[str, float] | None:
-        summary = super().config_skipped(config_id, tasks)
+    def config_skipped(self, config_id: str, tasks: dict[str, list[str]], replicates: int = 1) -> dict[str, float] | None:
+        summary = super().config_skipped(config_id, tasks, replicates)
         if summary is not None:
             for kind, keys in tasks.items():
                 if keys:

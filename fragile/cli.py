@@ -536,7 +536,9 @@ SUMMARY_CAPTION = ("ρ, r: Spearman and Pearson of estimate vs actual, means ove
                    "used/run; coll.: seeds whose network collapsed to a constant predictor, div.: seeds whose "
                    "solve diverged (their cells are left out of the means); min snr: the smallest spread of the "
                    "actual effects over the spread of the control retrains (inf: the controls agree exactly; "
-                   "<= 1: the ground truth is noise)")
+                   "<= 1: the ground truth is noise); ceil.: the noise ceiling, the Spearman a perfect estimator "
+                   "could expect against the replicated ground truth (empty with one replicate: unknown); "
+                   "chance: the share of cells whose Spearman a permutation test cannot tell from chance")
 
 
 def _print_summary(console: Console, title: str, names: list[str], tbl) -> None:
@@ -544,7 +546,7 @@ def _print_summary(console: Console, title: str, names: list[str], tbl) -> None:
     from jobs.report import label
 
     cols = [(n, label(n)) for n in names] + [("spearman", "ρ"), ("pearson", "r"), ("dtheta_spearman", "‖Δθ‖ ρ"),
-                                      ("min_snr", "min snr")]
+                                      ("min_snr", "min snr"), ("ceiling", "ceil."), ("chance_share", "chance")]
     rows = []
     for r in tbl.to_pylist():
         # an axis at null (batch_size: full batch, subset: every point) is shown as the spec spells it

@@ -57,12 +57,15 @@ class Influence:
     predicted_dtheta:  [n], ‖(H + δI)^{-1} ∇L(z_i)‖ / n, the predicted ‖θ̂₋ᵢ − θ̂‖; NaN where not computed
                        (see ``dtheta``) or where that solve diverged
     test_loss:         [T], L(z_t, θ̂)
+    self_influence:    [T], ∇L(z_t)ᵀ (H + δI)^{-1} ∇L(z_t): how strongly a test point's own gradient is amplified by
+                       the inverse curvature (NaN where its solve diverged)
     iterations:        [T] int64, residual: [T] float64, diverged: [T] bool: the solve of s_t (:class:`Solve`)
     """
 
     estimate: torch.Tensor
     predicted_dtheta: torch.Tensor
     test_loss: torch.Tensor
+    self_influence: torch.Tensor
     iterations: torch.Tensor
     residual: torch.Tensor
     diverged: torch.Tensor
@@ -115,6 +118,7 @@ def influence_estimates(
         estimate=estimate,
         predicted_dtheta=predicted_dtheta,
         test_loss=test_loss,
+        self_influence=(s_test * test_grads.to(s_test.dtype)).sum(dim=1),
         iterations=solved.iterations,
         residual=solved.residual,
         diverged=solved.diverged,

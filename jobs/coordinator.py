@@ -49,6 +49,12 @@ def final_sources(rows: dict[str, list]) -> dict[str, set[str]]:
     return sources
 
 
+def final_replicates(rows: dict[str, list]) -> int:
+    """How many replicates a final stats part's ground truth holds (parts written before replicates existed
+    hold one)."""
+    return max((1 if v is None else int(v)) for v in rows.get("replicates") or [None])
+
+
 class Coordinator:
     """Every landed part is announced here: in this process for an inline run (jobs/runner.py), as a Ray actor
     (cluster/runner.py) on a cluster.
@@ -189,9 +195,10 @@ class Coordinator:
         return len(self.finished)
 
     # -- statistics -----------------------------------------------------------------------------
-    def register(self, config_id: str, methods, test_points, degenerate_reason=None, sources=None) -> None:
+    def register(self, config_id: str, methods, test_points, degenerate_reason=None, sources=None,
+                 stationary=None) -> None:
         self.methods.setdefault(config_id, tuple(methods))
-        self.book.register(config_id, methods, test_points, degenerate_reason, sources)
+        self.book.register(config_id, methods, test_points, degenerate_reason, sources, stationary)
         self._note_stale(config_id, self.book.sources(config_id))
 
     def _known(self, config_id: str) -> None:
@@ -204,7 +211,8 @@ class Coordinator:
         model, tp = read_train_parts(self.store, self.experiment, config_id)
         self.book.register(config_id, self.methods[config_id],
                            list(zip(tp["test_idx"].to_pylist(), tp["selection"].to_pylist())),
-                           model["degenerate_reason"][0].as_py(), part_stamps(models=model, test_points=tp))
+                           model["degenerate_reason"][0].as_py(), part_stamps(models=model, test_points=tp),
+                           model["stationary"][0].as_py())
         ledger = Ledger(self.store, self.experiment)
         for table in ("influence", "retrain"):
             for part in ledger.parts(table, config_id):
@@ -248,14 +256,18 @@ class Coordinator:
         self.finished.add(config_id)
         return summarise(rows)
 
-    def config_skipped(self, config_id: str, tasks: dict[str, list[str]]) -> dict[str, float] | None:
+    def config_skipped(self, config_id: str, tasks: dict[str, list[str]], replicates: int = 1) -> dict[str, float] | None:
         """A configuration whose final statistics already exist: count its tasks (keys per kind) as skipped.
-        None when its final part cannot be read: it is then set aside, and the caller runs the configuration."""
+        None when its final part cannot be read (it is then set aside) or holds fewer than `replicates`
+        replicates (a rerun asked for more): the caller then runs the configuration, which computes only
+        what is missing."""
         path = tables.part_path(self.store, self.experiment, "stats", config_id, FINAL_PART)
         try:
             rows = tables.read_part(self.store, path).to_pydict()
         except tables.CorruptPart as exc:
             self.notices.append(tables.set_aside(self.store, self.experiment, path, exc.reason))
+            return None
+        if rows.get("method") and final_replicates(rows) < replicates:
             return None
         for kind, keys in tasks.items():
             self.skipped[kind].update(keys)

@@ -47,10 +47,10 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
     cid = cfg.config_id
     ledger = Ledger(store, cfg.experiment)
     if plan.is_finished(ledger, cfg):
-        summary = coord.config_skipped(cid, plan.landed_task_keys(ledger, cid))
+        summary = coord.config_skipped(cid, plan.landed_task_keys(ledger, cid), cfg.replicates)
         if summary is not None:
             return {**summary, "done": True, "skipped": True}
-        ledger.refresh()  # its final statistics were unreadable and are set aside: compute them again
+        ledger.refresh()  # unreadable final statistics (set aside), or fewer replicates: compute what is missing
 
     # 1. train (or take θ̂ and the train result from what landed)
     resumed = resume_train(cfg, store, coord) if plan.is_trained(
@@ -64,7 +64,7 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
         for message in out.notices:
             coord.notice(message)
         coord.task_done("train", key=plan.task_key(cid))
-    coord.register(cid, cfg.methods, out.test_points, out.degenerate_reason, out.science)
+    coord.register(cid, cfg.methods, out.test_points, out.degenerate_reason, out.science, out.stationary)
     test_idx = [i for i, _ in out.test_points]
 
     # 2. influence estimates per (method, chunk of test points)
@@ -86,7 +86,7 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
     _run_parts(runner, coord, store, cfg, ledger, "retrain", [
         (t.part, f"retrain {cid} {t.part}",
          (tasks.retrain_task, store, cfg, data, theta, t.chunk, t.removed, test_idx,
-          None if groups is None else [groups[g] for g in t.removed]))
+          None if groups is None else [groups[g] for g in t.removed], t.replicate))
         for t in rt_tasks], on_stats=on_stats, max_in_flight=max_in_flight)
 
     return {**coord.finalize(cid), "done": True, "skipped": False}

@@ -34,10 +34,11 @@ class InfluenceTask:
 class RetrainTask:
     chunk: int
     removed: list[int]
+    replicate: int = 0
 
     @property
     def part(self) -> str:
-        return retrain_part(self.chunk)
+        return retrain_part(self.chunk, self.replicate)
 
 
 def influence_tasks(cfg: Configuration, test_idx: list[int]) -> list[InfluenceTask]:
@@ -47,7 +48,10 @@ def influence_tasks(cfg: Configuration, test_idx: list[int]) -> list[InfluenceTa
 
 
 def retrain_tasks(cfg: Configuration, removed: list[int]) -> list[RetrainTask]:
-    return [RetrainTask(k, c) for k, c in enumerate(chunks(sorted(removed), cfg.retrain_chunk))]
+    """One task per (replicate, chunk of removals), replicate by replicate: every replicate is independent
+    of the others, so a cluster spreads them, and a rerun with more replicates adds only the new ones."""
+    parts = chunks(sorted(removed), cfg.retrain_chunk)
+    return [RetrainTask(k, c, r) for r in range(cfg.replicates) for k, c in enumerate(parts)]
 
 
 def n_test_points(cfg: Configuration) -> int:
@@ -67,11 +71,12 @@ def removal_count(cfg: Configuration, n_train: int) -> int:
 def task_counts(configs: list[Configuration], n_train_of: Callable[[Configuration], int]) -> dict[str, int]:
     """Tasks per kind for a set of configurations: one train task each (it reuses a stored checkpoint of an
     identical base model), one influence task per method and chunk of test points, one retrain task per
-    chunk of removals."""
+    chunk of removals and replicate."""
     return {
         "train": len(configs),
         "influence": sum(len(c.methods) * math.ceil(n_test_points(c) / c.test_chunk) for c in configs),
-        "retrain": sum(math.ceil(removal_count(c, n_train_of(c)) / c.retrain_chunk) for c in configs),
+        "retrain": sum(c.replicates * math.ceil(removal_count(c, n_train_of(c)) / c.retrain_chunk)
+                       for c in configs),
     }
 
 

@@ -38,9 +38,10 @@ def influence_part(method: str, chunk: int) -> str:
     return f"{method}-{chunk:03d}"
 
 
-def retrain_part(chunk: int) -> str:
-    """The retrain part of one chunk of removals (chunk 0 also holds the controls)."""
-    return f"retrain-{chunk:05d}"
+def retrain_part(chunk: int, replicate: int = 0) -> str:
+    """The retrain part of one chunk of removals under one replicate (chunk 0 also holds the controls).
+    Replicate 0 keeps the name parts had before replicates existed."""
+    return f"retrain-{chunk:05d}" if replicate == 0 else f"retrain-{chunk:05d}-r{replicate:03d}"
 
 
 # ---- damping and solvers ---------------------------------------------------------------------------------------
@@ -119,10 +120,44 @@ def control_seed(cfg: Configuration, replicate: int) -> int:
     return cfg.seed * 1000 + replicate
 
 
-def controls_in_chunk(cfg: Configuration, chunk: int) -> int:
-    """Controls a retrain chunk computes: every replicate in chunk 0, which stores them; the others compute
-    control 0 only, which their removals are measured against."""
-    return cfg.controls if chunk == 0 else 1
+def controls_in_chunk(cfg: Configuration, chunk: int, replicate: int = 0) -> int:
+    """Controls a retrain chunk computes: in replicate 0, every control replicate in chunk 0, which stores
+    them; the others compute control 0 only, which their removals are measured against. Replicates r > 0
+    compute their own paired control only (chunk 0 stores it)."""
+    return cfg.controls if chunk == 0 and replicate == 0 else 1
+
+
+# Seeds of replicates r > 0 sit above every control and order seed of the same configuration.
+REPLICATE_SEEDS = 1_000_000
+
+
+def replicate_seed(cfg: Configuration, replicate: int) -> int:
+    """The seed of replicate r > 0's draw of training noise: its minibatch order, its perturbed start (full
+    batch) and, from scratch, its initialisation."""
+    return REPLICATE_SEEDS + cfg.seed * 1000 + replicate
+
+
+def replicate_order_seed(cfg: Configuration, replicate: int) -> int:
+    """The minibatch order every retrain of a replicate follows: replicate 0's is `order_seed(cfg)`."""
+    return order_seed(cfg) if replicate == 0 else replicate_seed(cfg, replicate)
+
+
+def replicate_base(cfg: Configuration, base, model, replicate: int):
+    """Where every retrain (removals and control) of a replicate starts. Replicate 0: the protocol's base (θ̂,
+    or θ0 from scratch). Replicate r > 0 draws the training noise the protocol has: from scratch a fresh
+    initialisation; a full-batch warm start θ̂ perturbed by a relative `perturbation` (drawn on the CPU, so
+    identical on every device); a minibatch warm start θ̂ itself (its order differs instead)."""
+    import torch
+
+    if replicate == 0:
+        return base
+    if cfg.retrain_start == "scratch":
+        return model.init(replicate_seed(cfg, replicate), dtype=base.dtype, device=base.device)
+    if cfg.batch_size is not None:
+        return base
+    g = torch.Generator().manual_seed(replicate_seed(cfg, replicate))
+    noise = torch.randn(base.shape, generator=g, dtype=base.dtype, device="cpu").to(base.device)
+    return base + cfg.perturbation * base.abs().clamp_min(1e-3) * noise
 
 
 def control_starts(cfg: Configuration, base):
@@ -206,6 +241,7 @@ class TrainOutput:
     degenerate_reason: str | None
     science: dict[str, str | None]  # table -> the science stamp of its part
     notices: tuple[str, ...] = ()  # what the user should hear (a bad checkpoint set aside)
+    stationary: bool | None = None  # θ̂ within the configuration's grad_tol (None: no tolerance set)
 
 
 def train_output(cfg: Configuration, models: dict, test_points: dict, notices: tuple[str, ...] = ()) -> TrainOutput:
@@ -222,6 +258,7 @@ def train_output(cfg: Configuration, models: dict, test_points: dict, notices: t
         science={"models": first("science"), **({"test_points": test_points["science"][0]}
                                                 if test_points["test_idx"] else {})},
         notices=tuple(notices),
+        stationary=(models.get("stationary") or [None])[0],
     )
 
 

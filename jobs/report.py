@@ -6,9 +6,10 @@ sweep grid of the spec, grouped by the axes that grid varies (``summary_tables``
 table over the whole store, grouped by every swept axis whose `configs` column takes more than one value
 (``varying_axes``; a column that an old store's rows lack reads as null and so does not vary). Either way the
 rows are grouped further by test-point selection and by method, and seeds are averaged: mean Spearman and
-Pearson over seeds, the Spearman of predicted vs retrained ‖Δθ‖, and the smallest and median noise ratio `snr`
-(the spread of the actual effects over the spread of the control retrains) so a correlation can be read
-against its noise floor. Means are over valid cells only: a seed whose network collapsed to a constant
+Pearson over seeds, the Spearman of predicted vs retrained ‖Δθ‖, the smallest and median noise ratio `snr`
+(the spread of the actual effects over the spread of the control retrains), the mean noise ceiling of the
+replicated ground truth and the share of cells at chance, so a correlation can be read against how high it
+could be and how high chance alone goes. Means are over valid cells only: a seed whose network collapsed to a constant
 predictor, or whose solve diverged, is counted in its own column and left out.
 """
 from __future__ import annotations
@@ -63,6 +64,10 @@ def _summary_sql(group: list[str], where: str) -> str:
                avg(nullif(s.dtheta_spearman, 'NaN'::double)) filter (where {VALID}) as dtheta_spearman,
                min(nullif(s.snr, 'NaN'::double)) filter (where {VALID}) as min_snr,
                median(nullif(s.snr, 'NaN'::double)) filter (where {VALID}) as median_snr,
+               avg(nullif(s.ceiling, 'NaN'::double)) filter (where {VALID}) as ceiling,
+               avg(nullif(s.spearman_corrected, 'NaN'::double)) filter (where {VALID}) as spearman_corrected,
+               avg(s.chance::int) filter (where {VALID}) as chance_share,
+               avg(s.unreliable::int) filter (where {VALID}) as unreliable_share,
                count(distinct c.seed) filter (where {VALID}) as seeds_used,
                count(distinct c.seed) as seeds_run,
                count(distinct c.seed) filter (where {COLLAPSED}) as collapsed,
@@ -80,8 +85,10 @@ def summary_names(axes: list[str]) -> list[str]:
 def summary(con, axes: list[str], config_ids: list[str] | None = None) -> pa.Table:
     """The summary over the final statistics of ``config_ids`` (None: every configuration in the store), one row
     per value of the configuration columns ``axes``, test point and method; the grouping columns are named
-    ``summary_names(axes)``, then spearman, pearson, dtheta_spearman, min_snr, median_snr, seeds_used,
-    seeds_run, collapsed, diverged."""
+    ``summary_names(axes)``, then spearman, pearson, dtheta_spearman, min_snr, median_snr, ceiling (the mean
+    noise ceiling, null with one replicate), spearman_corrected, chance_share (the share of cells whose
+    Spearman is indistinguishable from chance), unreliable_share (of cells whose ceiling is known, those
+    whose ground truth is unreliable), seeds_used, seeds_run, collapsed, diverged."""
     unknown = [a for a in axes if a not in TABLES["configs"].names]
     if unknown:
         raise ValueError(f"{unknown} are not columns of configs; its columns are {', '.join(TABLES['configs'].names)}")
@@ -145,9 +152,11 @@ def varying_axes(con) -> list[str]:
 
 
 def write_report(store: Store, experiment: str, out) -> list:
-    """summary.csv and summary.md (the summary grouped by ``varying_axes``), plus a figure of Spearman against
+    """summary.csv and summary.md (the summary grouped by ``varying_axes``), a figure of Spearman against
     depth and against width where they vary (each at the most common value of the other), one line per weight
-    decay and method. Returns the files."""
+    decay and method; findings.csv and findings.md (each of the paper's findings as a measured effect with
+    its CI, noise ceiling and chance level: jobs/findings.py) and report.html, one self-contained page with
+    the figures embedded (jobs/html_report.py). Returns the files."""
     from pathlib import Path
 
     import pyarrow.csv as pacsv
@@ -163,6 +172,13 @@ def write_report(store: Store, experiment: str, out) -> list:
     for axis, other in (("depth", "width"), ("width", "depth")):
         if axis in axes:
             files.append(spearman_figure(con, experiment, axis, other, out / f"spearman_by_{axis}.png"))
+    from jobs.findings import findings, findings_markdown, findings_table
+    from jobs.html_report import write_html
+
+    found = findings(con)
+    pacsv.write_csv(findings_table(found), out / "findings.csv")
+    (out / "findings.md").write_text(findings_markdown(found, f"{experiment}: the paper's findings, measured"))
+    files += [out / "findings.csv", out / "findings.md", write_html(con, experiment, out / "report.html", found)]
     return files
 
 

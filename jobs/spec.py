@@ -82,6 +82,8 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "controls": lambda k, v: _int(k, v, 1),
     "perturbation": lambda k, v: _number(k, v, lambda x: x >= 0, _NON_NEGATIVE),
     "retrain_chunk": lambda k, v: _int(k, v, 1),
+    "grad_tol": _optional(lambda k, v: _number(k, v, lambda x: x > 0, _POSITIVE)),
+    "replicates": lambda k, v: _int(k, v, 1),
 }
 
 
@@ -89,7 +91,8 @@ _DEFAULT_TEST_POINTS = (TestPointRule("highest", 1), TestPointRule("median", 1))
 # The fields that define the trained base model θ̂ (and so its checkpoint).
 MODEL_FIELDS = ("dataset", "test_fraction", "split_seed", "data_root", "subset", "test_subset", "classes",
                 "per_class", "image_size", "model", "depth", "width", "activation", "optimizer", "lr", "epochs",
-                "weight_decay", "seed", "momentum", "batch_size", "schedule", "mixed_precision", "dtype")
+                "weight_decay", "seed", "momentum", "batch_size", "schedule", "mixed_precision", "dtype",
+                "grad_tol")
 
 
 def later(default: object):
@@ -99,12 +102,21 @@ def later(default: object):
     return field(default=default, metadata={"later": True})
 
 
+def measurement(default: object):
+    """A field that says how much of a measurement to take, not what is measured (the replicates of the
+    ground truth): never part of the canonical JSON, so of config_id, so that asking for more of it resumes
+    the same configuration and computes only what is new. Not sweepable (a sweep over it would collapse to
+    one configuration); the rows it produces record it."""
+    return field(default=default, metadata={"later": True, "measurement": True})
+
+
 def _hash(obj: object) -> str:
     return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:12]
 
 
 def _without_later_defaults(d: dict) -> dict:
-    return {k: v for k, v in d.items() if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
+    return {k: v for k, v in d.items()
+            if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k]) and k not in _MEASUREMENTS}
 
 
 def _canonical(obj: object) -> str:
@@ -166,6 +178,12 @@ class Configuration:
     controls: int = 3
     perturbation: float = 1e-12
     retrain_chunk: int = 128
+    # θ̂ must be a stationary point: ‖∇R(θ̂)‖₂ <= grad_tol, else its configuration is flagged (None: no check).
+    # L-BFGS also stops there.
+    grad_tol: float | None = later(None)
+    # Independent draws of the training noise under which every removal and its paired control are retrained
+    # (replicate 0 is the protocol as it was before replicates; the ground truth is the replicates' mean).
+    replicates: int = measurement(1)
 
     def __post_init__(self):
         for f in fields(self):
@@ -179,6 +197,11 @@ class Configuration:
                     raise SpecError(name, getattr(self, name), f"{name} must be an integer >= 1")
         object.__setattr__(self, "solvers", _resolve_solvers(self.methods, self.solvers))
         self._check_data()
+        if self.optimizer == "lbfgs":
+            for name, allowed in (("batch_size", None), ("schedule", "constant"), ("mixed_precision", False)):
+                if getattr(self, name) != allowed:
+                    raise SpecError(name, getattr(self, name), f"L-BFGS takes full-batch steps with a line search: "
+                                                               f"set {name} to {_show(allowed)} or use adam or sgd")
         if self.mixed_precision and self.dtype != "float32":
             raise SpecError("mixed_precision", True, "mixed precision trains a float32 model in bfloat16: set "
                                                      "train.dtype: float32 as well")
@@ -264,6 +287,8 @@ class Configuration:
 
 # The fields declared with later(), and the defaults they are left out at.
 _LATER_DEFAULTS = {f.name: f.default for f in fields(Configuration) if f.metadata.get("later")}
+# The fields declared with measurement(): never in the canonical JSON.
+_MEASUREMENTS = frozenset(f.name for f in fields(Configuration) if f.metadata.get("measurement"))
 
 
 def _resolve_solvers(methods: tuple[str, ...], given: object) -> tuple:
@@ -297,6 +322,8 @@ _NOT_SWEEPABLE = {
     "solvers": "set each method's settings in the influence section, e.g. influence.lissa.scale",
     "test_points": "set test_points; every configuration studies the same rules",
     "removals": "set ground_truth.removals",
+    "replicates": "set ground_truth.replicates; a configuration's replicates are one measurement, and a "
+                  "rerun with more of them computes only the new ones",
 }
 SWEEPABLE = tuple(name for name in FIELDS if name not in _NOT_SWEEPABLE)
 
@@ -308,11 +335,12 @@ _SECTIONS = {
     "model": {"family": "model", "depth": "depth", "width": "width", "activation": "activation"},
     "train": {"optimizer": "optimizer", "lr": "lr", "epochs": "epochs", "weight_decay": "weight_decay",
               "seed": "seed", "momentum": "momentum", "batch_size": "batch_size", "schedule": "schedule",
-              "mixed_precision": "mixed_precision", "dtype": "dtype"},
+              "mixed_precision": "mixed_precision", "dtype": "dtype", "grad_tol": "grad_tol"},
     "influence": {"methods": "methods", "damping": "damping", "damping_policy": "damping_policy",
                   "test_chunk": "test_chunk", "grad_chunk": "grad_chunk"},
     "ground_truth": {"removals": "removals", "start": "retrain_start", "epochs": "retrain_epochs", "lr": "retrain_lr",
-                     "controls": "controls", "perturbation": "perturbation", "chunk": "retrain_chunk"},
+                     "controls": "controls", "perturbation": "perturbation", "chunk": "retrain_chunk",
+                     "replicates": "replicates"},
 }
 _TOP_KEYS = ("experiment", "data", "model", "train", "influence", "test_points", "ground_truth", "resources",
              "sweep")

@@ -6,12 +6,14 @@ decided here; the coordinator (jobs/coordinator.py) only feeds it landed parts a
 from __future__ import annotations
 
 import math
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from influence import reliability
 from influence.metrics import PairAccumulator, spearman
 from jobs.science import SCIENCE, stamp_of
 
@@ -21,15 +23,24 @@ class _Config:
     methods: tuple[str, ...]
     test_points: list[tuple[int, str]]
     degenerate_reason: str | None
+    stationary: bool | None = None  # θ̂ within the configuration's grad_tol (None: no tolerance set)
+    # (method, test point) -> the estimates, keyed by training point (the actual effects are set from
+    # `actuals` when rows are computed)
     pairs: dict[tuple[str, int], PairAccumulator] = field(default_factory=dict)
+    # test point -> replicate -> training point -> actual effect in that replicate
+    actuals: dict[int, dict[int, dict[int, float]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(dict)))
     predicted_dtheta: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
-    actual_dtheta: dict[int, float] = field(default_factory=dict)
-    controls: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    actual_dtheta: dict[int, float] = field(default_factory=dict)  # replicate 0's
+    # test point -> (replicate, control) -> the control's retrained test loss
+    controls: dict[int, dict[tuple[int, int], float]] = field(default_factory=lambda: defaultdict(dict))
     diverged: set[tuple[str, int]] = field(default_factory=set)  # (method, test point) whose solve diverged
-    # Group removal: per group its members and mode and, per test point, its actual effect. A group's estimate
-    # is the sum of its members' estimates (kept in `pairs`, keyed by training point).
+    # Group removal: per group its members and mode and, per test point and replicate, its actual effect. A
+    # group's estimate is the sum of its members' estimates (kept in `pairs`, keyed by training point).
     groups: dict[int, tuple[list[int], str]] = field(default_factory=dict)
-    group_actuals: dict[int, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    group_actuals: dict[int, dict[int, dict[int, float]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(dict)))
+    retrain_grad_norm: float = math.nan  # the largest ‖∇R‖₂ of any retrained model ingested
     # table -> the science stamps of the parts ingested (or, for models / test_points, registered) so far
     sources: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     snapshot: int = 0
@@ -42,11 +53,12 @@ class StatsBook:
         self._configs: dict[str, _Config] = {}
 
     def register(self, config_id: str, methods, test_points, degenerate_reason: str | None = None,
-                 sources: dict[str, str | None] | None = None) -> None:
-        """`sources`: the science stamp of the models and test_points parts the configuration starts from."""
+                 sources: dict[str, str | None] | None = None, stationary: bool | None = None) -> None:
+        """`sources`: the science stamp of the models and test_points parts the configuration starts from;
+        `stationary`: whether θ̂ met the configuration's gradient tolerance (None: none set)."""
         if config_id in self._configs:
             return
-        c = _Config(tuple(methods), [(int(i), str(s)) for i, s in test_points], degenerate_reason)
+        c = _Config(tuple(methods), [(int(i), str(s)) for i, s in test_points], degenerate_reason, stationary)
         for table, stamp in (sources or {}).items():
             c.sources[table].add(stamp_of(stamp))
         for m in c.methods:
@@ -80,31 +92,34 @@ class StatsBook:
                 if d:
                     c.diverged.add((m, t))
         elif table == "retrain":
-            by_test: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
             n = rows.num_rows
             modes, members = cols.get("mode") or [None] * n, cols.get("members") or [None] * n
-            for r, t, a, d, lr, mode, group in zip(cols["removed"], cols["test_idx"], cols["actual"], cols["dtheta"],
-                                                   cols["loss_retrained"], modes, members):
-                if r < 0:  # control replicate -(k+1)
-                    c.controls[t][-r - 1] = lr
+            replicates = [0 if v is None else int(v) for v in cols.get("replicate") or [None] * n]
+            norms = [v for v in cols.get("grad_norm") or [] if v is not None and not math.isnan(v)]
+            if norms:
+                c.retrain_grad_norm = max(norms) if math.isnan(c.retrain_grad_norm) else max(c.retrain_grad_norm,
+                                                                                            *norms)
+            for r, t, a, d, lr, mode, group, rep in zip(cols["removed"], cols["test_idx"], cols["actual"],
+                                                        cols["dtheta"], cols["loss_retrained"], modes, members,
+                                                        replicates):
+                if r < 0:  # control -(k+1) of replicate rep
+                    c.controls[t][(rep, -r - 1)] = lr
                     continue
                 if mode in ("group", "random_group"):
                     c.groups[r] = (list(group or []), mode)
-                    c.group_actuals[t][r] = a
+                    c.group_actuals[t][rep][r] = a
                     continue
-                keys, vals = by_test[t]
-                keys.append(r)
-                vals.append(a)
-                c.actual_dtheta[r] = d
-            for t, (keys, vals) in by_test.items():
-                for m in c.methods:
-                    if (m, t) in c.pairs:
-                        c.pairs[(m, t)].add_actuals(keys, vals)
+                c.actuals[t][rep][r] = a
+                if rep == 0:
+                    c.actual_dtheta[r] = d
         else:
             raise ValueError(f"the coordinator consumes influence and retrain parts, not {table!r}")
 
     def rows(self, config_id: str, *, final: bool) -> dict[str, list]:
-        """The `stats` rows of one configuration as they stand now."""
+        """The `stats` rows of one configuration as they stand now. The ground truth of a removal is the mean
+        of its actual effect over the replicates landed; final rows also carry the permutation p-values,
+        the null quantiles and the bootstrap intervals (running snapshots leave them NaN: they cost a
+        thousand resamples per cell)."""
         c = self._configs[config_id]
         c.snapshot += 1
         out: dict[str, list] = defaultdict(list)
@@ -114,7 +129,10 @@ class StatsBook:
             order = {t: g for g, t in enumerate(sorted(t for t, _ in c.test_points))}
             for t, selection in c.test_points:
                 position = order[t]
-                acc = self._group_pairs(c, m, t, position) if c.groups else c.pairs[(m, t)]
+                if c.groups:
+                    acc, matrix = self._group_pairs(c, m, t, position)
+                else:
+                    acc, matrix = self._pairs(c, m, t)
                 s = acc.stats()
                 controls = list(c.controls.get(t, {}).values())
                 noise = float(np.std(controls, ddof=1)) if len(controls) >= 2 else math.nan
@@ -144,6 +162,10 @@ class StatsBook:
                     c.degenerate_reason or (f"the {m} solve diverged for this test point" if diverged else None))
                 out["science"].append(SCIENCE)
                 out["science_inputs"].append(format_sources(c.sources))
+                for k, v in trust(s, *matrix, final=final, seed=_seed(config_id, m, t)).items():
+                    out[k].append(v)
+                out["stationary"].append(c.stationary)
+                out["retrain_grad_norm"].append(c.retrain_grad_norm)
         # A collapsed network (a constant predictor) or a diverged solve has no meaningful correlation: its rows
         # keep n, the noise floor and the reason, and carry NaN for every correlation, so that no mean can take
         # them in.
@@ -151,32 +173,38 @@ class StatsBook:
             if left_out:
                 for name in UNDEFINED_WHEN_LEFT_OUT:
                     out[name][k] = math.nan
+                out["unreliable"][k] = out["chance"][k] = None
         return dict(out)
 
     @staticmethod
-    def _group_pairs(c: _Config, method: str, t: int, position: int) -> PairAccumulator:
+    def _pairs(c: _Config, method: str, t: int) -> tuple[PairAccumulator, tuple[np.ndarray, np.ndarray]]:
+        """The (estimate, replicate-mean actual) pairs of one test point, and (estimates [n], actuals [R, n])
+        over the points every landed replicate holds (what the reliability and the resamples use)."""
+        acc = c.pairs[(method, t)]
+        per_rep = c.actuals.get(t, {})
+        return _with_means(acc, {i: [reps[i] for reps in per_rep.values() if i in reps]
+                                 for i in set().union(*per_rep.values())} if per_rep else {}, per_rep)
+
+    @staticmethod
+    def _group_pairs(c: _Config, method: str, t: int, position: int):
         """(Σ members' estimates, actual) over the groups retrained so far, for test point t: its own top group
         and the random groups (another test point's top group is not about t, so it is left out)."""
-        acc = PairAccumulator()
         single = c.pairs[(method, t)]
-        keys, sums, actuals = [], [], []
-        for g, a in c.group_actuals.get(t, {}).items():
-            members, mode = c.groups[g]
-            if mode == "group" and g != position:
-                continue
-            keys.append(g)
-            sums.append(sum(single.estimate(i) for i in members))
-            actuals.append(a)
-        acc.add_estimates(keys, sums)
-        acc.add_actuals(keys, actuals)
-        return acc
+        per_rep = {rep: {g: a for g, a in groups.items() if c.groups[g][1] != "group" or g == position}
+                   for rep, groups in c.group_actuals.get(t, {}).items()}
+        keys = sorted(set().union(*per_rep.values())) if per_rep else []
+        acc = PairAccumulator()
+        acc.add_estimates(keys, [sum(single.estimate(i) for i in c.groups[g][0]) for g in keys])
+        return _with_means(acc, {g: [reps[g] for reps in per_rep.values() if g in reps] for g in keys}, per_rep)
 
     @staticmethod
     def _group_summary(c: _Config, t: int, position: int) -> dict[str, float]:
         nan = {"group_actual": math.nan, "random_group_mean": math.nan, "random_group_std": math.nan}
         if not c.groups:
             return nan
-        actuals = c.group_actuals.get(t, {})
+        per_rep = c.group_actuals.get(t, {})
+        actuals = {g: _mean([reps[g] for reps in per_rep.values() if g in reps])
+                   for g in set().union(*per_rep.values())} if per_rep else {}
         rand = [a for g, a in actuals.items() if c.groups[g][1] == "random_group"]
         return {"group_actual": actuals.get(position, math.nan),
                 "random_group_mean": float(np.mean(rand)) if rand else math.nan,
@@ -191,9 +219,66 @@ class StatsBook:
         return spearman([pred[k] for k in keys], [c.actual_dtheta[k] for k in keys])
 
 
-# The columns of a stats row that mean nothing for a collapsed network or a diverged solve.
+# The columns of a stats row that mean nothing for a collapsed network or a diverged solve (the reliability of
+# the ground truth does not depend on the estimator, and stays).
 UNDEFINED_WHEN_LEFT_OUT = ("pearson", "spearman", "pearson_lo", "pearson_hi", "spearman_lo", "spearman_hi",
-                           "sign_agreement", "top10_overlap", "dtheta_spearman")
+                           "sign_agreement", "top10_overlap", "dtheta_spearman", "spearman_corrected",
+                           "pearson_corrected", "spearman_p", "pearson_p", "spearman_null95", "pearson_null95",
+                           "spearman_boot_lo", "spearman_boot_hi", "pearson_boot_lo", "pearson_boot_hi")
+
+# Resamples behind the chance levels and the bootstrap intervals of a final row, and random splits behind
+# a reliability.
+PERMUTATIONS, RESAMPLES, SPLITS = 1000, 1000, 50
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of a removal's replicates; one replicate is its own value, bit for bit."""
+    return sum(values) / len(values)
+
+
+def _with_means(acc: PairAccumulator, values: dict[int, list[float]], per_rep: dict[int, dict[int, float]]):
+    """Set `acc`'s actual effects to the replicate means of `values` (key -> its replicates' effects); return
+    it with (estimates [n], actuals [R, n]) over the keys every replicate holds."""
+    keys = sorted(values)
+    acc.add_actuals(keys, [_mean(values[k]) for k in keys])
+    reps = sorted(per_rep)
+    full = [k for k in acc.keys() if all(k in per_rep[r] for r in reps)]
+    estimates = np.array([acc.estimate(k) for k in full], dtype=np.float64)
+    actuals = np.array([[per_rep[r][k] for k in full] for r in reps], dtype=np.float64).reshape(len(reps), len(full))
+    return acc, (estimates, actuals)
+
+
+def _seed(config_id: str, method: str, test_idx: int) -> int:
+    """The seed of a cell's resamples: the same cell gets the same numbers in every run."""
+    return zlib.crc32(f"{config_id}/{method}/{test_idx}".encode())
+
+
+def trust(s: dict, estimates: np.ndarray, actuals: np.ndarray, *, final: bool, seed: int) -> dict:
+    """How far a cell's correlations can be trusted: the reliability of its ground truth (replicates >= 2),
+    the ceiling and the corrected correlations; in final rows the chance levels and bootstrap intervals.
+    `s`: the cell's correlations; `estimates` [n] and `actuals` [R, n]: the points every replicate holds."""
+    R, n = actuals.shape
+    nan = math.nan
+    out = {"replicates": R, "reliability": nan, "reliability_pearson": nan, "ceiling": nan,
+           "spearman_corrected": nan, "pearson_corrected": nan, "unreliable": None,
+           "spearman_p": nan, "pearson_p": nan, "spearman_null95": nan, "pearson_null95": nan, "chance": None,
+           "spearman_boot_lo": nan, "spearman_boot_hi": nan, "pearson_boot_lo": nan, "pearson_boot_hi": nan}
+    if R >= 2:
+        rel = reliability.split_half_reliability(actuals, method="spearman", splits=SPLITS, seed=seed)
+        rel_p = reliability.split_half_reliability(actuals, method="pearson", splits=SPLITS, seed=seed)
+        out |= {"reliability": rel, "reliability_pearson": rel_p, "ceiling": reliability.noise_ceiling(rel),
+                "spearman_corrected": reliability.attenuation_corrected(s["spearman"], rel),
+                "pearson_corrected": reliability.attenuation_corrected(s["pearson"], rel_p),
+                "unreliable": None if math.isnan(rel) else bool(rel < reliability.UNRELIABLE_BELOW)}
+    if final and n >= 3:
+        truth = actuals.mean(axis=0)
+        for method in ("spearman", "pearson"):
+            p, q95 = reliability.permutation_test(estimates, truth, method=method, permutations=PERMUTATIONS,
+                                                  seed=seed)
+            lo, hi = reliability.bootstrap_ci(estimates, actuals, method=method, resamples=RESAMPLES, seed=seed)
+            out |= {f"{method}_p": p, f"{method}_null95": q95, f"{method}_boot_lo": lo, f"{method}_boot_hi": hi}
+        out["chance"] = None if math.isnan(out["spearman_p"]) else bool(out["spearman_p"] >= reliability.CHANCE_ALPHA)
+    return out
 
 
 def format_sources(sources: dict[str, set[str]]) -> str:

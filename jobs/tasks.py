@@ -21,8 +21,8 @@ from influence.data import Dataset
 from influence.ihvp import hessian, make_solver
 from influence.models import MLP, build_model
 from influence.objective import per_example_loss
-from influence.scores import influence_estimates, select_test_points
-from influence.retrain import group_weights, removal_weights, retrain_batched, retrain_loop
+from influence.scores import influence_estimates, per_example_grads, select_test_points
+from influence.retrain import group_weights, objective_grad_norms, removal_weights, retrain_batched, retrain_loop
 from influence.train import train
 from jobs import protocol
 from jobs.protocol import TrainOutput
@@ -110,7 +110,11 @@ def dataset_key(cfg: Configuration) -> str:
 
 
 def _train_options(cfg: Configuration) -> dict:
-    return {"optimizer": cfg.optimizer, "momentum": cfg.momentum, "batch_size": cfg.batch_size}
+    """The optimiser settings training and retraining share; L-BFGS stops at the configuration's grad_tol."""
+    options = {"optimizer": cfg.optimizer, "momentum": cfg.momentum, "batch_size": cfg.batch_size}
+    if cfg.grad_tol is not None:
+        options["grad_tol"] = cfg.grad_tol
+    return options
 
 
 EVAL_CHUNK = 1024  # examples per forward when evaluating a whole split (60,000 MNIST images at once would not fit)
@@ -223,17 +227,34 @@ def _train(store: Store, cfg: Configuration, data: Dataset, device: torch.device
         "degenerate": [reason is not None], "degenerate_reason": [reason],
         # θ̂ is what this row describes: a reused checkpoint keeps the stamp of the code that trained it
         "science": [SCIENCE if trained else state.get("science")],
+        "stationary": [None if cfg.grad_tol is None else bool(grad_norm <= cfg.grad_tol)],
     }
     tables.write_part(store, cfg.experiment, "models", cfg.config_id, protocol.MODEL_PART, models)
 
     chosen = select_test_points(test_losses, [r.rule() for r in cfg.test_points], seed=cfg.seed)
     idx = [i for i, _ in chosen]
+    margin, grad_norms = _test_point_covariates(model, theta, data, idx)
     test_points = {
         "test_idx": idx, "loss": [float(test_losses[i]) for i in idx],
         "label": [int(labels[i]) for i in idx], "selection": [s for _, s in chosen], "science": [SCIENCE] * len(idx),
+        "margin": margin, "grad_norm": grad_norms, "misclassified": [m < 0 for m in margin],
     }
     tables.write_part(store, cfg.experiment, "test_points", cfg.config_id, protocol.TEST_POINTS_PART, test_points)
     return theta.cpu(), protocol.train_output(cfg, models, test_points, notices=(notice,) if notice else ())
+
+
+def _test_point_covariates(model, theta: torch.Tensor, data: Dataset, idx: list[int]) -> tuple[list, list]:
+    """Per chosen test point: its margin (the logit of its label minus the largest other logit; negative when
+    it is misclassified, 0 at a tie) and ‖∇θ L(z_t, θ̂)‖₂."""
+    if not idx:
+        return [], []
+    x, y = data.x_test[idx], data.y_test[idx]
+    with torch.no_grad():
+        logits = model.forward(theta, x).double()
+    own = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, y.view(-1, 1), -math.inf).max(dim=1).values
+    grads = per_example_grads(model, theta, x, y)
+    return (own - others).cpu().tolist(), grads.double().norm(dim=1).cpu().tolist()
 
 
 def _spectrum(cfg: Configuration, model, theta: torch.Tensor, data: Dataset) -> tuple[float, float]:
@@ -294,6 +315,7 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
             "diverged": per_test(inf.diverged),
             "seconds": [seconds / max(T, 1)] * (T * n),
             "science": [SCIENCE] * (T * n),
+            "self_influence": per_test(inf.self_influence),
         }
         return tables.write_part(store, cfg.experiment, "influence", cfg.config_id, part, rows)
     except Exception as exc:  # noqa: BLE001
@@ -310,15 +332,16 @@ def retrain_base(cfg: Configuration, theta: torch.Tensor, model) -> torch.Tensor
 
 def retrain_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Tensor, chunk: int,
                  removed: list[int], test_idx: list[int], groups: list[tuple[list[int], str]] | None = None,
-                 device: torch.device = CPU) -> str:
+                 replicate: int = 0, device: torch.device = CPU) -> str:
     """Retraining without each removal of a chunk (or, with `groups`, without each group of points at once:
     then `removed` are the group ids and `groups` their (members, mode)), as ONE batched computation for
-    small models, with the control replicates beside them; writes one row per (removal, test point) and
-    returns the part path."""
-    part = protocol.retrain_part(chunk)
+    small models, with the control replicates beside them, under `replicate`'s draw of the training noise
+    (its removals and its control share it); writes one row per (removal, test point) and returns the part
+    path."""
+    part = protocol.retrain_part(chunk, replicate)
     where = tables.part_path(store, cfg.experiment, "retrain", cfg.config_id, part)
     try:
-        return _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, device)
+        return _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, replicate, device)
     except Exception as exc:  # noqa: BLE001
         raise task_error(f"retrain/{cfg.config_id}/{part}", where, exc) from exc
 
@@ -331,11 +354,12 @@ def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset,
     return run(model, starts, data.x_train, data.y_train, weights, **options)
 
 
-def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, device) -> str:
+def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, replicate, device) -> str:
     data, theta = data.to(device), theta.to(device)
     model = model_for(cfg, data)
-    base = retrain_base(cfg, theta, model)
-    c = protocol.controls_in_chunk(cfg, chunk)
+    base = protocol.replicate_base(cfg, retrain_base(cfg, theta, model), model, replicate)
+    c = protocol.controls_in_chunk(cfg, chunk, replicate)
+    order = protocol.replicate_order_seed(cfg, replicate)
     dtype = data.x_train.dtype
     if groups is None:
         weights = removal_weights(data.n_train, removed, controls=c, dtype=dtype, device=device)
@@ -344,12 +368,12 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, de
     starts = torch.cat([protocol.control_starts(cfg, base)[:c], base.expand(len(removed), -1)])
     start = time.perf_counter()
     if cfg.batch_size is None or c == 1:
-        thetas = _retrain_run(cfg, model, starts, data, weights, protocol.order_seed(cfg))
+        thetas = _retrain_run(cfg, model, starts, data, weights, order)
     else:
         # Minibatch controls r > 0 differ in their order, so each runs apart from the batch.
         keep = [0] + list(range(c, weights.shape[0]))
         thetas = torch.empty_like(starts)
-        thetas[keep] = _retrain_run(cfg, model, starts[keep], data, weights[keep], protocol.order_seed(cfg))
+        thetas[keep] = _retrain_run(cfg, model, starts[keep], data, weights[keep], order)
         for r in range(1, c):
             thetas[r] = _retrain_run(cfg, model, starts[r:r + 1], data, weights[r:r + 1], protocol.order_seed(cfg, r))[0]
     _synchronize(device)
@@ -361,9 +385,11 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, de
         else:
             losses = torch.stack([per_example_loss(model, t, xt, yt) for t in thetas]).cpu()
         dtheta = (thetas - thetas[0]).norm(dim=-1).cpu()  # distance to the unperturbed control
+    grad_norms = objective_grad_norms(model, thetas, data.x_train, data.y_train, weights, cfg.weight_decay,
+                                      batch_size=EVAL_CHUNK).cpu()
     control = losses[0]
     T = len(test_idx)
-    keep = list(range(cfg.controls)) if chunk == 0 else []
+    keep = list(range(c)) if chunk == 0 else []
     rows_k = keep + list(range(c, c + len(removed)))
     removed_ids = [-(k + 1) for k in keep] + list(removed)
     if groups is None:
@@ -384,10 +410,12 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, de
         "dtheta": np.repeat(dtheta[rows_k].numpy(), T),
         "mode": np.repeat(np.asarray(modes, dtype=object), T).tolist(),
         "epochs": [cfg.retrain_epochs] * (len(rows_k) * T),
-        "seed": [protocol.order_seed(cfg)] * (len(rows_k) * T),
+        "seed": [order] * (len(rows_k) * T),
         "seconds": [seconds / weights.shape[0]] * (len(rows_k) * T),
         "group_size": np.repeat(np.asarray(sizes, dtype=np.int64), T),
         "members": [m for m in members for _ in range(T)],
         "science": [SCIENCE] * (len(rows_k) * T),
+        "replicate": [replicate] * (len(rows_k) * T),
+        "grad_norm": np.repeat(grad_norms[rows_k].numpy(), T),
     }
     return tables.write_part(store, cfg.experiment, "retrain", cfg.config_id, part, rows)

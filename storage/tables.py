@@ -81,21 +81,28 @@ TABLES: dict[str, pa.Schema] = {
         ("mixed_precision", _bool), ("dtype", _str), ("damping_policy", _str), ("solvers", _str),
         ("test_chunk", _i64), ("grad_chunk", _i64), ("test_points", _str), ("removals", _str),
         ("retrain_start", _str), ("retrain_lr", _f64), ("controls", _i64), ("perturbation", _f64),
-        ("retrain_chunk", _i64),
+        ("retrain_chunk", _i64), ("grad_tol", _f64), ("replicates", _i64),
     ]),
     "models": pa.schema([
         _key("model_key", _str), ("train_loss", _f64), ("test_loss", _f64), ("test_accuracy", _f64),
         ("train_accuracy", _f64), ("objective", _f64), ("grad_norm", _f64), ("top_eigenvalue", _f64),
         ("min_eigenvalue", _f64), ("n_params", _i64), ("n_train", _i64), ("seconds", _f64),
         ("checkpoint", _str), ("degenerate", _bool), ("degenerate_reason", _str), ("science", _str),
+        # Whether θ̂ is a stationary point: grad_norm <= the configuration's grad_tol (null: no tolerance set).
+        ("stationary", _bool),
     ]),
     "test_points": pa.schema([
         _key("test_idx", _i64), ("loss", _f64), ("label", _i64), ("selection", _str), ("science", _str),
+        # Covariates of the test point at θ̂: the logit of its label minus the largest other logit (negative:
+        # misclassified), ‖∇θ L(z_t, θ̂)‖₂, and whether the predicted class is not its label.
+        ("margin", _f64), ("grad_norm", _f64), ("misclassified", _bool),
     ]),
     "influence": pa.schema([
         _key("method", _str), _key("test_idx", _i64), _key("train_idx", _i64), ("estimate", _f64),
         ("predicted_dtheta", _f64), ("damping", _f64), ("iterations", _i64), ("residual", _f64),
         ("diverged", _bool), ("seconds", _f64), ("science", _str),
+        # ∇L(z_t)ᵀ (H + δI)⁻¹ ∇L(z_t): the test point's self-influence under this method (one per test point).
+        ("self_influence", _f64),
     ]),
     "retrain": pa.schema([
         # removed: a training index; negative = control replicate (-1 first control, -2 second, ...).
@@ -104,6 +111,10 @@ TABLES: dict[str, pa.Schema] = {
         ("seconds", _f64),
         # Group removal: removed is the group id, members the removed training points (null otherwise).
         ("group_size", _i64), ("members", pa.list_(_i64)), ("science", _str),
+        # The draw of training noise (minibatch order, start, initialisation) this row was retrained under:
+        # removals and their control of one replicate share it; replicate 0 (null in parts written before
+        # replicates existed) is the protocol's first draw. grad_norm: ‖∇R₋ᵢ‖₂ of the retrained parameters.
+        ("replicate", _i64), ("grad_norm", _f64),
     ]),
     "stats": pa.schema([
         _key("method", _str), _key("test_idx", _i64), _key("snapshot", _i64), ("n", _i64),
@@ -123,6 +134,22 @@ TABLES: dict[str, pa.Schema] = {
         # science: the version of the science code that computed the row (jobs/science.py); science_inputs:
         # "table=version" for every version among the parts it was computed from, ";"-separated.
         ("science", _str), ("science_inputs", _str),
+        # How far the ground truth itself can be trusted (influence/reliability.py). replicates: how many
+        # replicates its mean holds; reliability (reliability_pearson): the Spearman-Brown split-half
+        # reliability of that mean's ranking (values); ceiling = √reliability, the correlation a perfect
+        # estimator could expect; *_corrected: the correlation over √reliability (corrected for attenuation);
+        # unreliable: reliability < 0.5 (null while unknown: one replicate).
+        ("replicates", _i64), ("reliability", _f64), ("reliability_pearson", _f64), ("ceiling", _f64),
+        ("spearman_corrected", _f64), ("pearson_corrected", _f64), ("unreliable", _bool),
+        # Chance: permutation p-values and the 95% quantile of |correlation| under the null for this n;
+        # chance = the Spearman is indistinguishable from chance (p >= 0.05). Bootstrap intervals over the
+        # training points (and the replicates). Computed in the final statistics (null in running snapshots).
+        ("spearman_p", _f64), ("pearson_p", _f64), ("spearman_null95", _f64), ("pearson_null95", _f64),
+        ("chance", _bool), ("spearman_boot_lo", _f64), ("spearman_boot_hi", _f64), ("pearson_boot_lo", _f64),
+        ("pearson_boot_hi", _f64),
+        # θ̂ is a stationary point to the configuration's grad_tol (null: no tolerance set); the largest
+        # ‖∇R‖₂ of the retrained models this row's ground truth comes from.
+        ("stationary", _bool), ("retrain_grad_norm", _f64),
     ]),
 }
 

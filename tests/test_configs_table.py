@@ -155,7 +155,8 @@ def test_report_by_a_swept_axis(tmp_path, axis):
                 if (r["selection"], r["method"]) == ("highest", "exact")}
     assert by_value == pytest.approx(mean)
     assert f"| {axis} | selection | method |" in (tmp_path / "report" / "summary.md").read_text()
-    assert [p.name for p in files] == ["summary.csv", "summary.md"]  # no depth or width figure: they do not vary
+    # no depth or width figure: they do not vary
+    assert [p.name for p in files] == ["summary.csv", "summary.md", "findings.csv", "findings.md", "report.html"]
 
     sql = (f"select {axis}, avg(spearman) as rho from stats join configs using (config_id) "
            f"where method = 'exact' and selection = 'highest' group by all")

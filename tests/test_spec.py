@@ -305,6 +305,7 @@ SHIPPED_IDS = {
         "059f8b08c41e 994f12b304f5", "6149f4359a6f 78543bfb2d15", "d7e56b5b9a40 087a2a8d962a",
         "1ec567a0ae16 c4772ddd447f", "afbe06a5a9c5 824bd227a983", "2847a34e1f20 56039c511dd1",
     ),
+    "convex-control.yaml": ("f5b499402ddd 5a15ffc8bccb",),
     "mnist-smoke.yaml": (
         "ad2aa801169a 849dcf89222c", "a4116ae740b2 6db271077f09",
     ),
@@ -372,7 +373,8 @@ ALTERNATIVES = {
     "weight_decay": 0.0, "seed": 1, "methods": ("exact", "cg"), "damping": 0.1,
     "solvers": {"exact": {"curvature": "ggn"}}, "test_chunk": 4, "grad_chunk": 64, "damping_policy": "always",
     "test_points": (TestPointRule("highest", 1),), "removals": (RemovalRule("top_k", 5),), "retrain_epochs": 3,
-    "retrain_lr": 0.5, "controls": 1, "perturbation": 0.0, "retrain_chunk": 7,
+    "retrain_lr": 0.5, "controls": 1, "perturbation": 0.0, "retrain_chunk": 7, "grad_tol": 1e-8,
+    "replicates": 4,
 }
 
 
@@ -383,6 +385,9 @@ def test_config_id_differs_when_any_field_differs(name):
         pytest.skip(f"{name} has a single allowed value for now")
     base = Configuration("x")
     other = dataclasses.replace(base, **{name: ALTERNATIVES[name]})
+    if name in S._MEASUREMENTS:  # how much of the measurement to take: the same configuration
+        assert other.config_id == base.config_id and other.model_key == base.model_key
+        return
     assert other.config_id != base.config_id
     assert (other.model_key == base.model_key) == (name not in S.MODEL_FIELDS)
 
@@ -463,7 +468,9 @@ MISTAKES = [
     ("influence:\n  methods: [cg]\n  cg: {tol: 2}", ["influence.cg.tol", "2"]),
     ("influence:\n  methods: exact", ["influence.methods", "'exact'", "list"]),
     ("influence:\n  methods: []", ["influence.methods", "[]"]),
-    ("train:\n  optimizer: rmsprop", ["train.optimizer", "'rmsprop'", "adam, sgd"]),
+    ("train:\n  optimizer: rmsprop", ["train.optimizer", "'rmsprop'", "adam, sgd, lbfgs"]),
+    ("train:\n  optimizer: lbfgs\n  batch_size: 32", ["train.batch_size", "L-BFGS takes full-batch steps"]),
+    ("ground_truth:\n  replicates: 0", ["ground_truth.replicates", "0"]),
     ("influence:\n  damping_policy: sometimes", ["influence.damping_policy", "'sometimes'", "if_indefinite"]),
     ("test_points:\n  - lowest: 1", ["test_points[0]", "'lowest'", "highest, median, percentile, random, explicit"]),
     ("ground_truth:\n  removals: {bottom_k: 3}", ["ground_truth.removals", "'bottom_k'", "top_k"]),
