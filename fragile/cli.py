@@ -537,8 +537,9 @@ SUMMARY_CAPTION = ("ρ, r: Spearman and Pearson of estimate vs actual, means ove
                    "solve diverged (their cells are left out of the means); min snr: the smallest spread of the "
                    "actual effects over the spread of the control retrains (inf: the controls agree exactly; "
                    "<= 1: the ground truth is noise); ceil.: the noise ceiling, the Spearman a perfect estimator "
-                   "could expect against the replicated ground truth (empty with one replicate: unknown); "
-                   "chance: the share of cells whose Spearman a permutation test cannot tell from chance")
+                   "could expect against the replicated ground truth (shown where replicates measured it); "
+                   "chance: the share of cells whose Spearman a permutation test cannot tell from chance (shown "
+                   "where there are some)")
 
 
 def _print_summary(console: Console, title: str, names: list[str], tbl) -> None:
@@ -546,9 +547,16 @@ def _print_summary(console: Console, title: str, names: list[str], tbl) -> None:
     from jobs.report import label
 
     cols = [(n, label(n)) for n in names] + [("spearman", "ρ"), ("pearson", "r"), ("dtheta_spearman", "‖Δθ‖ ρ"),
-                                      ("min_snr", "min snr"), ("ceiling", "ceil."), ("chance_share", "chance")]
+                                      ("min_snr", "min snr")]
+    records = tbl.to_pylist()
+    # The ceiling where replicates measured it, the share at chance where some cell is: 80 characters hold
+    # the rest, and a column of blanks or zeros says nothing.
+    if any(r.get("ceiling") is not None for r in records):
+        cols.append(("ceiling", "ceil."))
+    if any(r.get("chance_share") for r in records):
+        cols.append(("chance_share", "chance"))
     rows = []
-    for r in tbl.to_pylist():
+    for r in records:
         # an axis at null (batch_size: full batch, subset: every point) is shown as the spec spells it
         cells = [("null" if r[k] is None else _fmt(r[k])) if k in names else _fmt2(r[k]) for k, _ in cols]
         cells += [f"{r['seeds_used']}/{r['seeds_run']}", str(r["collapsed"]), str(r["diverged"])]

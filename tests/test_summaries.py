@@ -124,7 +124,8 @@ def test_summaries_average_valid_cells_and_count_the_rest(study, source):
         table = summary(connect(store, spec.experiment), [])
     # one summary: the same columns, named alike, for the console and for `fragile report`
     assert table.column_names == ["selection", "method", "spearman", "pearson", "dtheta_spearman", "min_snr",
-                                  "median_snr", "seeds_used", "seeds_run", "collapsed", "diverged"]
+                                  "median_snr", "ceiling", "spearman_corrected", "chance_share",
+                                  "unreliable_share", "seeds_used", "seeds_run", "collapsed", "diverged"]
     got = {(r["selection"], r["method"]): r for r in table.to_pylist()}
     assert set(got) == {(sel, m) for _, sel in TEST_POINTS for m in METHODS}
     for (sel, m), r in got.items():
