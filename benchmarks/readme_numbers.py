@@ -129,15 +129,23 @@ def digits(con) -> list[str]:
                avg(s.spearman) filter (where {VALID} and s.method = 'arnoldi') as ar_s,
                avg(s.snr) filter (where s.method = 'cg') as snr,
                count(distinct c.seed) filter (where s.method = 'cg' and s.below_noise_floor) as below,
-               count(distinct c.seed) as seeds
+               count(distinct c.seed) as seeds,
+               avg(nullif(s.ceiling, 'NaN'::double)) filter (where s.method = 'cg') as ceiling,
+               avg(nullif(s.spearman_corrected, 'NaN'::double)) filter (where {VALID} and s.method = 'cg') as cg_c,
+               count(*) filter (where s.method = 'cg' and s.unreliable) as unreliable,
+               count(*) filter (where s.method = 'cg' and s.chance) as chance,
+               max(s.replicates) as replicates
         from stats s join configs c using (config_id)
         where s.final group by all order by c.model desc, c.weight_decay desc, s.selection""").fetchall()
     out = ["", "| model | weight decay | test point | CG Spearman / Pearson | LiSSA Spearman / Pearson | "
-               "Arnoldi (rank 20) Spearman | snr | below |", "|---|---|---|---|---|---|---|---|"]
+               "Arnoldi (rank 20) Spearman | snr | below | ceiling | CG corrected | unreliable | CG at chance |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     names = {"small_cnn": "small CNN", "lenet": "LeNet"}
-    for m, wd, sel, cs, cp, ls, lp, ars, snr, below, seeds in rows:
+    for m, wd, sel, cs, cp, ls, lp, ars, snr, below, seeds, ceil, cc, unrel, chance, reps in rows:
         out.append(f"| {names.get(m, m)} | {wd:g} | {sel} | {_f(cs)} / {_f(cp)} | {_f(ls)} / {_f(lp)} | {_f(ars)} "
-                   f"| {_f(snr)} | {below}/{seeds} |")
+                   f"| {_f(snr)} | {below}/{seeds} | {_f(ceil)} | {_f(cc)} | {unrel}/{seeds} | {chance}/{seeds} |")
+    out.append(f"Ground truth: the mean over {max(r[-1] for r in rows) if rows else 0} replicates (minibatch orders) "
+               f"of every removal and its paired control.")
     for m, n_params, grad, acc in con.sql("""
             select c.model, any_value(m.n_params), avg(m.grad_norm), avg(m.test_accuracy)
             from models m join configs c using (config_id) group by all order by all""").fetchall():
