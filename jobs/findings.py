@@ -107,6 +107,14 @@ _CELL_COLUMNS = ("spearman", "spearman_lo", "spearman_hi", "spearman_boot_lo", "
                  "random_group_mean", "random_group_std", "replicates")
 
 
+# The test points' covariates (tp) and each method's self-influence per test point (inf), as SQL `with` tables.
+COVARIATE_TABLES = """with tp as (select config_id, test_idx, any_value(loss) as loss, any_value(margin) as margin,
+                           any_value(grad_norm) as grad_norm, any_value(misclassified::int) as misclassified
+                    from test_points group by all),
+             inf as (select config_id, method, test_idx, max(self_influence) as self_influence
+                     from influence where self_influence is not null and not isnan(self_influence) group by all)"""
+
+
 def cells(con) -> tuple[list[dict], list[str]]:
     """(every final stats row as a dict, the swept axes of the store). A cell holds its stats columns, its
     configuration's columns (model, dataset, depth, width, weight_decay, seed and every swept axis, under
@@ -125,11 +133,7 @@ def cells(con) -> tuple[list[dict], list[str]]:
                        + [f'c."{c}" as "cfg_{c}"' for c in config_cols]
                        + [f"tp.{c}" for c in ("loss", "margin", "grad_norm", "misclassified")])
     rows = con.sql(f"""
-        with tp as (select config_id, test_idx, any_value(loss) as loss, any_value(margin) as margin,
-                           any_value(grad_norm) as grad_norm, any_value(misclassified::int) as misclassified
-                    from test_points group by all),
-             inf as (select config_id, method, test_idx, max(self_influence) as self_influence
-                     from influence where self_influence is not null and not isnan(self_influence) group by all)
+        {COVARIATE_TABLES}
         select s.config_id, s.method, s.test_idx, s.selection, {select}, inf.self_influence,
                {COLLAPSED} as is_collapsed, {DIVERGED} as is_diverged
         from stats s join configs c on c.config_id = s.config_id

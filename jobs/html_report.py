@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.findings import COVARIATES, Finding, finding_sentence, omitted, table_rows
+from jobs.findings import COVARIATE_TABLES, COVARIATES, Finding, finding_sentence, omitted, table_rows
 from jobs.findings import findings as compute_findings
 
 __all__ = ["DPI", "MAX_PANELS", "cell_rows", "config_label", "embedded_images", "scatter_panels", "trend_points",
@@ -322,11 +322,7 @@ def _covariate_data(con) -> dict[str, list[tuple[str, float, float]]]:
     """covariate -> [(method, covariate value, Spearman)] over valid cells."""
     _, _, valid = _valid()
     rel = con.sql(f"""
-        with tp as (select config_id, test_idx, any_value(loss) as loss, any_value(margin) as margin,
-                           any_value(grad_norm) as grad_norm, any_value(misclassified::int) as misclassified
-                    from test_points group by all),
-             inf as (select config_id, method, test_idx, max(self_influence) as self_influence
-                     from influence where self_influence is not null and not isnan(self_influence) group by all)
+        {COVARIATE_TABLES}
         select s.method, s.spearman, tp.loss, tp.margin, tp.grad_norm, tp.misclassified, inf.self_influence
         from stats s left join tp on tp.config_id = s.config_id and tp.test_idx = s.test_idx
              left join inf on inf.config_id = s.config_id and inf.method = s.method and inf.test_idx = s.test_idx
