@@ -17,7 +17,7 @@ README = (ROOT / "README.md").read_text()
 
 # Commands cheap enough for the suite: everything but the full studies, installs, test runs and the cluster
 # (the cluster workflow has its own end-to-end test in test_run_e2e.py).
-CHEAP = re.compile(r"^fragile (validate|query|report|data tiny|run jobs/specs/iris-smoke\.yaml)\b")
+CHEAP = re.compile(r"^fragile (validate|query|report|data tiny|run jobs/specs/(iris-smoke|convex-control)\.yaml)\b")
 # The full Iris study takes about ten minutes: its query examples run on the smoke study, which has the same
 # tables and columns (the test says so by substituting the experiment's name, nothing else).
 SUBSTITUTE = {"--experiment iris ": "--experiment iris-smoke ", "--experiment iris\n": "--experiment iris-smoke\n"}
