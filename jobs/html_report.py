@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.findings import COVARIATE_TABLES, COVARIATES, Finding, finding_sentence, omitted, table_rows
+from jobs.findings import COVARIATE_TABLES, COVARIATES, Finding
 from jobs.findings import findings as compute_findings
+from jobs.findings_text import finding_sentence, omitted, table_rows
 
 __all__ = ["DPI", "MAX_PANELS", "cell_rows", "config_label", "embedded_images", "scatter_panels", "trend_points",
            "write_html"]

@@ -172,7 +172,8 @@ def write_report(store: Store, experiment: str, out) -> list:
     for axis, other in (("depth", "width"), ("width", "depth")):
         if axis in axes:
             files.append(spearman_figure(con, experiment, axis, other, out / f"spearman_by_{axis}.png"))
-    from jobs.findings import findings, findings_markdown, findings_table
+    from jobs.findings import findings
+    from jobs.findings_text import findings_markdown, findings_table
     from jobs.html_report import write_html
 
     found = findings(con)

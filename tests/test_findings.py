@@ -9,13 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from jobs.findings import (
-    Finding,
-    finding_sentence,
-    findings,
-    findings_markdown,
-    findings_table,
-)
+from jobs.findings import Finding, findings
+from jobs.findings_text import finding_sentence, findings_markdown, findings_table
 from storage.query import connect
 from storage.tables import write_part
 from storage.uri import open_store

@@ -10,7 +10,8 @@ from html.parser import HTMLParser
 import pytest
 from test_findings import DEPTHS, SEEDS, TESTS, TRAIN, WDS, build_store
 
-from jobs.findings import finding_sentence, findings
+from jobs.findings import findings
+from jobs.findings_text import finding_sentence
 from jobs.html_report import (
     MAX_PANELS,
     cell_rows,

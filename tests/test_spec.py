@@ -471,6 +471,8 @@ MISTAKES = [
     ("train:\n  optimizer: rmsprop", ["train.optimizer", "'rmsprop'", "adam, sgd, lbfgs"]),
     ("train:\n  optimizer: lbfgs\n  batch_size: 32", ["train.batch_size", "L-BFGS takes full-batch steps"]),
     ("ground_truth:\n  replicates: 0", ["ground_truth.replicates", "0"]),
+    ("train:\n  grad_tol: 0", ["train.grad_tol", "a number > 0"]),
+    ("train:\n  optimizer: lbfgs\n  schedule: cosine", ["train.schedule", "L-BFGS takes full-batch steps"]),
     ("influence:\n  damping_policy: sometimes", ["influence.damping_policy", "'sometimes'", "if_indefinite"]),
     ("test_points:\n  - lowest: 1", ["test_points[0]", "'lowest'", "highest, median, percentile, random, explicit"]),
     ("ground_truth:\n  removals: {bottom_k: 3}", ["ground_truth.removals", "'bottom_k'", "top_k"]),
