@@ -289,7 +289,8 @@ class _SGD:
         self.param.add_(grad, alpha=-self.lr)
 
 
-def _optimizer(optimizer: str, param: torch.Tensor, lr: float, momentum: float) -> _Adam | _SGD:
+def optimizer_for(optimizer: str, param: torch.Tensor, lr: float, momentum: float) -> _Adam | _SGD:
+    """The written-out update of ``optimizer`` (\"adam\" or \"sgd\") for ``param``, in place."""
     return _Adam(param, lr) if optimizer == "adam" else _SGD(param, lr, momentum)
 
 
@@ -454,7 +455,7 @@ def _retrain_stacked_mlp(model: MLP, theta0, x, y, weights, *, weight_decay, lr,
     stack = StackedMLP(model, x, y, weights)
     stack.load(theta0)
     # The optimiser sees StackedMLP's layout, a permutation of θ's entries: fine, every update is elementwise.
-    opt = _optimizer(optimizer, stack.params, lr, momentum)
+    opt = optimizer_for(optimizer, stack.params, lr, momentum)
     for step in range(epochs):
         grad = stack.grad()
         if weight_decay:
@@ -469,7 +470,7 @@ def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed
     n = x.shape[0]
     params = theta0.detach().expand(k, -1).clone()  # Θ [K, P], updated in place by the optimiser
     theta = params.detach().requires_grad_(True)  # same storage: the updates are invisible to autograd
-    opt = _optimizer(optimizer, params, lr, momentum)
+    opt = optimizer_for(optimizer, params, lr, momentum)
     # ∂(Σ_k R_k)/∂Θ is [∇R_k]_k, since row k of Θ enters R_k only; ones as grad_outputs skips the sum's op.
     ones = torch.ones(k, dtype=params.dtype, device=params.device)
     if batch_size is None:
@@ -540,7 +541,7 @@ def retrain_loop(
             out[i] = minimise_lbfgs(fn, start, lr=lr, iterations=epochs, grad_tol=grad_tol).theta
             continue
         theta = start.detach().clone().requires_grad_(True)
-        opt = _optimizer(optimizer, theta.detach(), lr, momentum)  # same storage: invisible to autograd
+        opt = optimizer_for(optimizer, theta.detach(), lr, momentum)  # same storage: invisible to autograd
         step = 0
         for epoch in range(epochs):
             for idx in minibatches(n, batch_size, seed, epoch, x.device):

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from influence.models import Model
+from influence.models import MLP, Model
 from influence.objective import objective, per_example_loss
 from influence.retrain import (GRAD_TOL, check_options, check_same_device, full_batch_or, minibatches, minimise_lbfgs,
-                               scheduled_lr, steps_per_epoch)
+                               optimizer_for, scheduled_lr, steps_per_epoch)
+from influence.stacked import StackedMLP
 
 # progress is called about this many times over a run (every 1% of the epochs), and every epoch for short runs.
 PROGRESS_CALLS: int = 100
@@ -61,6 +62,12 @@ def train(
     grad_tol: float = GRAD_TOL,
 ) -> TrainResult:
     """Minimise R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)‖θ‖² for ``epochs`` epochs with ``torch.optim`` from θ0.
+
+    Full-batch MLP training (not mixed precision) takes the hand-derived stacked step of retraining instead of
+    autograd and ``torch.optim``: the same updates up to the order of floating-point sums (θ agrees to ~1e-14
+    over hundreds of steps; ``tests/test_influence_train.py``), about 6x faster on Iris-sized networks. Deep
+    tanh networks amplify round-off exponentially in training (a 1e-15 change of θ0 moves θ̂ at depth 8 by
+    O(1) within 1,000 epochs), so the two paths reach θ̂s that differ as much as two such starts do.
 
     θ0 = ``model.init(seed)`` unless given. ``optimizer``: ``"adam"`` (``torch.optim.Adam``) or ``"sgd"``
     (``torch.optim.SGD`` with ``momentum``, no nesterov); λ enters only as the objective's L2 term, never as
@@ -103,6 +110,10 @@ def train(
                             grad_tol=grad_tol, progress=progress, start=start)
     n = x.shape[0]
     batch_size = full_batch_or(batch_size, n)
+    if batch_size is None and not mixed_precision and isinstance(model, MLP):
+        return _train_stacked_mlp(model, theta0, x, y, weight_decay=weight_decay, lr=lr, epochs=epochs,
+                                  optimizer=optimizer, momentum=momentum, schedule=schedule, progress=progress,
+                                  start=start)
     theta = theta0.detach().clone().requires_grad_(True)
     # foreach=False: one parameter tensor leaves foreach nothing to batch, and torch would pick it on CUDA only;
     # the single-tensor update on every device keeps CPU and GPU runs the same arithmetic.
@@ -141,6 +152,32 @@ def train(
         epochs=epochs,
         seconds=time.perf_counter() - start,
     )
+
+
+def _train_stacked_mlp(model: MLP, theta0: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,
+                       lr: float, epochs: int, optimizer: str, momentum: float, schedule: str,
+                       progress: Callable[[int, float], None] | None, start: float) -> TrainResult:
+    """Full-batch MLP training through the hand-derived step that retraining uses (one stacked copy, weights
+    all one) and the optimisers' written-out updates: the same arithmetic as the autograd loop up to the order
+    of floating-point sums, several times faster for small networks (all per-step overhead). Progress reports R
+    before the reporting epoch's step, as the autograd loop does."""
+    stack = StackedMLP(model, x, y, torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device))
+    stack.load(theta0.detach())
+    opt = optimizer_for(optimizer, stack.params, lr, momentum)
+    every = max(1, epochs // PROGRESS_CALLS)
+    for epoch in range(epochs):
+        if progress is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+            with torch.no_grad():
+                progress(epoch + 1, float(objective(model, stack.theta()[0], x, y, weight_decay)))
+        grad = stack.grad()
+        if weight_decay:
+            grad.add_(stack.params, alpha=weight_decay)
+        opt.lr = scheduled_lr(schedule, lr, epoch, epochs)
+        opt.update(grad)
+    theta = stack.theta()[0].requires_grad_(True)
+    value, train_loss, grad_norm = _final_state(model, theta, x, y, weight_decay, None)
+    return TrainResult(theta=theta.detach(), objective=value, train_loss=train_loss, grad_norm=grad_norm,
+                       epochs=epochs, seconds=time.perf_counter() - start)
 
 
 def _train_lbfgs(model: Model, theta0: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,

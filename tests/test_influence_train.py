@@ -133,15 +133,61 @@ def test_train_reaches_a_stationary_point(iris):
                                           lr=0.05, epochs=10, seed=0, theta0=model.init(0)).theta)
 
 
+def _torch_loop(model, theta0, x, y, *, weight_decay, lr, epochs, optimizer="adam", schedule="constant",
+                losses=None):
+    """Plain full-batch training: autograd on the objective and torch.optim's single-tensor step."""
+    theta = theta0.clone().requires_grad_(True)
+    opt = (torch.optim.Adam([theta], lr=lr, foreach=False) if optimizer == "adam"
+           else torch.optim.SGD([theta], lr=lr, momentum=0.9, foreach=False))
+    for step in range(epochs):
+        if schedule == "cosine":
+            opt.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / epochs))
+        opt.zero_grad()
+        value = objective(model, theta, x, y, weight_decay)
+        value.backward()
+        opt.step()
+        if losses is not None:
+            losses.append(float(value.detach()))
+    return theta.detach()
+
+
 def test_hand_written_adam_equals_torch_optim_adam(iris):
-    """retrain_loop's update against torch.optim.Adam (which train() uses) on the same objective."""
+    """retrain_loop's update against torch.optim.Adam on the same objective."""
     model = MLP(4, 3, depth=1, width=5)
     theta0 = model.init(2)
     mine = retrain_loop(model, theta0, iris.x_train, iris.y_train, torch.ones(1, iris.n_train),
                         weight_decay=WEIGHT_DECAY, lr=0.01, epochs=50)
-    reference = train(model, iris.x_train, iris.y_train, weight_decay=WEIGHT_DECAY, lr=0.01, epochs=50,
-                      seed=0, theta0=theta0).theta
+    reference = _torch_loop(model, theta0, iris.x_train, iris.y_train, weight_decay=WEIGHT_DECAY, lr=0.01, epochs=50)
     assert torch.allclose(mine[0], reference, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("depth", [1, 4, 8])
+@pytest.mark.parametrize("weight_decay", [WEIGHT_DECAY, 0.0])
+def test_lean_training_equals_autograd_training(iris, depth, weight_decay):
+    """Full-batch MLP training runs the stacked hand-derived step; it must be autograd + torch.optim.Adam up to
+    round-off. 300 epochs at lr 0.01: long enough to move θ far from θ0, short of where deep tanh networks
+    start to amplify round-off (about 1,000 epochs at depth 8, where a 1e-15 change of θ0 does the same)."""
+    model = MLP(4, 3, depth=depth, width=5)
+    seen = []
+    result = train(model, iris.x_train, iris.y_train, weight_decay=weight_decay, lr=0.01, epochs=300, seed=depth,
+                   progress=lambda epoch, loss: seen.append((epoch, loss)))
+    losses = []
+    reference = _torch_loop(model, model.init(depth), iris.x_train, iris.y_train, weight_decay=weight_decay,
+                            lr=0.01, epochs=300, losses=losses)
+    assert torch.allclose(result.theta, reference, rtol=0, atol=1e-12)
+    assert (result.theta - model.init(depth)).abs().max() > 0.05  # it trained
+    # Progress: every 1% of the epochs (here 3), R before that epoch's step, as the autograd loop reports it.
+    assert [e for e, _ in seen] == list(range(3, 301, 3))
+    assert [v for _, v in seen] == pytest.approx([losses[e - 1] for e, _ in seen], rel=1e-12)
+
+
+def test_lean_training_with_sgd_and_a_schedule(iris):
+    model = MLP(4, 3, depth=2, width=5)
+    result = train(model, iris.x_train, iris.y_train, weight_decay=WEIGHT_DECAY, lr=0.05, epochs=200, seed=3,
+                   optimizer="sgd", schedule="cosine")
+    reference = _torch_loop(model, model.init(3), iris.x_train, iris.y_train, weight_decay=WEIGHT_DECAY, lr=0.05,
+                            epochs=200, optimizer="sgd", schedule="cosine")
+    assert torch.allclose(result.theta, reference, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
