@@ -112,7 +112,7 @@ def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: N
     tuner = tune.Tuner(
         trainable,
         param_space={"config_id": tune.grid_search([c.config_id for c in configs])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials or max(2, 2 * cpus),
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials or max(2, 2 * cpus), reuse_actors=True,
                                     trial_name_creator=lambda trial: _trial_name(ctx, trial),
                                     trial_dirname_creator=lambda trial: _trial_name(ctx, trial).replace(" ", "_")),
         run_config=tune.RunConfig(
