@@ -69,36 +69,59 @@ def iris(con) -> list[str]:
     for axis, other, value in (("depth", "width", 5), ("width", "depth", 1)):
         rows = con.sql(f"""
             select c.{axis} as x, c.weight_decay as wd, {cell('highest')} as hi, {cell('median')} as med,
-                   {used} as used, count(distinct c.seed) as run,
+                   {cell('random')} as rnd, {used} as used, count(distinct c.seed) as run,
                    count(distinct c.seed) filter (where s.collapsed) as collapsed
             from stats s join configs c using (config_id)
             where s.final and s.method = 'exact' and c.{other} = {value}
             group by all order by x, wd desc""").fetchall()
-        out += ["", f"exact, mean Spearman over seeds, highest / median test point, by {axis} ({other} {value}):", "",
-                f"| {axis} | wd 0.005 | wd 0 |", "|---|---|---|"]
+        out += ["", f"exact, mean Spearman over seeds, highest / median / random test points, by {axis} "
+                    f"({other} {value}):", "", f"| {axis} | wd 0.005 | wd 0 |", "|---|---|---|"]
         by_x: dict = {}
-        for x, wd, hi, med, n_used, n_run, collapsed in rows:
+        for x, wd, hi, med, rnd, n_used, n_run, collapsed in rows:
             note = "" if n_used == n_run else f" ({n_used} of {n_run} seeds; {collapsed} collapsed)"
-            by_x.setdefault(x, {})[wd] = f"{_f(hi)} / {_f(med)}{note}"
+            by_x.setdefault(x, {})[wd] = f"{_f(hi)} / {_f(med)} / {_f(rnd)}{note}"
         for x, cells in by_x.items():
             out.append(f"| {x} | {cells.get(0.005, '')} | {cells.get(0.0, '')} |")
-    pcell = lambda sel: f"avg(s.pearson) filter (where {VALID} and s.selection = '{sel}')"  # noqa: E731
     collapsed = con.sql("select count(distinct config_id) from stats where final and collapsed").fetchall()[0][0]
     for wd in (0.005, 0.0):
         rows = con.sql(f"""
-            select s.method, {cell('highest')} as hi, {cell('median')} as med,
-                   {pcell('highest')} as phi, {pcell('median')} as pmed,
+            select s.method, {cell('highest')} as hi, {cell('median')} as med, {cell('random')} as rnd,
+                   avg(s.pearson) filter (where {VALID}) as pearson,
+                   avg(s.ceiling) filter (where {VALID}) as ceiling,
+                   avg(s.chance::int) filter (where {VALID}) as chance,
                    count(distinct s.config_id) as configs,
                    count(distinct s.config_id) filter (where s.diverged and not s.collapsed) as diverged,
                    count(*) filter (where s.diverged and not s.collapsed) as diverged_cells
             from stats s join configs c using (config_id)
             where s.final and c.weight_decay = {wd} group by all order by hi desc nulls last""").fetchall()
-        out += ["", f"methods side by side, weight decay {wd:g}, means over the valid cells, highest / median "
-                    f"({collapsed} configuration(s) of the study collapsed):", "",
-                "| method | Spearman | Pearson | configurations | diverged (configurations / test points) |",
-                "|---|---|---|---|---|"]
-        out += [f"| {m} | {_f(hi)} / {_f(med)} | {_f(phi)} / {_f(pmed)} | {n} | {d} / {dc} |"
-                for m, hi, med, phi, pmed, n, d, dc in rows]
+        out += ["", f"methods side by side, weight decay {wd:g}, means over the valid cells ({collapsed} "
+                    f"configuration(s) of the study collapsed):", "",
+                "| method | Spearman highest / median / random | Pearson (all) | ceiling | at chance | "
+                "configurations | diverged (configurations / test points) |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {m} | {_f(hi)} / {_f(med)} / {_f(rnd)} | {_f(pe)} | {_f(ceil)} | {_f(ch)} | {n} | {d} / {dc} |"
+                for m, hi, med, rnd, pe, ceil, ch, n, d, dc in rows]
+    trust = con.sql(f"""
+        select count(*), min(s.ceiling), median(s.ceiling), count(*) filter (where s.unreliable),
+               count(*) filter (where s.chance), count(*) filter (where s.chance is not null)
+        from stats s where s.final and {VALID}""").fetchall()[0]
+    out += ["", f"ground truth over the {trust[0]} valid cells: noise ceiling (√ split-half reliability of the two "
+                f"replicates) min {_f(trust[1], 4)}, median {_f(trust[2], 4)}; {trust[3]} unreliable (reliability "
+                f"< 0.5); {trust[4]} of {trust[5]} at chance (permutation p >= 0.05)"]
+    from jobs.findings import findings
+    from jobs.findings_text import finding_sentence, table_rows
+
+    every = findings(con)
+    found = [f for f in every if f.method == "exact" and not f.name.startswith("covariate_")]
+    header, rows = table_rows(found)
+    out += ["", "the paper's findings, measured on exact (`fragile report` writes every method's):", "",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += [""] + [f"- {finding_sentence(f)} ({f.detail})" for f in found]
+    covs = [f for f in every if f.name.startswith("covariate_")]
+    for method in dict.fromkeys(f.method for f in covs):
+        out.append(f"- {method}: within-configuration ρ of Spearman with " + ", ".join(
+            f"{f.name.removeprefix('covariate_')} {_f(f.effect)} [{_f(f.lo)}, {_f(f.hi)}]"
+            for f in covs if f.method == method))
     noise = con.sql(f"""
         select min(s.snr) filter (where isfinite(s.snr)), median(s.snr) filter (where isfinite(s.snr)),
                count(*) filter (where s.noise_floor = 0), count(*) filter (where s.below_noise_floor), count(*)

@@ -7,8 +7,9 @@ whose solve diverged or whose Spearman is undefined are left out of every statis
 
 (i)   ``depth``, ``width``: the OLS slope of Spearman ρ against the axis over MLP cells, within groups that
       hold every other swept axis and the test-point selection fixed (fixed effects: ρ and the axis are centred
-      per group, so a width sweep at depth 1 does not pose as a depth effect), pooled over those groups. The
-      paper: ρ falls with depth and with width (Iris, width 8→50: ≈0.82→0.56). Holds if the CI lies below 0.
+      per group, so a width sweep at depth 1 does not pose as a depth effect), pooled over those groups; and
+      where weight decay is swept, the same slope within each weight decay (``within``). The paper: ρ falls
+      with depth and with width (Iris, width 8→50: ≈0.82→0.56). Holds if the CI lies below 0.
 (ii)  ``weight_decay``: mean ρ with weight decay > 0 minus mean ρ without, paired by every other swept axis,
       the seed and the selection where such pairs exist, else pooled. The paper: weight decay helps (Iris ≈0.97
       vs ≈0.5). Holds if the CI lies above 0.
@@ -86,6 +87,7 @@ class Finding:
     unreliable: int = 0
     at_chance: int = 0
     unit: str = ""  # what one unit of effect is ("per layer"), for the sentence
+    within: str = ""  # the subset of cells when not all of them ("weight decay 0.005"), else empty
 
 
 # ---- the cells -----------------------------------------------------------------------------------------------
@@ -255,8 +257,11 @@ def _axes_text(axes: Sequence[str]) -> str:
 
 # ---- (i) depth and width ---------------------------------------------------------------------------------------
 
-def _slope_finding(rows: list[dict], axes: list[str], method: str, axis: str) -> Finding | None:
-    domain = [r for r in rows if r["method"] == method and r.get("model") == "mlp" and r.get(axis) is not None]
+def _slope_finding(rows: list[dict], axes: list[str], method: str, axis: str,
+                   weight_decay: float | None = None) -> Finding | None:
+    """The slope over every MLP cell, or (``weight_decay`` given) over the cells of that weight decay only."""
+    domain = [r for r in rows if r["method"] == method and r.get("model") == "mlp" and r.get(axis) is not None
+              and (weight_decay is None or r.get("weight_decay") == weight_decay)]
     used = [r for r in domain if not r["left_out"]]
     if len({r[axis] for r in used}) < 2:
         return None
@@ -275,7 +280,7 @@ def _slope_finding(rows: list[dict], axes: list[str], method: str, axis: str) ->
     used = [r for r, keep in zip(used, informative) if keep]
     slope = _fe_slope(x, y, group)
     seeds = [r.get("seed") for r in used]
-    rng = _rng(axis, method)
+    rng = _rng(axis if weight_decay is None else f"{axis}/wd={weight_decay!r}", method)
     stat = lambda idx: _fe_slope(x[idx], y[idx], group[idx])
     if len(set(seeds)) >= 2:
         by_seed = defaultdict(list)
@@ -300,8 +305,9 @@ def _slope_finding(rows: list[dict], axes: list[str], method: str, axis: str) ->
               f"variation not counted")
     claim = {"depth": "Spearman falls with depth (the paper's finding (i))",
              "width": "Spearman falls with width (the paper: Iris width 8→50, ≈0.82→0.56)"}[axis]
+    within = "" if weight_decay is None else f"weight decay {float(weight_decay):g}"
     return Finding(axis, claim, method, slope, lo, hi, len(used), n_left, holds=_verdict(
-        lo, hi, len(used), claim_positive=False), detail=detail, unit=unit, **_trust(used))
+        lo, hi, len(used), claim_positive=False), detail=detail, unit=unit, within=within, **_trust(used))
 
 
 # ---- (ii) weight decay ---------------------------------------------------------------------------------------
@@ -508,9 +514,14 @@ def findings(con) -> list[Finding]:
         return []
     beats = _random_group_max(con) if any(_finite(r.get("group_actual")) for r in rows) else {}
     out: list[Finding] = []
+    # With and without weight decay the networks differ in kind (the paper's finding ii); a slope pooled over
+    # both can cancel out, so each weight decay also gets its own.
+    decays = sorted({r["weight_decay"] for r in rows if r.get("weight_decay") is not None}, reverse=True)
+    per_decay = decays if "weight_decay" in axes and len(decays) > 1 else []
     for method in method_order(rows):
-        for f in (_slope_finding(rows, axes, method, "depth"), _slope_finding(rows, axes, method, "width"),
-                  _weight_decay_finding(rows, axes, method), _spread_finding(rows, method)):
+        slopes = [_slope_finding(rows, axes, method, axis, wd) for axis in ("depth", "width")
+                  for wd in [None, *per_decay]]
+        for f in (*slopes, _weight_decay_finding(rows, axes, method), _spread_finding(rows, method)):
             if f is not None:
                 out.append(f)
         out += _covariate_findings(rows, method)

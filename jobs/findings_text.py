@@ -34,6 +34,8 @@ def finding_sentence(f: Finding) -> str:
         sign = -1.0 if f.effect < 0 else 1.0
         lo, hi = sorted((sign * f.lo, sign * f.hi))
         head = f"{(up if sign > 0 else down).format(m=f.method)} {_fmt(abs(f.effect))}"
+        if f.within:
+            head = head.replace(": ", f" ({f.within}): ", 1)
     else:
         lo, hi = f.lo, f.hi
         if f.name == "spread":
@@ -56,7 +58,8 @@ def findings_table(found: Sequence[Finding]) -> pa.Table:
     names = [f.name for f in fields(Finding)]
     columns = {n: [asdict(f)[n] for f in found] for n in names}
     columns["sentence"] = [finding_sentence(f) for f in found]
-    schema = pa.schema([(n, pa.string()) if n in ("name", "statement", "method", "detail", "unit", "sentence")
+    schema = pa.schema([(n, pa.string()) if n in ("name", "statement", "method", "detail", "unit", "within",
+                                                  "sentence")
                         else (n, pa.bool_()) if n == "holds"
                         else (n, pa.int64()) if n in ("n_cells", "left_out", "unreliable", "at_chance")
                         else (n, pa.float64()) for n in names + ["sentence"]])
@@ -76,6 +79,8 @@ def table_rows(found: Sequence[Finding]) -> tuple[list[str], list[list[str]]]:
         for _, key in _MD_COLUMNS:
             if key is None:
                 row.append(f"{_fmt(f.lo)} to {_fmt(f.hi)}")
+            elif key == "name":
+                row.append(f"{f.name} ({f.within})" if f.within else f.name)
             elif key == "holds":
                 row.append(_VERDICT[f.holds])
             elif key == "chance_share":

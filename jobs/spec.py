@@ -58,8 +58,8 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "depth": _size,
     "width": _size,
     "activation": lambda k, v: _choice(k, v, ACTIVATIONS),
-    "optimizer": lambda k, v: _choice(k, v, OPTIMIZERS),
-    "lr": lambda k, v: _number(k, v, lambda x: x > 0, _POSITIVE),
+    "optimizer": _optional(lambda k, v: _choice(k, v, OPTIMIZERS)),
+    "lr": _optional(lambda k, v: _number(k, v, lambda x: x > 0, _POSITIVE)),
     "epochs": lambda k, v: _int(k, v, 1),
     "weight_decay": lambda k, v: _number(k, v, lambda x: x >= 0, _NON_NEGATIVE),
     "seed": lambda k, v: _int(k, v, 0),
@@ -128,7 +128,9 @@ class Configuration:
     """One point of the sweep: everything needed to train θ̂, estimate influence and measure ground truth.
 
     Normalised on construction: ints given for floats become floats; a logistic model has depth 0 and
-    width 0 (it has no hidden layers); ``retrain_epochs`` None becomes round(0.06 · epochs) and
+    width 0 (it has no hidden layers); ``optimizer`` None becomes "lbfgs" for a logistic model trained full
+    batch at a constant rate and "adam" otherwise, ``lr`` None 1.0 for L-BFGS and 0.01 otherwise;
+    ``retrain_epochs`` None becomes round(0.06 · epochs) and
     ``retrain_lr`` None becomes ``lr``. Raises :class:`SpecError` keyed by field name. (So
     ``dataclasses.replace(c, epochs=...)`` keeps c's resolved retrain_epochs: pass ``retrain_epochs=None``
     to re-derive it.)
@@ -149,9 +151,11 @@ class Configuration:
     depth: int = 1
     width: int = 5
     activation: str = "tanh"
-    # training of θ̂
-    optimizer: str = "adam"
-    lr: float = 0.01
+    # training of θ̂. optimizer None: L-BFGS for a convex model trained full batch at a constant rate (the
+    # logistic model: training and every retrain then reach the optimum the influence function is derived
+    # at), else Adam; lr None: 1.0 for L-BFGS (its line search's first step), else 0.01.
+    optimizer: str | None = None  # a name after construction
+    lr: float | None = None  # a float after construction
     epochs: int = 4000
     weight_decay: float = 0.005
     seed: int = 0
@@ -197,6 +201,11 @@ class Configuration:
                     raise SpecError(name, getattr(self, name), f"{name} must be an integer >= 1")
         object.__setattr__(self, "solvers", _resolve_solvers(self.methods, self.solvers))
         self._check_data()
+        if self.optimizer is None:
+            plain = self.batch_size is None and self.schedule == "constant" and not self.mixed_precision
+            object.__setattr__(self, "optimizer", "lbfgs" if self.model == "logistic" and plain else "adam")
+        if self.lr is None:
+            object.__setattr__(self, "lr", 1.0 if self.optimizer == "lbfgs" else 0.01)
         if self.optimizer == "lbfgs":
             for name, allowed in (("batch_size", None), ("schedule", "constant"), ("mixed_precision", False)):
                 if getattr(self, name) != allowed:

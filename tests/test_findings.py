@@ -27,14 +27,18 @@ DIVERGED = (2, 1, 0.005, 3)  # (depth, seed, wd, test_idx) of the diverged cell
 TRAIN = 10
 
 
-def _rho(depth, seed, wd, j, slope=-0.1):
-    base = 0.7 + slope * depth if not isinstance(slope, dict) else 0.5 + slope[seed] * depth
+def _rho(depth, seed, wd, j, slope=-0.1, wd_slopes=None):
+    if wd_slopes is not None:
+        base = 0.5 + wd_slopes[wd > 0] * depth
+    else:
+        base = 0.7 + slope * depth if not isinstance(slope, dict) else 0.5 + slope[seed] * depth
     return base + (0.2 if wd > 0 else 0.0) + OFFSETS[j]
 
 
-def build_store(root, *, slope=-0.1, seeds=SEEDS, pairs=False, methods=("exact",), experiment=EXP):
+def build_store(root, *, slope=-0.1, seeds=SEEDS, pairs=False, methods=("exact",), experiment=EXP, wd_slopes=None):
     """The synthetic store; ``pairs`` adds influence and retrain rows (2 replicates) for the scatter panels.
-    ``slope``: the planted depth slope, or a dict seed -> slope (per-seed trends that cancel)."""
+    ``slope``: the planted depth slope, or a dict seed -> slope (per-seed trends that cancel); ``wd_slopes``:
+    (slope without weight decay, slope with) instead."""
     store = open_store(str(root))
     rng = np.random.default_rng(7)
     k = 0
@@ -54,7 +58,7 @@ def build_store(root, *, slope=-0.1, seeds=SEEDS, pairs=False, methods=("exact",
                 for mi, method in enumerate(methods):
                     for j in range(TESTS):
                         diverged = (depth, seed, wd, j) == DIVERGED and mi == 0
-                        rho = _rho(depth, seed, wd, j, slope) + rng.normal(0, 0.01) - 0.05 * mi
+                        rho = _rho(depth, seed, wd, j, slope, wd_slopes) + rng.normal(0, 0.01) - 0.05 * mi
                         if collapsed or diverged:
                             rho = -0.99  # if it entered any statistic, the answers below would be off
                         for name, v in (("method", method), ("test_idx", j), ("snapshot", 1),
@@ -109,11 +113,16 @@ def _con(store, experiment=EXP):
     return connect(store, experiment)
 
 
+def _keyed(found):
+    """(name, method) -> finding, and (name, method, within) for the findings over a subset of the cells."""
+    return {((f.name, f.method, f.within) if f.within else (f.name, f.method)): f for f in found}
+
+
 @pytest.fixture(scope="module")
 def found(tmp_path_factory):
     store = build_store(tmp_path_factory.mktemp("findings"))
     con = _con(store)
-    yield {(f.name, f.method): f for f in findings(con)}
+    yield _keyed(findings(con))
     con.close()
 
 
@@ -130,6 +139,22 @@ def test_depth_slope_is_found_with_an_interval_below_zero(found):
     assert f.ceiling == pytest.approx(0.9) and f.null95 == pytest.approx(0.4) and f.unreliable == 0
     # chance was planted where ρ < 0.3: only depth-4 cells without weight decay at the lowest offsets
     assert 0 < f.at_chance == pytest.approx(f.chance_share * f.n_cells)
+
+
+def test_depth_slope_within_each_weight_decay(found, tmp_path):
+    for within, n in (("weight decay 0.005", N_CELLS // 2 - 1), ("weight decay 0", N_CELLS // 2 - TESTS)):
+        f = found[("depth", "exact", within)]
+        assert f.effect == pytest.approx(-0.1, abs=0.01) and f.hi < 0 and f.holds is True
+        assert f.n_cells == n  # the diverged cell has weight decay, the collapsed configuration none
+        assert finding_sentence(f).startswith(f"exact ({within}): Spearman falls with depth by 0.10")
+    # Opposite trends with and without weight decay cancel in the pooled slope; each weight decay shows its own.
+    f = _keyed(findings(_con(build_store(tmp_path, wd_slopes={False: 0.08, True: -0.08}))))
+    assert f[("depth", "exact")].effect == pytest.approx(0.0, abs=0.01)
+    assert f[("depth", "exact", "weight decay 0.005")].effect == pytest.approx(-0.08, abs=0.01)
+    assert f[("depth", "exact", "weight decay 0")].effect == pytest.approx(0.08, abs=0.01)
+    assert f[("depth", "exact", "weight decay 0.005")].holds is True
+    assert f[("depth", "exact", "weight decay 0")].holds is False
+    assert "| depth (weight decay 0.005) | exact |" in findings_markdown(list(f.values()), "x")
 
 
 def test_weight_decay_difference_is_paired_and_holds(found):
@@ -176,21 +201,21 @@ def test_sentences_table_and_markdown(found):
 
 def test_bootstrap_is_reproducible(tmp_path, found):
     con = _con(build_store(tmp_path))
-    again = {(f.name, f.method): f for f in findings(con)}
+    again = _keyed(findings(con))
     assert again == found
 
 
 def test_no_depth_trend_cannot_tell(tmp_path):
     # per-seed slopes +0.05, −0.05, 0 cancel: the cluster bootstrap's interval straddles 0
     con = _con(build_store(tmp_path, slope={0: 0.05, 1: -0.05, 2: 0.0}))
-    f = {(g.name, g.method): g for g in findings(con)}[("depth", "exact")]
+    f = _keyed(findings(con))[("depth", "exact")]
     assert f.effect == pytest.approx(0.0, abs=0.01)
     assert f.lo < 0 < f.hi and f.holds is None and "cannot tell" in finding_sentence(f)
 
 
 def test_a_rising_depth_trend_fails_and_one_seed_resamples_test_points(tmp_path):
     con = _con(build_store(tmp_path, slope=0.05, seeds=(0,)))
-    f = {(g.name, g.method): g for g in findings(con)}[("depth", "exact")]
+    f = _keyed(findings(con))[("depth", "exact")]
     assert f.effect == pytest.approx(0.05, abs=0.01) and f.lo > 0 and f.holds is False
     assert "one seed" in f.detail
     assert "rises with depth" in finding_sentence(f)
@@ -201,7 +226,7 @@ def test_collapsed_cells_never_count(tmp_path):
     con = _con(build_store(tmp_path))
     rows = con.sql("select count(*) from stats where final and collapsed").fetchall()[0][0]
     assert rows == TESTS
-    f = {(g.name, g.method): g for g in findings(con)}
+    f = _keyed(findings(con))
     assert all(g.n_cells <= N_CELLS - N_LEFT for g in f.values())
 
 

@@ -99,10 +99,11 @@ def test_iris_smoke_spec():
 def test_iris_spec_is_the_papers_grid():
     spec = load_spec(ROOT / "jobs/specs/iris.yaml")
     configs = spec.configurations()
-    assert len(configs) == 8 * 2 * 3 + 6 * 2 * 3 == 84
+    assert len(configs) == 8 * 2 * 5 + 6 * 2 * 5 == 140
     assert {(c.depth, c.width) for c in configs} == {(d, 5) for d in range(1, 9)} | {
         (1, w) for w in (8, 14, 20, 30, 40, 50)}
-    assert {c.weight_decay for c in configs} == {0.005, 0.0} and {c.seed for c in configs} == {0, 1, 2}
+    assert {c.weight_decay for c in configs} == {0.005, 0.0} and {c.seed for c in configs} == set(range(5))
+    assert {(c.replicates, len(c.test_points)) for c in configs} == {(2, 3)}
     c = configs[0]
     assert (c.epochs, c.lr, c.retrain_epochs, c.controls, c.retrain_chunk, c.damping, c.damping_policy) == (
         4000, 0.01, 240, 3, 128, 0.01, "if_indefinite")
@@ -117,6 +118,23 @@ def test_example_from_the_docs_parses(tmp_path):
     assert spec.resources == {"train": Resources(1.0), "influence": Resources(1.0), "retrain": Resources(1.0, 0.0)}
     assert spec.resources["retrain"].ray_options() == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert spec.grids[1] == {"width": (8, 14), "weight_decay": (0.005, 0.0)}
+
+
+def test_the_optimizer_defaults_to_lbfgs_for_a_convex_model_trained_full_batch():
+    base = {"experiment": "x", "model": {"family": "logistic"}}
+    c = parse_spec(base).base
+    assert (c.optimizer, c.lr, c.retrain_lr) == ("lbfgs", 1.0, 1.0)
+    # Minibatches or a schedule: L-BFGS does not apply, Adam is the default as for every other model.
+    assert parse_spec(base | {"train": {"batch_size": 32}}).base.optimizer == "adam"
+    assert parse_spec(base | {"train": {"schedule": "cosine"}}).base.optimizer == "adam"
+    mlp = parse_spec({"experiment": "x"}).base
+    assert (mlp.optimizer, mlp.lr) == ("adam", 0.01)
+    # Resolved per configuration of a sweep; what a spec states is kept.
+    swept = parse_spec({"experiment": "x", "sweep": {"model": ["mlp", "logistic"]}}).configurations()
+    assert [c.optimizer for c in swept] == ["adam", "lbfgs"]
+    assert parse_spec(base | {"train": {"optimizer": "adam"}}).base.optimizer == "adam"
+    # The MLP ids are what they were when the default was a plain "adam" / 0.01: stored results resume.
+    assert mlp.config_id == Configuration("x", optimizer="adam", lr=0.01).config_id
 
 
 def test_defaults_give_one_configuration():
@@ -276,34 +294,41 @@ SHIPPED_IDS = {
         "9abab7fc7501 aae6b2151f39",
     ),
     "iris.yaml": (
-        "b417e974b3f2 acfb16ea6b52", "5872d064de9f 0b99d5dcb735", "14924c2c0326 773476d6af2a",
-        "49888308882d edca4166a5c9", "4d6026f9ab45 2382ff58cd65", "42f5b9e7cdbd b5058d85a61e",
-        "46c0881dbc56 000517089555", "cb7d05a60187 77573eb74267", "a23a77dc84bb b885b755c306",
-        "3b7a23dd3be8 68d10e08cc73", "17947121beaf 87fe89e63dc7", "f7add954267d 8b0f0fc80ea8",
-        "236e6bc33d8a 9578b7526585", "95050456218c aaa0ae35f594", "d1825383a597 0c0db922e3ed",
-        "210d0e3b1aac 73c671ae4ff6", "507a2b05430b f1d78bae06ec", "5b182a0b3af0 d5d37ab6afc0",
-        "7871183033e8 32d602912705", "2d6c4b7100e9 581253d5031f", "d64dfc0f2737 cd9bdb3e2670",
-        "c39c3bb3b625 1b4b6c7ebc51", "a10d61d62d67 2b223c6ad290", "1f4f2049542b 39744c9c9395",
-        "a01814b548c8 72c8dbf11e51", "ba297988a039 dd20de0dc2f1", "2fae75462c62 d68d79e0a4a9",
-        "aed48deca5b9 0153e4f533f2", "bec53d72b80a 55bc2dd3c8b1", "ea9a96465fee 4ca39cbfa829",
-        "800781c80a94 b271a5701b4c", "b3f1cb8955d5 41be18ace683", "4fd6f8f4dfa2 06fde624f734",
-        "91d569f2e6ce 619e86cae441", "5758d5d86306 cf1d6f533688", "6c62df233ec6 38a8553a2bff",
-        "2686eae0d1a2 1820491adb63", "f37708289666 83a27e5e8f5d", "03fe83308310 b3d2a3e30ffe",
-        "147d3d98fffb c6e91e8be7f4", "d1b4e9d300d6 2bb3286cdd44", "5fb4a010ece9 2ea5b731c4c0",
-        "7dfa7c210833 faa9766b62a6", "c26f0f1bb9e4 0603a9b95257", "f76e366b5dad 8595a32f6599",
-        "bc1f740b054c 4091ed58e4ad", "d073b079d8bf 9b2ccb4ff7d8", "7ef511857886 da36d679ab61",
-        "9be3c19ec721 b828b6038cf2", "25ec8385a36e aec4224fe056", "0092c5b1998b f90f4e144ee0",
-        "025edbc25bb4 4cbac6b65ee1", "dd2e8e83f53d ca553f163b66", "1699b478ab83 bbede32f316e",
-        "bf4d06e38920 a7356ac312f3", "e5694a0233b9 e9cfa0d16b88", "9b7adfd7b988 de55b22af471",
-        "87a3751b5371 0dbc55558f9b", "ab00478bbb23 0ed4d82efda2", "90dcf4782da6 3006bb281ec0",
-        "052b841f3db0 8d15818a6ccd", "22c0279110a3 58f639a68e0c", "33d0b3b52f46 576ec1b5aafa",
-        "cc8adf702a79 916d0fd314ac", "1351c95458a7 81342f4f7524", "7cbf5db8be72 00f42e56b1e2",
-        "20d7c0ff5bf5 ee92831d463e", "119c02e77d45 b115ecc945d6", "1f6554773839 135304a94a29",
-        "58136b9f5a58 3af89121d191", "4f5fb09c5672 92669a804087", "42735f7e3520 1a264f8b5114",
-        "3347dcc513d1 3c514cce78dd", "e51d05f5c7fe efcb66b5c4dd", "479b510d3491 def26a9b701d",
-        "8f03c3d899e3 6ef2ab1dadde", "cf42e5a18387 60344593894c", "012613cf0837 d02719e6d66e",
-        "059f8b08c41e 994f12b304f5", "6149f4359a6f 78543bfb2d15", "d7e56b5b9a40 087a2a8d962a",
-        "1ec567a0ae16 c4772ddd447f", "afbe06a5a9c5 824bd227a983", "2847a34e1f20 56039c511dd1",
+        "cc28a1b61fc9 acfb16ea6b52", "e80bfd1aff66 0b99d5dcb735", "4b3b180059e1 773476d6af2a", "0bfe9d237f7e a3ce27732195",
+        "4bc9892128b1 7ad2669911a9", "32e82c251678 edca4166a5c9", "04b1420039bc 2382ff58cd65", "d973c76429e7 b5058d85a61e",
+        "9fb4440f89a8 2428941b3e2c", "8780491c04ac d962c3719689", "8ad9186c2a6b 000517089555", "16bd10a715ba 77573eb74267",
+        "af020460b3f7 b885b755c306", "6b4f522dea7e fad7ad571ffa", "69d72e804980 68ee797fec1c", "2a9f61c5445c 68d10e08cc73",
+        "c34a672546ee 87fe89e63dc7", "0e4666fd51f3 8b0f0fc80ea8", "2d46ccc6f2c9 8b2bab1291ba", "10f450a5bfd9 f9bac3dacbc0",
+        "d12315806a69 9578b7526585", "7ebcac39404d aaa0ae35f594", "9b37192e8423 0c0db922e3ed", "1ad0bde27c26 4f715f23632a",
+        "ca04b369dddb 4460eb39f4ee", "062acc584b3d 73c671ae4ff6", "118da5e87a09 f1d78bae06ec", "6de855d3d152 d5d37ab6afc0",
+        "7371b1fad938 066da6569a14", "2aee4e3dfe7f 96fff3395e26", "51bb89879026 32d602912705", "dd0907d67dc2 581253d5031f",
+        "ec1855355b8a cd9bdb3e2670", "478fc2b1aec2 34799faf5684", "ebba411998ca a6c12a779e9c", "85b23d14a9c3 1b4b6c7ebc51",
+        "915e9c3713bf 2b223c6ad290", "471aac6b36ff 39744c9c9395", "0ab67e50195c 7292002ad60d", "91c2b311fa37 6a75390a5f76",
+        "b34e6a952d21 72c8dbf11e51", "cf70b104ee85 dd20de0dc2f1", "43bb1b3475a8 d68d79e0a4a9", "4b1e74d8d355 b96efdd60853",
+        "68801b84cac1 9e9d60c1c072", "fbd0e1122123 0153e4f533f2", "ab54af995a80 55bc2dd3c8b1", "7e4863313f50 4ca39cbfa829",
+        "0f06f3f54fb5 ffb05cf14061", "f8085ecf517f f6671612b5d9", "8976343fb9f8 b271a5701b4c", "34f1c8b6d06b 41be18ace683",
+        "c9f61cb700dc 06fde624f734", "e80eb5b71469 5a1078be1a22", "a91a3cb5a9bc d8ed0ce3096b", "4713c41672a8 619e86cae441",
+        "5cc4cf59145a cf1d6f533688", "59fdf0e7fd22 38a8553a2bff", "6734f5f251df 7d4778ef8c5d", "e259ce897a7c 8ebcd688b060",
+        "e6cd2c6aab28 1820491adb63", "5bc8c2b44e89 83a27e5e8f5d", "f933267349ca b3d2a3e30ffe", "fe02da0b6c4c 54b3c49affab",
+        "b24cc092cbc9 b637d6a3107c", "08f9850511e5 c6e91e8be7f4", "b5794be20633 2bb3286cdd44", "a6e78400fa6b 2ea5b731c4c0",
+        "8204ed1d21f2 05a5508f4c0f", "74518c251d08 c9bfb0506d35", "49ad00c02986 faa9766b62a6", "92ea2f83daca 0603a9b95257",
+        "74673f8313b3 8595a32f6599", "f12231356522 a0cb6363d940", "c61d32ecd8ed efa0a2a94f49", "e208206b731a 4091ed58e4ad",
+        "14cfb587b4b1 9b2ccb4ff7d8", "7eb355fcbea7 da36d679ab61", "e310e94df9f4 25bf7ceb3ecb", "6d35929c0edd 10a3dcf9cff9",
+        "9fd4dd618dd7 b828b6038cf2", "c2cccfc35b60 aec4224fe056", "fae848499427 f90f4e144ee0", "1cc366aa23a2 7eb04a3fb8da",
+        "a40885facaf3 9eff8366859c", "de0fab665b66 4cbac6b65ee1", "a667b25b52cc ca553f163b66", "6d746f807b01 bbede32f316e",
+        "80deba4ffc9d 698e1e60a33d", "c0394f159d81 ca160234da84", "09f6b48deca4 a7356ac312f3", "046dd9f6e1fc e9cfa0d16b88",
+        "e368df853dd8 de55b22af471", "611aeb1676bb 99bc7163475d", "3706becd5faf 07b6d747cf76", "420b26a32239 0dbc55558f9b",
+        "4da0aab9844e 0ed4d82efda2", "270d4cb79d7d 3006bb281ec0", "2992a691ea34 5fe7f0139b88", "2d9d4c4a6f85 b1f40651883c",
+        "647b6ea108fe 8d15818a6ccd", "a9c54a958575 58f639a68e0c", "d56addfb9bd0 576ec1b5aafa", "dc0f7ad81ac6 0ab62e8ca266",
+        "aa4651e9df78 44c3cc5a9ed5", "b8a0f892de7e 916d0fd314ac", "359b13334411 81342f4f7524", "7a4fba2f1631 00f42e56b1e2",
+        "c947b85531c8 d50934f5a6d8", "05ac3158a212 0b71ac74e831", "6a803b93ed96 ee92831d463e", "d58e746d79ab b115ecc945d6",
+        "c9fede349c5f 135304a94a29", "cac01143718f b50ee99a673a", "14d0d05da3ab 9f9a2f0b6b60", "5ab6e8f85350 3af89121d191",
+        "9fce5a314309 92669a804087", "f9dcf190c9f9 1a264f8b5114", "04071b9f2677 8539ad3a1f28", "574cb50e8f72 d56f08bd30f8",
+        "f3575035f299 3c514cce78dd", "b70f8679e983 efcb66b5c4dd", "ea3a4910d834 def26a9b701d", "00a6c592ac1a 7cd14397f137",
+        "fb40bdc025cd cadf7fafd3ae", "bc1d087001fc 6ef2ab1dadde", "52b2cade764a 60344593894c", "814cc58b4392 d02719e6d66e",
+        "fbf9655ebbd8 454dcd3cabbc", "87dd66a78978 ae9888194184", "70462e053283 994f12b304f5", "abe0b6cf6ef0 78543bfb2d15",
+        "2faba9a797d6 087a2a8d962a", "9b65c24e31ff 67886696c9ea", "8b5732b037c5 305a744c1005", "915bd0dc7f96 c4772ddd447f",
+        "8d5d9d2097e1 824bd227a983", "b327a9830710 56039c511dd1", "1f8c226159bb ae46645158d3", "2fece3e3448d 6c6430d8aed5",
     ),
     "convex-control.yaml": ("f5b499402ddd 5a15ffc8bccb",),
     "mnist-smoke.yaml": (
