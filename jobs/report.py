@@ -129,7 +129,9 @@ _FOLLOWS = {"retrain_epochs": ("epochs", "retrain_start"), "retrain_lr": ("lr",)
 # Fields that a Configuration may hold as None (batch_size None: full batch): there null is a value, and a sweep
 # over [null, 32] varies. In the other columns (the derived ones are resolved on construction) null only means
 # "written before the column existed", and is not counted.
-_NULLABLE = frozenset(f.name for f in fields(Configuration) if "None" in str(f.type)) - set(_FOLLOWS)
+# (optimizer and lr are None only until construction resolves them, like the derived fields.)
+_RESOLVED = {"optimizer", "lr"}
+_NULLABLE = frozenset(f.name for f in fields(Configuration) if "None" in str(f.type)) - set(_FOLLOWS) - _RESOLVED
 
 
 def _distinct(a: str) -> str:
