@@ -1,7 +1,9 @@
 """`fragile cluster up | down | status`: a real Ray head and a real S3 server (SeaweedFS) on loopback.
 
 `up` starts both as background processes in their own sessions, remembers their process ids in a state
-file, and prints how to use them. `down` stops the jobs still running on the cluster (through the Jobs API),
+file, and prints how to use them; with ``workers`` it also joins that many Ray worker nodes to the head, each a
+`ray start --address` on this machine with its own CPUs and ports, so one machine exercises cross-node
+scheduling, object transfer and the loss of a node. `down` stops the jobs still running on the cluster (through the Jobs API),
 then exactly the processes `up` started (their process groups), then any process the cluster started that
 left those groups (a job's driver runs in a session of its own); it never touches anything else of Ray's on
 the machine. Every process of the cluster carries FRAGILE_CLUSTER_ID=<id> in its environment, inherited from
@@ -25,9 +27,10 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from cluster import s3server
@@ -37,6 +40,12 @@ STATE_FILE = "state.json"
 TOKEN_FILE = "ray_auth_token"
 CLUSTER_ID_ENV = "FRAGILE_CLUSTER_ID"
 AUTH_MODES = ("token", "disabled")
+# Custom resources: the head carries HEAD_RESOURCE (runs keep their trials and coordinator there), worker node k
+# carries WORKER_RESOURCE_<k>.
+HEAD_RESOURCE = "fragile_head"
+HEAD_RESOURCE_UNITS = 10_000
+WORKER_RESOURCE = "fragile_worker_node"
+NODE_NAME_ENV = "FRAGILE_NODE_NAME"  # worker-<k> in every process of worker node k
 # Variables of the calling process that must not leak into the head: another Ray's address, token or mode.
 _NOT_INHERITED = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", CLUSTER_ID_ENV)
@@ -61,6 +70,7 @@ class ClusterState:
     host: str = "127.0.0.1"
     auth: str = "token"
     cluster_id: str = ""
+    worker_pids: list[int] = field(default_factory=list)  # `ray start --address` of each worker node
 
     @property
     def address(self) -> str:
@@ -184,8 +194,11 @@ def warnings_for(host: str, auth: str) -> list[str]:
 
 def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: int = 8265, s3_port: int = 8333,
        num_cpus: int | None = None, bucket: str = "fragile", timeout: float = 90.0, host: str = "127.0.0.1",
-       auth: str = "token") -> ClusterState:
-    """Start the S3 server, then the Ray head with the S3 settings (and the token's path) in its environment."""
+       auth: str = "token", workers: int = 0, worker_cpus: int = 1) -> ClusterState:
+    """Start the S3 server, then the Ray head with the S3 settings (and the token's path) in its environment,
+    then ``workers`` Ray worker nodes of ``worker_cpus`` CPUs each joined to it (see :func:`_start_worker`)."""
+    if workers < 0 or worker_cpus < 1:
+        raise ClusterError(f"--workers must be >= 0 and --worker-cpus >= 1; got {workers} and {worker_cpus}")
     if auth not in AUTH_MODES:
         raise ClusterError(f"--auth must be one of {', '.join(AUTH_MODES)}, not {auth!r}")
     state_dir = Path(state_dir)
@@ -220,8 +233,11 @@ def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: i
     for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                  "metrics-export-port"):
         args.append(f"--{flag}={ports.pop()}")
-    if num_cpus:
+    if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
+    # The head says it is the head, so a run can keep its drivers' actors (trials, coordinator) there: a
+    # worker node may be lost, the head never without the run.
+    args.append(f"--resources={json.dumps({HEAD_RESOURCE: HEAD_RESOURCE_UNITS})}")
     fd = os.open(state_dir / "ray.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as log:
         ray = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -238,7 +254,82 @@ def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: i
             raise ClusterError(f"the Ray head did not start (ports {ray_port}/{dashboard_port} taken?); "
                                f"{state_dir / 'ray.out'} ends with:\n{tail}")
         time.sleep(0.5)
+    if workers:
+        # All the worker nodes' ports in one draw: drawn per node, two nodes could be handed the same free port.
+        ports = s3server.free_ports(_WORKER_PORTS * workers)
+        # One node at a time: nodes on one machine share the session folder, and two starting together
+        # would name their sockets and logs alike.
+        for k in range(workers):
+            pid = _start_worker(state, env, k, worker_cpus, ports[_WORKER_PORTS * k:_WORKER_PORTS * (k + 1)])
+            state = ClusterState(**{**asdict(state), "worker_pids": [*state.worker_pids, pid]})
+            _save_state(state)
+            _wait_for_nodes(state, 2 + k, deadline)
     return state
+
+
+_WORKER_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                      "metrics-export-port")
+_WORKER_PORTS = len(_WORKER_PORT_FLAGS)  # the ports a worker node is given
+
+
+def _start_worker(state: ClusterState, env: dict[str, str], k: int, cpus: int, ports: list[int]) -> int:
+    """Worker node k: `ray start --address` on this machine with its own ports, `cpus` CPUs, no GPU, and the
+    resource `fragile_worker_node_<k>` (so a test can place work on it); the same environment as the head
+    (token, S3 settings, cluster id) and FRAGILE_NODE_NAME=worker-<k>. Its log is `<dir>/worker-<k>.out`.
+    Returns its process id."""
+    ports = list(ports)
+    # Ray's `ray start`, through cluster.worker_node, which keeps the loopback bootstrap address as given.
+    args = [sys.executable, "-m", "cluster.worker_node", "start", "--block",
+            f"--address={_client_host(state.host)}:{state.ray_port}",
+            "--disable-usage-stats", f"--num-cpus={cpus}", "--num-gpus=0",
+            f"--resources={json.dumps({f'{WORKER_RESOURCE}_{k}': 1})}"]
+    env = {**env, NODE_NAME_ENV: f"worker-{k}"}  # inherited by its raylet and workers: they can be found
+    if is_loopback(state.host):
+        # The head's address, 127.0.0.1: Ray binds a node's servers to loopback only when its address is that
+        # one (another loopback address, 127.0.0.2, would make its raylet listen on every interface); the
+        # nodes differ by id and ports. Joining a head needs Ray's multi-node mode, which the head's
+        # single-node setting (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) would refuse.
+        env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        args.append("--node-ip-address=127.0.0.1")
+    elif state.host not in ("0.0.0.0", "::"):
+        args.append(f"--node-ip-address={state.host}")
+    # The raylet's own servers bind free ports themselves (Ray's default for a worker node); a port drawn here
+    # for them could be taken by an outgoing connection before the raylet binds it. The agents' defaults
+    # (52365, ...) are fixed and would collide with the head's or another node's, so they get drawn ports.
+    for flag in _WORKER_PORT_FLAGS:
+        args.append(f"--{flag}={ports.pop()}")
+    fd = os.open(Path(state.dir) / f"worker-{k}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    return proc.pid
+
+
+def alive_nodes(state: ClusterState) -> list[dict]:
+    """The cluster's live nodes as the head's state API lists them (node_id, node_ip, is_head_node, resources)."""
+    headers = {"Authorization": f"Bearer {_token(state)}"} if _token(state) else {}
+    request = urllib.request.Request(f"{state.address}/api/v0/nodes?limit=100&detail=1", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = json.loads(response.read())
+    nodes = body.get("data", {}).get("result", {}).get("result", [])
+    return [n for n in nodes if n.get("state") == "ALIVE"]
+
+
+def _wait_for_nodes(state: ClusterState, count: int, deadline: float) -> None:
+    while True:
+        try:
+            if len(alive_nodes(state)) >= count:
+                return
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline or not all(_alive(p) for p in state.worker_pids):
+            logs = Path(state.dir)
+            tails = {k: "\n".join((logs / f"worker-{k}.out").read_text(errors="replace").splitlines()[-10:])
+                     for k in range(len(state.worker_pids))}
+            down(Path(state.dir))
+            raise ClusterError("the worker nodes did not join the head: " + "; ".join(
+                f"worker-{k}.out ends with:\n{tail}" for k, tail in tails.items()))
+        time.sleep(0.5)
 
 
 @dataclass(frozen=True)
@@ -255,6 +346,8 @@ def down(state_dir: Path = DEFAULT_DIR, *, grace: float = 15.0) -> Stopped | Non
     if state is None:
         return None
     jobs = _stop_jobs(state, grace) if _alive(state.ray_pid) else []
+    for pid in state.worker_pids:
+        _stop_group(pid, grace)
     _stop_group(state.ray_pid, grace)
     _stop_group(state.s3_pid, grace)
     stragglers = _kill_cluster_processes(state.cluster_id, grace) if state.cluster_id else []
@@ -331,6 +424,13 @@ def status(state_dir: Path = DEFAULT_DIR) -> dict | None:
     state = load_state(state_dir)
     if state is None:
         return None
-    return {"ray head": (_alive(state.ray_pid), _reachable(f"{state.address}/api/version", _token(state)),
-                         state.address),
-            "s3 server": (_alive(state.s3_pid), _reachable(f"{state.s3_endpoint}/healthz"), state.s3_endpoint)}
+    report = {"ray head": (_alive(state.ray_pid), _reachable(f"{state.address}/api/version", _token(state)),
+                           state.address),
+              "s3 server": (_alive(state.s3_pid), _reachable(f"{state.s3_endpoint}/healthz"), state.s3_endpoint)}
+    try:
+        joined = len(alive_nodes(state)) - 1
+    except (OSError, ValueError):
+        joined = 0
+    for k, pid in enumerate(state.worker_pids):
+        report[f"worker {k}"] = (_alive(pid), k < joined, f"pid {pid}, {joined} worker node(s) joined")
+    return report

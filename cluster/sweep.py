@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import ray
 from ray import tune
 
+from cluster.local import HEAD_RESOURCE
 from cluster.runner import ActorCoordinator, CoordinatorActor, RayRunner
 from jobs.pipeline import RunResult, run_configuration, start_run
 from jobs.spec import Configuration, Spec
@@ -26,6 +27,7 @@ from storage.uri import Store
 __all__ = ["RunContext", "RunResult", "run_sweep", "run_trial"]
 
 TRIAL_MEMORY_BYTES = 16 * 1024 * 1024
+HEAD_SHARE = 1.0  # of the head's HEAD_RESOURCE (cluster/local.py: 10,000 units) per trial and coordinator
 # Tune copies these from the driver's environment into every trial actor's runtime environment, which Ray logs
 # in plain text (runtime_env_agent.log) and shows on the dashboard. Workers read the store with the
 # environment they inherit from their node instead, so the driver hides them while Tune starts trials.
@@ -98,14 +100,19 @@ def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: N
     sets, if the caller loaded them already)."""
     start = time.perf_counter()
     configs, loaded, counts, initial = start_run(spec, store, version, loaded)
-    coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}").remote(
+    # On a cluster whose head says so (`fragile cluster up`), the coordinator and the trials live on the head:
+    # they only wait and count, and a worker node that is lost then takes only tasks with it, which Ray
+    # retries elsewhere.
+    head = {HEAD_RESOURCE: HEAD_SHARE} if ray.cluster_resources().get(HEAD_RESOURCE) else {}
+    coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}",
+                                     resources=head).remote(
         store, spec.experiment, {c.config_id: c.methods for c in configs}, counts, len(configs), initial)
     datasets = {key: ray.put(data) for key, data in loaded.items()}  # put once, shared by every task
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ctx = RunContext(store=store, configs={c.config_id: c for c in configs},
                      resources={k: v.ray_options() for k, v in spec.resources.items()}, coordinator=coord,
                      datasets=datasets, max_in_flight=max(2, 2 * cpus))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"memory": TRIAL_MEMORY_BYTES})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"memory": TRIAL_MEMORY_BYTES, **head})
     # Tune's own bookkeeping stays on the driver's disk, for this run only: resume reads the ledger, never
     # Tune's state, and Tune would pickle the store's filesystem (and with it the S3 secret) into its files.
     tune_dir = tempfile.mkdtemp(prefix=f"fragile-tune-{spec.experiment}-")

@@ -104,7 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ray-port", type=int, default=6379)
     c.add_argument("--dashboard-port", type=int, default=8265)
     c.add_argument("--s3-port", type=int, default=8333)
-    c.add_argument("--num-cpus", type=int, default=None)
+    c.add_argument("--num-cpus", type=int, default=None, help="CPUs of the head node (default: all)")
+    c.add_argument("--workers", type=int, default=0,
+                   help="Ray worker nodes to join to the head on this machine (default 0)")
+    c.add_argument("--worker-cpus", type=int, default=1, help="CPUs of each worker node (default 1)")
     c.add_argument("--bucket", default="fragile")
     c.add_argument("--host", default="127.0.0.1",
                    help="address every listener binds to (default 127.0.0.1: this machine only; another "
@@ -445,9 +448,12 @@ def cmd_cluster(args) -> int:
             Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
         state = local.up(state_dir, ray_port=args.ray_port, dashboard_port=args.dashboard_port,
                          s3_port=args.s3_port, num_cpus=args.num_cpus, bucket=args.bucket, host=args.host,
-                         auth=args.auth)
+                         auth=args.auth, workers=args.workers, worker_cpus=args.worker_cpus)
         console.print(f"Ray head: {state.address} (dashboard), GCS port {state.ray_port}, listening on "
                       f"{state.host}, authentication: {state.auth}", highlight=False)
+        if state.worker_pids:
+            console.print(f"worker nodes: {len(state.worker_pids)} of {args.worker_cpus} CPU(s) each, joined "
+                          f"(pids {', '.join(map(str, state.worker_pids))})", highlight=False)
         console.print(f"S3 server: {state.s3_endpoint}, results go to {state.store}", highlight=False)
         console.print(f"use it from this shell:  eval \"$(fragile cluster env{_dir_flag(args)})\"", highlight=False)
         console.print(f"then: fragile submit jobs/specs/iris-smoke.yaml   and   fragile query \"select * from stats\" "
@@ -468,8 +474,9 @@ def cmd_cluster(args) -> int:
         state = stopped.state
         if stopped.jobs:
             console.print(f"stopped {len(stopped.jobs)} running job(s): {', '.join(stopped.jobs)}", highlight=False)
-        console.print(f"stopped the Ray head (pid {state.ray_pid}) and the S3 server (pid {state.s3_pid}); "
-                      f"the S3 data stays in {state.dir}", highlight=False)
+        workers = f", {len(state.worker_pids)} worker node(s)" if state.worker_pids else ""
+        console.print(f"stopped the Ray head (pid {state.ray_pid}){workers} and the S3 server (pid "
+                      f"{state.s3_pid}); the S3 data stays in {state.dir}", highlight=False)
         for line in stopped.stragglers:
             console.print(f"killed a process of the cluster that outlived the head: {line}", highlight=False,
                           markup=False)

@@ -19,6 +19,19 @@ import contextlib
 from typing import Any, Callable, Protocol
 
 from jobs.spec_checks import RESOURCE_KINDS as TASK_KINDS
+
+# The node a task body runs on, as the runner that started it says: the Ray runner sets it in the task's
+# process before the body runs (cluster/runner.py); inline runs leave it unset. Rows record it.
+_TASK_NODE: dict[str, str | None] = {"node_id": None, "node_ip": None}
+
+
+def set_task_node(node_id: str | None, node_ip: str | None) -> None:
+    _TASK_NODE.update(node_id=node_id, node_ip=node_ip)
+
+
+def node_columns(n: int) -> dict[str, list]:
+    """The node_id and node_ip columns of n rows computed in this process."""
+    return {name: [value] * n for name, value in _TASK_NODE.items()}
 # A task is run again when its worker dies (Ray does that by itself) or when it failed because the store stayed
 # unreachable beyond the retry budget (TransientTaskError); a task's own exceptions (a singular Hessian, a bad
 # index) are deterministic and retrying them would only waste time.

@@ -26,6 +26,7 @@ from influence.retrain import group_weights, objective_grad_norms, removal_weigh
 from influence.train import train
 from jobs import protocol
 from jobs.protocol import TrainOutput
+from jobs.runner import node_columns
 from jobs.science import SCIENCE
 from jobs.spec import Configuration
 from storage import tables
@@ -228,7 +229,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset, device: torch.device
         # θ̂ is what this row describes: a reused checkpoint keeps the stamp of the code that trained it
         "science": [SCIENCE if trained else state.get("science")],
         "stationary": [None if cfg.grad_tol is None else bool(grad_norm <= cfg.grad_tol)],
-    }
+    } | node_columns(1)
     tables.write_part(store, cfg.experiment, "models", cfg.config_id, protocol.MODEL_PART, models)
 
     chosen = select_test_points(test_losses, [r.rule() for r in cfg.test_points], seed=cfg.seed)
@@ -316,7 +317,7 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
             "seconds": [seconds / max(T, 1)] * (T * n),
             "science": [SCIENCE] * (T * n),
             "self_influence": per_test(inf.self_influence),
-        }
+        } | node_columns(T * n)
         return tables.write_part(store, cfg.experiment, "influence", cfg.config_id, part, rows)
     except Exception as exc:  # noqa: BLE001
         raise task_error(f"influence/{cfg.config_id}/{part}", where, exc) from exc
@@ -417,5 +418,5 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
         "science": [SCIENCE] * (len(rows_k) * T),
         "replicate": [replicate] * (len(rows_k) * T),
         "grad_norm": np.repeat(grad_norms[rows_k].numpy(), T),
-    }
+    } | node_columns(len(rows_k) * T)
     return tables.write_part(store, cfg.experiment, "retrain", cfg.config_id, part, rows)

@@ -90,6 +90,8 @@ TABLES: dict[str, pa.Schema] = {
         ("checkpoint", _str), ("degenerate", _bool), ("degenerate_reason", _str), ("science", _str),
         # Whether θ̂ is a stationary point: grad_norm <= the configuration's grad_tol (null: no tolerance set).
         ("stationary", _bool),
+        # The Ray node that computed the row (its id and address; null in inline runs and older parts).
+        ("node_id", _str), ("node_ip", _str),
     ]),
     "test_points": pa.schema([
         _key("test_idx", _i64), ("loss", _f64), ("label", _i64), ("selection", _str), ("science", _str),
@@ -103,6 +105,8 @@ TABLES: dict[str, pa.Schema] = {
         ("diverged", _bool), ("seconds", _f64), ("science", _str),
         # ∇L(z_t)ᵀ (H + δI)⁻¹ ∇L(z_t): the test point's self-influence under this method (one per test point).
         ("self_influence", _f64),
+        # The Ray node that computed the row (its id and address; null in inline runs and older parts).
+        ("node_id", _str), ("node_ip", _str),
     ]),
     "retrain": pa.schema([
         # removed: a training index; negative = control replicate (-1 first control, -2 second, ...).
@@ -115,6 +119,8 @@ TABLES: dict[str, pa.Schema] = {
         # removals and their control of one replicate share it; replicate 0 (null in parts written before
         # replicates existed) is the protocol's first draw. grad_norm: ‖∇R₋ᵢ‖₂ of the retrained parameters.
         ("replicate", _i64), ("grad_norm", _f64),
+        # The Ray node that computed the row (its id and address; null in inline runs and older parts).
+        ("node_id", _str), ("node_ip", _str),
     ]),
     "stats": pa.schema([
         _key("method", _str), _key("test_idx", _i64), _key("snapshot", _i64), ("n", _i64),

@@ -240,6 +240,9 @@ class _FakeContext:
     def get_accelerator_ids(self):
         return {"GPU": self.gpus}
 
+    def get_node_id(self):
+        return "f" * 56
+
 
 def test_the_ray_wrapper_hands_the_assigned_gpu_to_the_body_as_its_device(monkeypatch):
     pytest.importorskip("ray")

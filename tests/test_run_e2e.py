@@ -37,7 +37,7 @@ influence: {methods: [exact, cg, lissa], lissa: {scale: auto}}
 ground_truth: {epochs: 40, controls: 2, chunk: 64}
 """
 # Columns that differ between two runs of the same spec by design: wall times and where the checkpoint lives.
-RUN_COLUMNS = ("seconds", "checkpoint")
+RUN_COLUMNS = ("seconds", "checkpoint", "node_id", "node_ip")  # where and how fast, not what
 
 
 def _counts(store, experiment) -> dict[str, int]:
@@ -91,6 +91,11 @@ def test_a_ray_run_writes_exactly_the_rows_of_the_inline_run(ray_cluster, small_
         ours, theirs = _rows(ray_store, "ray-inline", table), _rows(inline, "ray-inline", table)
         assert len(ours) == len(theirs) > 0, table
         assert _same(ours, theirs), table
+    # The rows say which node computed them: the embedded node in the Ray run, nobody in the inline one.
+    for table in ("models", "influence", "retrain"):
+        ray_nodes = set(tables.read_table(ray_store, "ray-inline", table).column("node_id").to_pylist())
+        inline_nodes = set(tables.read_table(inline, "ray-inline", table).column("node_id").to_pylist())
+        assert len(ray_nodes) == 1 and None not in ray_nodes and inline_nodes == {None}, table
 
 
 def test_every_table_written_with_expected_rows(smoke_run):
