@@ -64,8 +64,9 @@ def train(
     """Minimise R(θ) = (1/n) Σ L(z_i, θ) + (λ/2)‖θ‖² for ``epochs`` epochs with ``torch.optim`` from θ0.
 
     Full-batch MLP training (not mixed precision) takes the hand-derived stacked step of retraining instead of
-    autograd and ``torch.optim``: the same updates up to the order of floating-point sums (θ agrees to ~1e-14
-    over hundreds of steps; ``tests/test_influence_train.py``), about 6x faster on Iris-sized networks. Deep
+    autograd and ``torch.optim``: the same updates up to the order of floating-point sums (θ agrees to 1e-16..
+    1e-13 over 300 steps; ``tests/test_influence_train.py``), 4-8x faster on Iris-sized networks
+    (``benchmarks/train.py``). Deep
     tanh networks amplify round-off exponentially in training (a 1e-15 change of θ0 moves θ̂ at depth 8 by
     O(1) within 1,000 epochs), so the two paths reach θ̂s that differ as much as two such starts do.
 
