@@ -3,11 +3,11 @@
 `up` starts both as background processes in their own sessions, remembers their process ids in a state
 file, and prints how to use them; with ``workers`` it also joins that many Ray worker nodes to the head, each a
 `ray start --address` on this machine with its own CPUs and ports, so one machine exercises cross-node
-scheduling, object transfer and the loss of a node. `down` stops the jobs still running on the cluster (through the Jobs API),
-then exactly the processes `up` started (their process groups), then any process the cluster started that
-left those groups (a job's driver runs in a session of its own); it never touches anything else of Ray's on
-the machine. Every process of the cluster carries FRAGILE_CLUSTER_ID=<id> in its environment, inherited from
-the head, which is how `down` recognises them.
+scheduling, object transfer and the loss of a node. `down` stops the jobs still running on the cluster
+(through the Jobs API), then exactly the processes `up` started (their process groups), then any process the
+cluster started that left those groups (a job's driver runs in a session of its own); it never touches anything
+else of Ray's on the machine. Every process of the cluster carries FRAGILE_CLUSTER_ID=<id> in its environment,
+inherited from the head, which is how `down` recognises them.
 
 Exposure and secrets:
 - every listener of the Ray head (GCS, raylet, client server, dashboard and its agents, metrics) and of
@@ -46,6 +46,9 @@ HEAD_RESOURCE = "fragile_head"
 HEAD_RESOURCE_UNITS = 10_000
 WORKER_RESOURCE = "fragile_worker_node"
 NODE_NAME_ENV = "FRAGILE_NODE_NAME"  # worker-<k> in every process of worker node k
+# The node agents' ports: their defaults (52365, ...) are fixed, so every node of this machine gets drawn ones.
+_AGENT_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                     "metrics-export-port")
 # Variables of the calling process that must not leak into the head: another Ray's address, token or mode.
 _NOT_INHERITED = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", CLUSTER_ID_ENV)
@@ -153,8 +156,12 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _reachable(url: str, token: str | None = None) -> bool:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(url, headers=_auth(token))
     try:
         with urllib.request.urlopen(request, timeout=2) as answer:
             return answer.status == 200
@@ -230,8 +237,7 @@ def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: i
         args.append(f"--node-ip-address={host}")
     # The node's agents get free ports too: their defaults (52365, ...) may belong to another Ray on this
     # machine (an embedded one included), and a head whose job agent cannot bind accepts no job.
-    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                 "metrics-export-port"):
+    for flag in _AGENT_PORT_FLAGS:
         args.append(f"--{flag}={ports.pop()}")
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
@@ -256,20 +262,16 @@ def up(state_dir: Path = DEFAULT_DIR, *, ray_port: int = 6379, dashboard_port: i
         time.sleep(0.5)
     if workers:
         # All the worker nodes' ports in one draw: drawn per node, two nodes could be handed the same free port.
-        ports = s3server.free_ports(_WORKER_PORTS * workers)
+        n = len(_AGENT_PORT_FLAGS)
+        ports = s3server.free_ports(n * workers)
         # One node at a time: nodes on one machine share the session folder, and two starting together
         # would name their sockets and logs alike.
         for k in range(workers):
-            pid = _start_worker(state, env, k, worker_cpus, ports[_WORKER_PORTS * k:_WORKER_PORTS * (k + 1)])
+            pid = _start_worker(state, env, k, worker_cpus, ports[n * k:n * (k + 1)])
             state = ClusterState(**{**asdict(state), "worker_pids": [*state.worker_pids, pid]})
             _save_state(state)
             _wait_for_nodes(state, 2 + k, deadline)
     return state
-
-
-_WORKER_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                      "metrics-export-port")
-_WORKER_PORTS = len(_WORKER_PORT_FLAGS)  # the ports a worker node is given
 
 
 def _start_worker(state: ClusterState, env: dict[str, str], k: int, cpus: int, ports: list[int]) -> int:
@@ -277,7 +279,6 @@ def _start_worker(state: ClusterState, env: dict[str, str], k: int, cpus: int, p
     resource `fragile_worker_node_<k>` (so a test can place work on it); the same environment as the head
     (token, S3 settings, cluster id) and FRAGILE_NODE_NAME=worker-<k>. Its log is `<dir>/worker-<k>.out`.
     Returns its process id."""
-    ports = list(ports)
     # Ray's `ray start`, through cluster.worker_node, which keeps the loopback bootstrap address as given.
     args = [sys.executable, "-m", "cluster.worker_node", "start", "--block",
             f"--address={_client_host(state.host)}:{state.ray_port}",
@@ -294,10 +295,8 @@ def _start_worker(state: ClusterState, env: dict[str, str], k: int, cpus: int, p
     elif state.host not in ("0.0.0.0", "::"):
         args.append(f"--node-ip-address={state.host}")
     # The raylet's own servers bind free ports themselves (Ray's default for a worker node); a port drawn here
-    # for them could be taken by an outgoing connection before the raylet binds it. The agents' defaults
-    # (52365, ...) are fixed and would collide with the head's or another node's, so they get drawn ports.
-    for flag in _WORKER_PORT_FLAGS:
-        args.append(f"--{flag}={ports.pop()}")
+    # for them could be taken by an outgoing connection before the raylet binds it. The agents get drawn ones.
+    args += [f"--{flag}={port}" for flag, port in zip(_AGENT_PORT_FLAGS, ports)]
     fd = os.open(Path(state.dir) / f"worker-{k}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -307,9 +306,8 @@ def _start_worker(state: ClusterState, env: dict[str, str], k: int, cpus: int, p
 
 def alive_nodes(state: ClusterState) -> list[dict]:
     """The cluster's live nodes as the head's state API lists them (node_id, node_ip, is_head_node, resources)."""
-    headers = {"Authorization": f"Bearer {_token(state)}"} if _token(state) else {}
-    request = urllib.request.Request(f"{state.address}/api/v0/nodes?limit=100&detail=1", headers=headers)
-    with urllib.request.urlopen(request, timeout=5) as response:
+    url = f"{state.address}/api/v0/nodes?limit=100&detail=1"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=_auth(_token(state))), timeout=5) as response:
         body = json.loads(response.read())
     nodes = body.get("data", {}).get("result", {}).get("result", [])
     return [n for n in nodes if n.get("state") == "ALIVE"]

@@ -103,12 +103,13 @@ def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: N
     # On a cluster whose head says so (`fragile cluster up`), the coordinator and the trials live on the head:
     # they only wait and count, and a worker node that is lost then takes only tasks with it, which Ray
     # retries elsewhere.
-    head = {HEAD_RESOURCE: HEAD_SHARE} if ray.cluster_resources().get(HEAD_RESOURCE) else {}
+    resources = ray.cluster_resources()
+    head = {HEAD_RESOURCE: HEAD_SHARE} if resources.get(HEAD_RESOURCE) else {}
     coord = CoordinatorActor.options(name=f"fragile-coordinator-{spec.experiment}-{int(time.time())}",
                                      resources=head).remote(
         store, spec.experiment, {c.config_id: c.methods for c in configs}, counts, len(configs), initial)
     datasets = {key: ray.put(data) for key, data in loaded.items()}  # put once, shared by every task
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = int(resources.get("CPU", 1))
     ctx = RunContext(store=store, configs={c.config_id: c for c in configs},
                      resources={k: v.ray_options() for k, v in spec.resources.items()}, coordinator=coord,
                      datasets=datasets, max_in_flight=max(2, 2 * cpus))

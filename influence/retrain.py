@@ -446,17 +446,22 @@ def retrain_batched(
     settings = dict(weight_decay=weight_decay, lr=lr, epochs=epochs, optimizer=optimizer, momentum=momentum,
                     schedule=schedule)
     if batch_size is None and isinstance(model, MLP):
-        return _retrain_stacked_mlp(model, theta0, x, y, weights, **settings)
+        return stacked_mlp_descent(model, theta0, x, y, weights, **settings)
     return _retrain_generic(model, theta0, x, y, weights, k=k, batch_size=batch_size, seed=seed, **settings)
 
 
-def _retrain_stacked_mlp(model: MLP, theta0, x, y, weights, *, weight_decay, lr, epochs, optimizer, momentum,
-                         schedule) -> torch.Tensor:
+def stacked_mlp_descent(model: MLP, theta0, x, y, weights, *, weight_decay, lr, epochs, optimizer, momentum,
+                        schedule, before_step: Callable[[int, StackedMLP], None] | None = None) -> torch.Tensor:
+    """Full-batch Adam or SGD on K stacked MLP copies (weights [K, n]) from θ0 for ``epochs`` steps, through the
+    hand-derived gradient of :class:`StackedMLP`; Θ [K, P] in the model's layout. ``before_step(step, stack)``,
+    if given, sees the parameters before each step (training reports its progress there)."""
     stack = StackedMLP(model, x, y, weights)
     stack.load(theta0)
     # The optimiser sees StackedMLP's layout, a permutation of θ's entries: fine, every update is elementwise.
     opt = optimizer_for(optimizer, stack.params, lr, momentum)
     for step in range(epochs):
+        if before_step is not None:
+            before_step(step, stack)
         grad = stack.grad()
         if weight_decay:
             grad.add_(stack.params, alpha=weight_decay)

@@ -22,7 +22,7 @@ import torch
 from influence.models import MLP, Model
 from influence.objective import objective, per_example_loss
 from influence.retrain import (GRAD_TOL, check_options, check_same_device, full_batch_or, minibatches, minimise_lbfgs,
-                               optimizer_for, scheduled_lr, steps_per_epoch)
+                               scheduled_lr, stacked_mlp_descent, steps_per_epoch)
 from influence.stacked import StackedMLP
 
 # progress is called about this many times over a run (every 1% of the epochs), and every epoch for short runs.
@@ -159,23 +159,20 @@ def _train_stacked_mlp(model: MLP, theta0: torch.Tensor, x: torch.Tensor, y: tor
                        lr: float, epochs: int, optimizer: str, momentum: float, schedule: str,
                        progress: Callable[[int, float], None] | None, start: float) -> TrainResult:
     """Full-batch MLP training through the hand-derived step that retraining uses (one stacked copy, weights
-    all one) and the optimisers' written-out updates: the same arithmetic as the autograd loop up to the order
-    of floating-point sums, several times faster for small networks (all per-step overhead). Progress reports R
-    before the reporting epoch's step, as the autograd loop does."""
-    stack = StackedMLP(model, x, y, torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device))
-    stack.load(theta0.detach())
-    opt = optimizer_for(optimizer, stack.params, lr, momentum)
+    all one; :func:`~influence.retrain.stacked_mlp_descent`): the same arithmetic as the autograd loop up to the
+    order of floating-point sums, several times faster for small networks (all per-step overhead). Progress
+    reports R before the reporting epoch's step, as the autograd loop does."""
     every = max(1, epochs // PROGRESS_CALLS)
-    for epoch in range(epochs):
-        if progress is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+
+    def report(step: int, stack: StackedMLP) -> None:
+        if (step + 1) % every == 0 or step + 1 == epochs:
             with torch.no_grad():
-                progress(epoch + 1, float(objective(model, stack.theta()[0], x, y, weight_decay)))
-        grad = stack.grad()
-        if weight_decay:
-            grad.add_(stack.params, alpha=weight_decay)
-        opt.lr = scheduled_lr(schedule, lr, epoch, epochs)
-        opt.update(grad)
-    theta = stack.theta()[0].requires_grad_(True)
+                progress(step + 1, float(objective(model, stack.theta()[0], x, y, weight_decay)))
+
+    theta = stacked_mlp_descent(model, theta0.detach(), x, y, torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device),
+                                weight_decay=weight_decay, lr=lr, epochs=epochs, optimizer=optimizer,
+                                momentum=momentum, schedule=schedule,
+                                before_step=None if progress is None else report)[0].requires_grad_(True)
     value, train_loss, grad_norm = _final_state(model, theta, x, y, weight_decay, None)
     return TrainResult(theta=theta.detach(), objective=value, train_loss=train_loss, grad_norm=grad_norm,
                        epochs=epochs, seconds=time.perf_counter() - start)

@@ -19,7 +19,7 @@ from dataclasses import fields
 import pyarrow as pa
 
 from jobs.figures import spearman_figure
-from jobs.spec import SWEEPABLE, Configuration, Spec
+from jobs.spec import RESOLVED_FIELDS, SWEEPABLE, Configuration, Spec
 from storage.query import connect
 from storage.tables import TABLES
 from storage.uri import Store
@@ -127,11 +127,9 @@ _CANDIDATES = tuple(a for a in SWEEPABLE if a != "seed")
 # repeat theirs; where it takes several values at one value of its sources, it was swept, and is an axis.
 _FOLLOWS = {"retrain_epochs": ("epochs", "retrain_start"), "retrain_lr": ("lr",)}
 # Fields that a Configuration may hold as None (batch_size None: full batch): there null is a value, and a sweep
-# over [null, 32] varies. In the other columns (the derived ones are resolved on construction) null only means
+# over [null, 32] varies. In the columns of RESOLVED_FIELDS (resolved on construction) null only means
 # "written before the column existed", and is not counted.
-# (optimizer and lr are None only until construction resolves them, like the derived fields.)
-_RESOLVED = {"optimizer", "lr"}
-_NULLABLE = frozenset(f.name for f in fields(Configuration) if "None" in str(f.type)) - set(_FOLLOWS) - _RESOLVED
+_NULLABLE = frozenset(f.name for f in fields(Configuration) if "None" in str(f.type)) - set(RESOLVED_FIELDS)
 
 
 def _distinct(a: str) -> str:

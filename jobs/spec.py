@@ -296,6 +296,8 @@ class Configuration:
 
 # The fields declared with later(), and the defaults they are left out at.
 _LATER_DEFAULTS = {f.name: f.default for f in fields(Configuration) if f.metadata.get("later")}
+# Fields that are None only until construction resolves them (Configuration.__post_init__): never null after.
+RESOLVED_FIELDS = ("optimizer", "lr", "retrain_epochs", "retrain_lr")
 # The fields declared with measurement(): never in the canonical JSON.
 _MEASUREMENTS = frozenset(f.name for f in fields(Configuration) if f.metadata.get("measurement"))
 

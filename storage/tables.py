@@ -61,6 +61,10 @@ def _key(name: str, type_: pa.DataType) -> pa.Field:
 _str, _f64, _i64, _bool = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 
 # Schemas WITHOUT config_id (it is the partition directory). One row per: see DESIGN.md, "The result tables".
+# The Ray node that computed a row (its id and address; null in inline runs and older parts): in the tables whose
+# rows tasks compute.
+_NODE_COLUMNS = (("node_id", _str), ("node_ip", _str))
+
 TABLES: dict[str, pa.Schema] = {
     "configs": pa.schema([
         _key("spec_hash", _str), ("version", _str), ("experiment", _str),
@@ -90,8 +94,7 @@ TABLES: dict[str, pa.Schema] = {
         ("checkpoint", _str), ("degenerate", _bool), ("degenerate_reason", _str), ("science", _str),
         # Whether θ̂ is a stationary point: grad_norm <= the configuration's grad_tol (null: no tolerance set).
         ("stationary", _bool),
-        # The Ray node that computed the row (its id and address; null in inline runs and older parts).
-        ("node_id", _str), ("node_ip", _str),
+        *_NODE_COLUMNS,
     ]),
     "test_points": pa.schema([
         _key("test_idx", _i64), ("loss", _f64), ("label", _i64), ("selection", _str), ("science", _str),
@@ -105,8 +108,7 @@ TABLES: dict[str, pa.Schema] = {
         ("diverged", _bool), ("seconds", _f64), ("science", _str),
         # ∇L(z_t)ᵀ (H + δI)⁻¹ ∇L(z_t): the test point's self-influence under this method (one per test point).
         ("self_influence", _f64),
-        # The Ray node that computed the row (its id and address; null in inline runs and older parts).
-        ("node_id", _str), ("node_ip", _str),
+        *_NODE_COLUMNS,
     ]),
     "retrain": pa.schema([
         # removed: a training index; negative = control replicate (-1 first control, -2 second, ...).
@@ -119,8 +121,7 @@ TABLES: dict[str, pa.Schema] = {
         # removals and their control of one replicate share it; replicate 0 (null in parts written before
         # replicates existed) is the protocol's first draw. grad_norm: ‖∇R₋ᵢ‖₂ of the retrained parameters.
         ("replicate", _i64), ("grad_norm", _f64),
-        # The Ray node that computed the row (its id and address; null in inline runs and older parts).
-        ("node_id", _str), ("node_ip", _str),
+        *_NODE_COLUMNS,
     ]),
     "stats": pa.schema([
         _key("method", _str), _key("test_idx", _i64), _key("snapshot", _i64), ("n", _i64),

@@ -35,6 +35,14 @@ def test_loopback_is_the_default_and_anything_else_warns():
         local.up(auth="none")
 
 
+@pytest.mark.parametrize("workers,cpus", [(-1, 1), (2, 0)])
+def test_a_bad_worker_count_is_one_message_before_anything_starts(tmp_path, workers, cpus):
+    with pytest.raises(local.ClusterError, match=rf"--workers must be >= 0 and --worker-cpus >= 1; got {workers} "
+                                                 rf"and {cpus}"):
+        local.up(tmp_path / "cluster", workers=workers, worker_cpus=cpus)
+    assert not (tmp_path / "cluster").exists()
+
+
 def test_the_shell_environment_carries_the_token_path_not_the_token(tmp_path):
     state = local.ClusterState(dir=str(tmp_path), ray_pid=1, ray_port=1, dashboard_port=8265, s3_pid=2,
                                s3_endpoint="http://127.0.0.1:8333", bucket="b", access_key="a", secret_key="s",
@@ -52,7 +60,7 @@ def test_a_state_file_from_an_older_version_still_loads(tmp_path):
            "region": "us-east-1"}
     (tmp_path / local.STATE_FILE).write_text(json.dumps(old))
     state = local.load_state(tmp_path)
-    assert state.host == "127.0.0.1" and state.cluster_id == ""
+    assert state.host == "127.0.0.1" and state.cluster_id == "" and state.worker_pids == []
 
 
 def test_task_errors_say_whether_another_attempt_may_help():
