@@ -92,6 +92,11 @@ class InverseHVP(ABC):
     name: str
     amortised: bool = False
     diagnostics: dict[str, Any]
+    # The attributes a fitted amortised solver solves from (tensors and plain values only): what `state()`
+    # saves and `restore_solver` sets back, so that a task other than the one that fitted it (a shard of the
+    # training set) can solve without fitting again. Empty: the solver cannot be moved (cg, lissa hold the
+    # curvature operator over the training data and solve from it).
+    _STATE: tuple[str, ...] = ()
 
     @abstractmethod
     def _solve(self, v: torch.Tensor) -> Solve:
@@ -121,6 +126,18 @@ class InverseHVP(ABC):
         """x = (C + δI)^{-1} v for v of shape [P] or [B, P]; NaN rows where the method diverged."""
         x = self.solve_with_info(v).x
         return x[0] if v.ndim == 1 else x
+
+    def state(self) -> dict[str, Any]:
+        """What this fitted solver solves from, as tensors and plain values (it loads with
+        ``torch.load(weights_only=True)``); :func:`restore_solver` makes a solver of it that gives the same
+        solutions. Only amortised solvers have one."""
+        if not self._STATE:
+            raise ValueError(f"{self.name} solves from the curvature operator over the training data; it has no "
+                             f"state to store")
+        return {"method": self.name, **{name: getattr(self, name) for name in self._STATE}}
+
+    def _restored(self, model: Any) -> None:
+        """What `restore_solver` rebuilds from the model after setting the stored attributes (nothing here)."""
 
 
 def check_damping(damping: float) -> float:
@@ -158,6 +175,8 @@ class ExactIHVP(InverseHVP):
 
     name = "exact"
     amortised = True
+    _STATE = ("_matrix", "_eigenvectors", "_inverse_eigenvalues", "min_eigenvalue", "top_eigenvalue",
+              "damping_used", "diagnostics")
 
     def __init__(self, H: torch.Tensor, *, damping: float = 0.0, damping_policy: str = "if_indefinite") -> None:
         check_damping_policy(damping_policy)  # before the O(P³) decomposition
@@ -200,6 +219,37 @@ def direct_solve_info(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return (torch.zeros(b, dtype=torch.int64, device=device),
             torch.full((b,), torch.nan, dtype=torch.float64, device=device),
             torch.zeros(b, dtype=torch.bool, device=device))
+
+
+def restore_solver(state: dict[str, Any], model: Any, device: torch.device | str | None = None) -> InverseHVP:
+    """The solver whose :meth:`InverseHVP.state` is ``state``, for the same ``model`` (the architecture: EK-FAC
+    maps its factors onto the model's layers), its tensors on ``device`` (default: where they are)."""
+    from influence.ihvp_ekfac import EkfacIHVP
+    from influence.ihvp_krylov import ArnoldiIHVP
+
+    classes = {c.name: c for c in (ExactIHVP, ArnoldiIHVP, EkfacIHVP)}
+    method = state.get("method")
+    if method not in classes:
+        raise ValueError(f"no stored solver state for method {method!r}; amortised methods: {', '.join(classes)}")
+    cls = classes[method]
+    missing = [name for name in cls._STATE if name not in state]
+    if missing:
+        raise ValueError(f"stored {method} solver state lacks {', '.join(missing)}")
+    solver = cls.__new__(cls)
+    for name in cls._STATE:
+        setattr(solver, name, _to_device(state[name], device))
+    solver._restored(model)
+    return solver
+
+
+def _to_device(value: Any, device: torch.device | str | None) -> Any:
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if type(value) in (list, tuple):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def make_solver(

@@ -78,6 +78,7 @@ class EkfacIHVP(InverseHVP):
 
     name = "ekfac"
     amortised = True
+    _STATE = ("damping", "shift", "factors", "diagonal_index", "diagonal", "diagnostics")
 
     def __init__(
         self,
@@ -130,6 +131,10 @@ class EkfacIHVP(InverseHVP):
             "diagonal_params": int(self.diagonal_index.numel()),
             "chunk_size": chunk_size,
         }
+
+    def _restored(self, model: Model) -> None:
+        self.model = model
+        self.layers = _check_layers(model)
 
     def _solve(self, v: torch.Tensor) -> Solve:
         b = v.shape[0]

@@ -179,6 +179,7 @@ class ArnoldiIHVP(InverseHVP):
 
     name = "arnoldi"
     amortised = True
+    _STATE = ("damping", "eigenvalues", "eigenvectors", "_inverse", "diagnostics")
 
     def __init__(
         self, op: Operator, *, damping: float = 0.0, rank: int = 20, iterations: int | None = None, seed: int = 0

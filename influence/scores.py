@@ -71,6 +71,63 @@ class Influence:
     diverged: torch.Tensor
 
 
+# eq=False, as for Influence.
+@dataclass(frozen=True, eq=False)
+class TestSolve:
+    """The solved half of the estimates of T test points: s_t = (H + δI)^{-1} ∇L(z_t) and how each solve went.
+
+    s_test: [T, P] float64 (NaN rows where diverged); test_loss, self_influence, iterations, residual,
+    diverged: [T], as in :class:`Influence`. With it, the estimates of any range of training points are a
+    product with their gradients (:func:`shard_estimates`): no solve, no pass over the other points.
+    """
+
+    s_test: torch.Tensor
+    test_loss: torch.Tensor
+    self_influence: torch.Tensor
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    diverged: torch.Tensor
+
+
+def solve_test_points(model: MLP, theta: torch.Tensor, data: Dataset, test_idx: Sequence[int], solver: InverseHVP,
+                      *, chunk_size: int = 1024) -> TestSolve:
+    """One block solve for the test points ``test_idx`` of ``data`` at θ̂ = ``theta`` (Koh & Liang's s_test)."""
+    _check_chunk(chunk_size)
+    test_idx = _check_indices(test_idx, data.n_test, "test_idx")
+    x_test, y_test = data.x_test[test_idx], data.y_test[test_idx]
+    test_grads = per_example_grads(model, theta, x_test, y_test, chunk_size)
+    solved = solver.solve_with_info(test_grads)  # NaN rows where diverged
+    with torch.no_grad():
+        test_loss = per_example_loss(model, theta, x_test, y_test)
+    return TestSolve(s_test=solved.x, test_loss=test_loss,
+                     self_influence=(solved.x * test_grads.to(solved.x.dtype)).sum(dim=1),
+                     iterations=solved.iterations, residual=solved.residual, diverged=solved.diverged)
+
+
+def shard_estimates(model: MLP, theta: torch.Tensor, data: Dataset, s_test: torch.Tensor, start: int, stop: int, *,
+                    dtheta_solver: InverseHVP | None = None,
+                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(estimate [T, stop − start], predicted_dtheta [stop − start]) for the training points start..stop−1:
+    estimate[t, j] = s_tᵀ ∇L(z_{start+j}) / n with n the size of the whole training set, the gradients streamed
+    ``chunk_size`` at a time. predicted_dtheta solves each training gradient with ``dtheta_solver`` (NaN when
+    it is None). Every estimate depends on its own pair only, so shards of any size tile
+    :func:`influence_estimates` to round-off."""
+    _check_chunk(chunk_size)
+    n = data.n_train
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
+        raise ValueError(f"a shard of training points must satisfy 0 <= start <= stop <= {n}; got {start}..{stop}")
+    estimate = torch.empty(s_test.shape[0], stop - start, dtype=s_test.dtype, device=s_test.device)
+    predicted_dtheta = torch.full((stop - start,), math.nan, dtype=s_test.dtype, device=s_test.device)
+    for first in range(start, stop, chunk_size):
+        last = min(first + chunk_size, stop)
+        grads = per_example_grads(model, theta, data.x_train[first:last], data.y_train[first:last], chunk_size)
+        grads = grads.to(s_test.dtype)
+        estimate[:, first - start:last - start] = (s_test @ grads.T) / n
+        if dtheta_solver is not None:
+            predicted_dtheta[first - start:last - start] = dtheta_solver.solve(grads).norm(dim=1) / n
+    return estimate, predicted_dtheta
+
+
 def influence_estimates(
     model: MLP,
     theta: torch.Tensor,
@@ -86,7 +143,9 @@ def influence_estimates(
     One solve for the test points, s_t = (H + δI)^{-1} ∇L(z_t) (Koh & Liang's s_test), then
     estimate[t, i] = s_tᵀ ∇L(z_i) / n with the training gradients streamed ``chunk_size`` at a time, so memory is
     O((T + chunk_size) · P), never n · P. Each estimate depends only on its own test and training point, so any
-    chunking, and any split of ``test_idx`` over calls, gives the same numbers.
+    chunking, and any split of ``test_idx`` over calls, gives the same numbers. The two halves are
+    :func:`solve_test_points` and :func:`shard_estimates` (which a cluster runs as tasks over shards of the
+    training set).
 
     ``dtheta``: the predicted ‖Δθ‖ needs a solve per *training* point. True computes it, False does not (NaN);
     None (default) computes it for solvers whose many-right-hand-side solves are cheap (``solver.amortised``:
@@ -94,35 +153,25 @@ def influence_estimates(
 
     Runs on the device of θ̂, ``data`` and the solver (one device for all three); the results stay there.
     """
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
-    test_idx = _check_indices(test_idx, data.n_test, "test_idx")
-    n = data.n_train
+    _check_chunk(chunk_size)
+    solved = solve_test_points(model, theta, data, test_idx, solver, chunk_size=chunk_size)
     want_dtheta = solver.amortised if dtheta is None else bool(dtheta)
-    x_test, y_test = data.x_test[test_idx], data.y_test[test_idx]
-    test_grads = per_example_grads(model, theta, x_test, y_test, chunk_size)
-    solved = solver.solve_with_info(test_grads)  # NaN rows where diverged
-    s_test = solved.x  # [T, P], float64
-    estimate = torch.empty(len(test_idx), n, dtype=s_test.dtype, device=s_test.device)
-    predicted_dtheta = torch.full((n,), math.nan, dtype=s_test.dtype, device=s_test.device)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        grads = per_example_grads(model, theta, data.x_train[start:stop], data.y_train[start:stop], chunk_size)
-        grads = grads.to(s_test.dtype)
-        estimate[:, start:stop] = (s_test @ grads.T) / n
-        if want_dtheta:
-            predicted_dtheta[start:stop] = solver.solve(grads).norm(dim=1) / n
-    with torch.no_grad():
-        test_loss = per_example_loss(model, theta, x_test, y_test)
+    estimate, predicted_dtheta = shard_estimates(model, theta, data, solved.s_test, 0, data.n_train,
+                                                 dtheta_solver=solver if want_dtheta else None, chunk_size=chunk_size)
     return Influence(
         estimate=estimate,
         predicted_dtheta=predicted_dtheta,
-        test_loss=test_loss,
-        self_influence=(s_test * test_grads.to(s_test.dtype)).sum(dim=1),
+        test_loss=solved.test_loss,
+        self_influence=solved.self_influence,
         iterations=solved.iterations,
         residual=solved.residual,
         diverged=solved.diverged,
     )
+
+
+def _check_chunk(chunk_size: object) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
 
 
 def _check_indices(indices: Sequence[int] | torch.Tensor, size: int, what: str) -> list[int]:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from jobs import plan, protocol, tasks
+from jobs import plan, protocol, shards, tasks
 from jobs.coordinator import Coordinator, read_train_parts
 from jobs.records import write_configs
 from jobs.runner import InlineRunner
@@ -67,11 +67,22 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
     coord.register(cid, cfg.methods, out.test_points, out.degenerate_reason, out.science, out.stationary)
     test_idx = [i for i, _ in out.test_points]
 
-    # 2. influence estimates per (method, chunk of test points)
-    _run_parts(runner, coord, store, cfg, ledger, "influence", [
-        (t.part, f"influence {cid} {t.part}",
-         (tasks.influence_task, store, cfg, data, theta, t.method, t.chunk, t.test_idx, out.damping))
-        for t in plan.influence_tasks(cfg, test_idx)], max_in_flight=max_in_flight)
+    # 2. influence estimates per (method, chunk of test points), or per shard of training points from a solve
+    #    per (method, chunk) stored once
+    sharded = plan.shard_tasks(cfg, test_idx, out.n_train)
+    if sharded:
+        n_shards = len(sharded) // len(plan.influence_tasks(cfg, test_idx))
+        _run_parts(runner, coord, store, cfg, ledger, "influence", [
+            (t.part, f"influence {cid} {t.part}",
+             (shards.shard_task, store, cfg, data, theta, t.method, t.chunk, t.shard, t.start, t.stop, t.test_idx,
+              out.damping, n_shards))
+            for t in sharded], max_in_flight=max_in_flight,
+            prepare=lambda parts: _solve(runner, coord, store, cfg, data, theta, out.damping, sharded, parts, max_in_flight))
+    else:
+        _run_parts(runner, coord, store, cfg, ledger, "influence", [
+            (t.part, f"influence {cid} {t.part}",
+             (tasks.influence_task, store, cfg, data, theta, t.method, t.chunk, t.test_idx, out.damping))
+            for t in plan.influence_tasks(cfg, test_idx)], max_in_flight=max_in_flight)
 
     # 3. which training points to retrain without (or, for group removal, which groups)
     inf = (tables.read_table(store, cfg.experiment, "influence", config_ids=[cid])
@@ -109,6 +120,29 @@ def resume_train(cfg: Configuration, store: Store, coord):
     return state["theta"], protocol.train_output(cfg, models.to_pydict(), tp.to_pydict())
 
 
+def _solve(runner, coord, store: Store, cfg: Configuration, data, theta, damping: float, sharded: list, pending: list[str],
+           max_in_flight: int) -> None:
+    """Make sure the stored solve of every (method, chunk) whose shards are `pending` is there (each solve
+    counted as an influence task; one that a landed shard came from, as skipped)."""
+    cid = cfg.config_id
+    needed = {t.solve: t for t in sharded if t.part in set(pending)}
+    for solve in sorted({t.solve for t in sharded} - set(needed)):
+        coord.task_done("influence", skipped=True, key=plan.task_key(cid, protocol.solve_task_part(solve)))
+    queue, in_flight = list(needed.values()), {}
+    while queue or in_flight:
+        while queue and len(in_flight) < max_in_flight:
+            t = queue.pop(0)
+            in_flight[runner.submit("influence", f"influence {cid} {protocol.solve_task_part(t.solve)}",
+                                    shards.solve_task, store, cfg, data, theta, t.method, t.chunk,
+                                    t.test_idx, damping)] = t.solve
+        ready = runner.wait(list(in_flight))
+        solve = in_flight.pop(ready)
+        _, reused, notice = _get(runner, coord, "influence", ready)
+        if notice:
+            coord.notice(notice)
+        coord.task_done("influence", skipped=reused, key=plan.task_key(cid, protocol.solve_task_part(solve)))
+
+
 def _get(runner, coord, kind: str, handle):
     """A task's result; a failed task is also counted by the coordinator (and so on the dashboard)."""
     try:
@@ -120,10 +154,11 @@ def _get(runner, coord, kind: str, handle):
 
 def _run_parts(runner, coord, store: Store, cfg: Configuration, ledger: Ledger, table: str,
                work: list[tuple[str, str, tuple]], on_stats: Callable[[dict], None] | None = None,
-               max_in_flight: int = 8) -> None:
+               max_in_flight: int = 8, prepare: Callable[[list[str]], None] | None = None) -> None:
     """Submit the parts the ledger lacks (at most `max_in_flight` at once) and announce every part, landed
     before or now, to the coordinator as it becomes available. A landed part that cannot be read is set
-    aside by the coordinator and computed again. `work`: (part, task name, (body, *args)) per part."""
+    aside by the coordinator and computed again. `work`: (part, task name, (body, *args)) per part;
+    `prepare` gets the names of the parts to compute before the first is submitted (what they need first)."""
     cid = cfg.config_id
 
     def announce(part: str, path: str, skipped: bool) -> str | None:
@@ -140,6 +175,8 @@ def _run_parts(runner, coord, store: Store, cfg: Configuration, ledger: Ledger, 
     pending = [(part, name, call) for part, name, call in work
                if not ledger.done(table, cid, part)
                or announce(part, tables.part_path(store, cfg.experiment, table, cid, part), skipped=True)]
+    if prepare is not None:
+        prepare([part for part, _, _ in pending])
     in_flight: dict = {}
     while pending or in_flight:
         while pending and len(in_flight) < max_in_flight:

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from jobs.protocol import FINAL_PART, MODEL_PART, TEST_POINTS_PART, influence_part, retrain_part
+from jobs.protocol import (FINAL_PART, MODEL_PART, TEST_POINTS_PART, influence_part, retrain_part, shard_part,
+                           solve_of, solve_task_part, train_shards)
 from jobs.spec import Configuration
 from storage.ledger import Ledger
 
@@ -31,6 +32,26 @@ class InfluenceTask:
 
 
 @dataclass(frozen=True)
+class ShardTask:
+    """The estimates of one method's chunk of test points over the training points start..stop-1, from the
+    solve named `solve` (stored once, shared by the chunk's shards)."""
+    method: str
+    chunk: int
+    test_idx: list[int]
+    shard: int
+    start: int
+    stop: int
+
+    @property
+    def part(self) -> str:
+        return shard_part(self.method, self.chunk, self.shard)
+
+    @property
+    def solve(self) -> str:
+        return influence_part(self.method, self.chunk)
+
+
+@dataclass(frozen=True)
 class RetrainTask:
     chunk: int
     removed: list[int]
@@ -45,6 +66,16 @@ def influence_tasks(cfg: Configuration, test_idx: list[int]) -> list[InfluenceTa
     # Exact solves factor the Hessian once per task, so on small models one task per method is cheapest; on a
     # cluster the chunks (influence.test_chunk test points each) spread the test points over workers.
     return [InfluenceTask(m, k, c) for m in cfg.methods for k, c in enumerate(chunks(test_idx, cfg.test_chunk))]
+
+
+def shard_tasks(cfg: Configuration, test_idx: list[int], n_train: int) -> list[ShardTask]:
+    """With `influence.train_shard` set: one task per (method, chunk of test points, shard of training points),
+    chunk by chunk (so a chunk's shards follow its solve); [] when it is unset."""
+    shards = train_shards(cfg, n_train)
+    if shards is None:
+        return []
+    return [ShardTask(t.method, t.chunk, t.test_idx, k, start, stop)
+            for t in influence_tasks(cfg, test_idx) for k, (start, stop) in enumerate(shards)]
 
 
 def retrain_tasks(cfg: Configuration, removed: list[int]) -> list[RetrainTask]:
@@ -70,11 +101,15 @@ def removal_count(cfg: Configuration, n_train: int) -> int:
 
 def task_counts(configs: list[Configuration], n_train_of: Callable[[Configuration], int]) -> dict[str, int]:
     """Tasks per kind for a set of configurations: one train task each (it reuses a stored checkpoint of an
-    identical base model), one influence task per method and chunk of test points, one retrain task per
-    chunk of removals and replicate."""
+    identical base model), one influence task per method and chunk of test points (sharded: its solve and
+    one task per shard of training points), one retrain task per chunk of removals and replicate."""
+    def influence(c: Configuration) -> int:
+        shards = train_shards(c, n_train_of(c))
+        return len(c.methods) * math.ceil(n_test_points(c) / c.test_chunk) * (1 if shards is None else 1 + len(shards))
+
     return {
         "train": len(configs),
-        "influence": sum(len(c.methods) * math.ceil(n_test_points(c) / c.test_chunk) for c in configs),
+        "influence": sum(influence(c) for c in configs),
         "retrain": sum(c.replicates * math.ceil(removal_count(c, n_train_of(c)) / c.retrain_chunk)
                        for c in configs),
     }
@@ -96,9 +131,12 @@ def task_key(config_id: str, part: str | None = None) -> str:
 
 
 def landed_task_keys(ledger: Ledger, config_id: str) -> dict[str, list[str]]:
-    """The tasks of each kind whose parts a configuration holds in the store, by key."""
+    """The tasks of each kind whose parts a configuration holds in the store, by key (a sharded chunk's solve
+    counts as done once one of its shards landed: a shard is computed from the stored solve)."""
+    parts = ledger.parts("influence", config_id)
+    solves = sorted({solve_task_part(s) for s in map(solve_of, parts) if s is not None})
     return {"train": [task_key(config_id)] if ledger.done("models", config_id, MODEL_PART) else [],
-            "influence": [task_key(config_id, p) for p in ledger.parts("influence", config_id)],
+            "influence": [task_key(config_id, p) for p in [*parts, *solves]],
             "retrain": [task_key(config_id, p) for p in ledger.parts("retrain", config_id)]}
 
 

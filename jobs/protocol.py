@@ -34,8 +34,33 @@ FINAL_PART = "final"  # stats: written once every task landed; what resume looks
 
 
 def influence_part(method: str, chunk: int) -> str:
-    """The influence part of one method and chunk of test points."""
+    """The influence part of one method and chunk of test points (and, sharded, the name of their solve)."""
     return f"{method}-{chunk:03d}"
+
+
+def shard_part(method: str, chunk: int, shard: int) -> str:
+    """The influence part of one method, chunk of test points and shard of training points."""
+    return f"{influence_part(method, chunk)}-s{shard:04d}"
+
+
+def solve_of(part: str) -> str | None:
+    """The solve a sharded influence part's estimates come from (`shard_part` -> `influence_part`); None for
+    an influence part that is not a shard."""
+    head, sep, tail = part.rpartition("-s")
+    return head if sep and len(tail) == 4 and tail.isdigit() else None
+
+
+def solve_task_part(solve: str) -> str:
+    """The name a solve is counted under as a task (it writes an `ihvp` artifact, not a part)."""
+    return f"{solve}-solve"
+
+
+def train_shards(cfg: Configuration, n_train: int) -> list[tuple[int, int]] | None:
+    """The ranges [start, stop) of training points of the influence tasks, or None when one task per (method,
+    chunk of test points) covers every training point (`influence.train_shard` unset)."""
+    if cfg.train_shard is None:
+        return None
+    return [(start, min(start + cfg.train_shard, n_train)) for start in range(0, n_train, cfg.train_shard)]
 
 
 def retrain_part(chunk: int, replicate: int = 0) -> str:

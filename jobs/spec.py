@@ -72,6 +72,7 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "solvers": lambda k, v: v,  # checked against the methods in __post_init__
     "test_chunk": lambda k, v: _int(k, v, 1),
     "grad_chunk": lambda k, v: _int(k, v, 1),
+    "train_shard": _optional(lambda k, v: _int(k, v, 1)),
     "damping": lambda k, v: _number(k, v, lambda x: x >= 0, _NON_NEGATIVE),
     "damping_policy": lambda k, v: _choice(k, v, DAMPING_POLICIES),
     "test_points": check_test_points,
@@ -173,6 +174,10 @@ class Configuration:
     solvers: object = ()
     test_chunk: int = 16  # test points per influence task
     grad_chunk: int = 1024  # training gradients held at once: peak memory is grad_chunk x parameters
+    # training points per influence task (None: every training point in the task that solves): with a shard
+    # size, each (method, chunk of test points) is solved once into a stored `ihvp` artifact and its estimates
+    # are tasks over shards of the training set
+    train_shard: int | None = later(None)
     test_points: tuple[TestPointRule, ...] = _DEFAULT_TEST_POINTS
     # ground truth (warm-started retraining)
     removals: tuple[RemovalRule, ...] = (RemovalRule("all"),)
@@ -348,7 +353,7 @@ _SECTIONS = {
               "seed": "seed", "momentum": "momentum", "batch_size": "batch_size", "schedule": "schedule",
               "mixed_precision": "mixed_precision", "dtype": "dtype", "grad_tol": "grad_tol"},
     "influence": {"methods": "methods", "damping": "damping", "damping_policy": "damping_policy",
-                  "test_chunk": "test_chunk", "grad_chunk": "grad_chunk"},
+                  "test_chunk": "test_chunk", "grad_chunk": "grad_chunk", "train_shard": "train_shard"},
     "ground_truth": {"removals": "removals", "start": "retrain_start", "epochs": "retrain_epochs", "lr": "retrain_lr",
                      "controls": "controls", "perturbation": "perturbation", "chunk": "retrain_chunk",
                      "replicates": "replicates"},

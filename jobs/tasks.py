@@ -302,25 +302,33 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
         inf = influence_estimates(model, theta, data, test_idx, solver, chunk_size=cfg.grad_chunk)
         _synchronize(device)
         seconds = time.perf_counter() - start
-        T, n = inf.estimate.shape
-        per_test = lambda t: np.repeat(t.cpu().numpy(), n)  # noqa: E731 - one value per test point, on each row
-        rows = {
-            "method": [method] * (T * n),
-            "test_idx": np.repeat(np.asarray(test_idx, dtype=np.int64), n),
-            "train_idx": np.tile(np.arange(n, dtype=np.int64), T),
-            "estimate": inf.estimate.reshape(-1).cpu().numpy(),
-            "predicted_dtheta": np.tile(inf.predicted_dtheta.cpu().numpy(), T),
-            "damping": [damping] * (T * n),
-            "iterations": per_test(inf.iterations),
-            "residual": per_test(inf.residual),
-            "diverged": per_test(inf.diverged),
-            "seconds": [seconds / max(T, 1)] * (T * n),
-            "science": [SCIENCE] * (T * n),
-            "self_influence": per_test(inf.self_influence),
-        } | node_columns(T * n)
+        rows = influence_rows(method, test_idx, 0, inf.estimate, inf.predicted_dtheta, damping, inf, seconds)
         return tables.write_part(store, cfg.experiment, "influence", cfg.config_id, part, rows)
     except Exception as exc:  # noqa: BLE001
         raise task_error(f"influence/{cfg.config_id}/{part}", where, exc) from exc
+
+
+def influence_rows(method: str, test_idx: list[int], start: int, estimate: torch.Tensor,
+                   predicted_dtheta: torch.Tensor, damping: float, solved, seconds: float) -> dict:
+    """The `influence` rows of estimate [T, m] (training points start..start+m-1) of the test points `test_idx`,
+    with the solve facts of `solved` (iterations, residual, diverged, self_influence: [T]) on each of a test
+    point's rows; `seconds` is the task's time, spread over its test points."""
+    T, n = estimate.shape
+    per_test = lambda t: np.repeat(t.cpu().numpy(), n)  # noqa: E731 - one value per test point, on each row
+    return {
+        "method": [method] * (T * n),
+        "test_idx": np.repeat(np.asarray(test_idx, dtype=np.int64), n),
+        "train_idx": np.tile(np.arange(start, start + n, dtype=np.int64), T),
+        "estimate": estimate.reshape(-1).cpu().numpy(),
+        "predicted_dtheta": np.tile(predicted_dtheta.cpu().numpy(), T),
+        "damping": [damping] * (T * n),
+        "iterations": per_test(solved.iterations),
+        "residual": per_test(solved.residual),
+        "diverged": per_test(solved.diverged),
+        "seconds": [seconds / max(T, 1)] * (T * n),
+        "science": [SCIENCE] * (T * n),
+        "self_influence": per_test(solved.self_influence),
+    } | node_columns(T * n)
 
 
 def retrain_base(cfg: Configuration, theta: torch.Tensor, model) -> torch.Tensor:

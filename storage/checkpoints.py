@@ -1,4 +1,5 @@
-"""Model weights in the store: ``<root>/<experiment>/checkpoints/<model_key>.pt``.
+"""Model weights in the store: ``<root>/<experiment>/checkpoints/<model_key>.pt``; and beside them the solved
+inverse-HVP vectors of sharded influence: ``<root>/<experiment>/ihvp/<config_id>/<part>.pt``.
 
 A checkpoint is a dict (tensors plus metadata such as the configuration) serialised with ``torch.save``
 into memory and written atomically through ``pyarrow.fs``, like a table part: a reader never loads half a
@@ -15,10 +16,12 @@ import torch
 from .tables import TABLES, CorruptPart
 from .uri import Store, StoreError, check_name, is_file, read_bytes, write_atomic
 
-__all__ = ["CHECKPOINTS", "checkpoint_path", "save_checkpoint", "load_checkpoint", "checkpoint_exists"]
+__all__ = ["CHECKPOINTS", "IHVP", "checkpoint_path", "save_checkpoint", "load_checkpoint", "checkpoint_exists",
+           "ihvp_path", "save_state", "load_state"]
 
 CHECKPOINTS = "checkpoints"
-assert CHECKPOINTS not in TABLES  # the folder would otherwise be read as a table
+IHVP = "ihvp"
+assert CHECKPOINTS not in TABLES and IHVP not in TABLES  # the folders would otherwise be read as tables
 
 _SUFFIX = ".pt"
 
@@ -30,14 +33,25 @@ def checkpoint_path(store: Store, experiment: str, model_key: str) -> str:
     return store.path(experiment, CHECKPOINTS, model_key + _SUFFIX)
 
 
+def ihvp_path(store: Store, experiment: str, config_id: str, part: str) -> str:
+    """``<root>/<experiment>/ihvp/<config_id>/<part>.pt``: the s_t of one influence part's test points."""
+    for what, name in (("experiment", experiment), ("config_id", config_id), ("part", part)):
+        check_name(what, name)
+    return store.path(experiment, IHVP, config_id, part + _SUFFIX)
+
+
 def save_checkpoint(store: Store, experiment: str, model_key: str, state: dict[str, Any]) -> str:
     """Save ``state`` (e.g. ``{"params": {...tensors}, "config": {...}}``) atomically; return its path.
 
     Tensors are moved to the CPU first so that a checkpoint written on a GPU worker loads anywhere.
     """
+    return save_state(store, checkpoint_path(store, experiment, model_key), state, f"checkpoint {model_key!r}")
+
+
+def save_state(store: Store, path: str, state: dict[str, Any], what: str) -> str:
+    """``state`` (tensors and plain values) saved atomically at ``path``, its tensors on the CPU; returns the path."""
     if not isinstance(state, dict):
-        raise StoreError(f"checkpoint {model_key!r}: state must be a dict, got {type(state).__name__}")
-    path = checkpoint_path(store, experiment, model_key)
+        raise StoreError(f"{what}: state must be a dict, got {type(state).__name__}")
     buffer = io.BytesIO()
     torch.save(_to_cpu(state), buffer)
     return write_atomic(store, path, buffer.getvalue())
@@ -51,7 +65,11 @@ def load_checkpoint(store: Store, experiment: str, model_key: str, *,
     plain Python values only (dicts, lists, str, numbers), never pickled objects. A file that cannot be
     loaded raises ``CorruptPart`` (the caller sets it aside and trains again).
     """
-    path = checkpoint_path(store, experiment, model_key)
+    return load_state(store, checkpoint_path(store, experiment, model_key), map_location=map_location)
+
+
+def load_state(store: Store, path: str, *, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """What :func:`save_state` wrote at ``path`` (None when nothing is there), as :func:`load_checkpoint` loads."""
     data = read_bytes(store, path)
     if data is None:
         return None

@@ -290,7 +290,10 @@ def test_sharded_equals_unsharded(iris, monkeypatch, method, settings):
     assert torch.allclose(split, whole.estimate, rtol=0, atol=tol * scale)
     assert torch.allclose(chunked.predicted_dtheta, whole.predicted_dtheta, rtol=100 * tol, atol=0)
     assert torch.isnan(first.predicted_dtheta).all()
-    assert torch.equal(torch.cat([first.iterations, second.iterations]), whole.iterations)
+    # CG stops where the residual crosses its tolerance, and a residual at the tolerance moves with the last bit
+    # of a gradient: a row may take one iteration more or less (seen here: 31 against 32).
+    steps = torch.cat([first.iterations, second.iterations]) - whole.iterations
+    assert int(steps.abs().max()) <= (1 if method == "cg" else 0)
     residual = torch.cat([first.residual, second.residual])
     if method == "cg":  # a residual at the tolerance is round-off itself
         assert float(residual.max()) <= 1e-8 and float(whole.residual.max()) <= 1e-8
