@@ -23,12 +23,12 @@ import time
 import torch
 
 from influence.data import Dataset
-from influence.ihvp import make_solver, restore_solver
+from influence.ihvp import restore_solver
 from influence.scores import TestSolve, shard_estimates, solve_test_points
 from jobs import protocol
 from jobs.science import SCIENCE
 from jobs.spec import Configuration
-from jobs.tasks import CPU, _synchronize, influence_rows, model_for, task_error
+from jobs.tasks import CPU, _synchronize, fitted_solver, influence_rows, model_for, task_error
 from storage import tables
 from storage.checkpoints import ihvp_path, load_state, save_state
 from storage.uri import Store
@@ -48,10 +48,7 @@ def solve_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Ten
         if found is not None:
             return where, True, None
         start = time.perf_counter()
-        data, theta = data.to(device), theta.to(device)
-        model = model_for(cfg, data)
-        settings = protocol.solver_settings(cfg, method, damping)
-        solver = make_solver(method, model, theta, data.x_train, data.y_train, cfg.weight_decay, **settings)
+        data, theta, model, solver = fitted_solver(cfg, data, theta, method, damping, device)
         solved = solve_test_points(model, theta, data, test_idx, solver, chunk_size=cfg.grad_chunk)
         _synchronize(device)
         state = {name: getattr(solved, name) for name in _SOLVE_FIELDS} | {

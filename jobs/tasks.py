@@ -287,6 +287,16 @@ def _progress(cfg: Configuration):
     return report
 
 
+def fitted_solver(cfg: Configuration, data: Dataset, theta: torch.Tensor, method: str, damping: float,
+                  device: torch.device):
+    """(data, θ̂ on `device`, the model, `method`'s solver fitted on the whole training set with δ = `damping`)."""
+    data, theta = data.to(device), theta.to(device)
+    model = model_for(cfg, data)
+    settings = protocol.solver_settings(cfg, method, damping)
+    return data, theta, model, make_solver(method, model, theta, data.x_train, data.y_train, cfg.weight_decay,
+                                           **settings)
+
+
 def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Tensor, method: str,
                    chunk: int, test_idx: list[int], damping: float, device: torch.device = CPU) -> str:
     """Estimates of `method` for every (test point in this chunk, training point) with δ = `damping`;
@@ -295,10 +305,7 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
     where = tables.part_path(store, cfg.experiment, "influence", cfg.config_id, part)
     try:
         start = time.perf_counter()
-        data, theta = data.to(device), theta.to(device)
-        model = model_for(cfg, data)
-        settings = protocol.solver_settings(cfg, method, damping)
-        solver = make_solver(method, model, theta, data.x_train, data.y_train, cfg.weight_decay, **settings)
+        data, theta, model, solver = fitted_solver(cfg, data, theta, method, damping, device)
         inf = influence_estimates(model, theta, data, test_idx, solver, chunk_size=cfg.grad_chunk)
         _synchronize(device)
         seconds = time.perf_counter() - start
