@@ -71,7 +71,7 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
     #    per (method, chunk) stored once
     sharded = plan.shard_tasks(cfg, test_idx, out.n_train)
     if sharded:
-        n_shards = len(sharded) // len(plan.influence_tasks(cfg, test_idx))
+        n_shards = len(protocol.train_shards(cfg, out.n_train))
         _run_parts(runner, coord, store, cfg, ledger, "influence", [
             (t.part, f"influence {cid} {t.part}",
              (shards.shard_task, store, cfg, data, theta, t.method, t.chunk, t.shard, t.start, t.stop, t.test_idx,
@@ -125,22 +125,30 @@ def _solve(runner, coord, store: Store, cfg: Configuration, data, theta, damping
     """Make sure the stored solve of every (method, chunk) whose shards are `pending` is there (each solve
     counted as an influence task; one that a landed shard came from, as skipped)."""
     cid = cfg.config_id
-    needed = {t.solve: t for t in sharded if t.part in set(pending)}
+    pending_parts = set(pending)
+    needed = {t.solve: t for t in sharded if t.part in pending_parts}
     for solve in sorted({t.solve for t in sharded} - set(needed)):
         coord.task_done("influence", skipped=True, key=plan.task_key(cid, protocol.solve_task_part(solve)))
-    queue, in_flight = list(needed.values()), {}
-    while queue or in_flight:
-        while queue and len(in_flight) < max_in_flight:
-            t = queue.pop(0)
-            in_flight[runner.submit("influence", f"influence {cid} {protocol.solve_task_part(t.solve)}",
-                                    shards.solve_task, store, cfg, data, theta, t.method, t.chunk,
-                                    t.test_idx, damping)] = t.solve
-        ready = runner.wait(list(in_flight))
-        solve = in_flight.pop(ready)
-        _, reused, notice = _get(runner, coord, "influence", ready)
+    work = [(t.solve, f"influence {cid} {protocol.solve_task_part(t.solve)}",
+             (shards.solve_task, store, cfg, data, theta, t.method, t.chunk, t.test_idx, damping))
+            for t in needed.values()]
+    for solve, (_, reused, notice) in _bounded(runner, coord, "influence", work, max_in_flight):
         if notice:
             coord.notice(notice)
         coord.task_done("influence", skipped=reused, key=plan.task_key(cid, protocol.solve_task_part(solve)))
+
+
+def _bounded(runner, coord, kind: str, work: list[tuple[str, str, tuple]], max_in_flight: int):
+    """Submit (key, task name, (body, *args)) of `work`, at most `max_in_flight` at once; yield (key, result)
+    of each as it finishes."""
+    pending, in_flight = list(work), {}
+    while pending or in_flight:
+        while pending and len(in_flight) < max_in_flight:
+            key, name, call = pending.pop(0)
+            in_flight[runner.submit(kind, name, *call)] = key
+        ready = runner.wait(list(in_flight))
+        key = in_flight.pop(ready)
+        yield key, _get(runner, coord, kind, ready)
 
 
 def _get(runner, coord, kind: str, handle):
@@ -177,14 +185,7 @@ def _run_parts(runner, coord, store: Store, cfg: Configuration, ledger: Ledger, 
                or announce(part, tables.part_path(store, cfg.experiment, table, cid, part), skipped=True)]
     if prepare is not None:
         prepare([part for part, _, _ in pending])
-    in_flight: dict = {}
-    while pending or in_flight:
-        while pending and len(in_flight) < max_in_flight:
-            part, name, call = pending.pop(0)
-            in_flight[runner.submit(table, name, *call)] = part
-        ready = runner.wait(list(in_flight))
-        part = in_flight.pop(ready)
-        path = _get(runner, coord, table, ready)
+    for part, path in _bounded(runner, coord, table, pending, max_in_flight):
         set_aside = announce(part, path, skipped=False)
         if set_aside:  # written a moment ago and already unreadable: not a file to compute again
             coord.task_failed(table)
