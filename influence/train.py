@@ -21,8 +21,9 @@ import torch
 
 from influence.models import MLP, Model
 from influence.objective import objective, per_example_loss
-from influence.retrain import (GRAD_TOL, check_options, check_same_device, full_batch_or, minibatches, minimise_lbfgs,
-                               scheduled_lr, stacked_mlp_descent, steps_per_epoch)
+from influence.lbfgs import GRAD_TOL, minimise_lbfgs
+from influence.retrain import (check_options, check_same_device, full_batch_or, minibatches, scheduled_lr,
+                               stacked_mlp_descent, steps_per_epoch)
 from influence.stacked import StackedMLP
 
 # progress is called about this many times over a run (every 1% of the epochs), and every epoch for short runs.
@@ -82,7 +83,7 @@ def train(
     objective over that epoch (for the full batch: R before the epoch's step).
 
     ``optimizer="lbfgs"``: ``torch.optim.LBFGS`` with a strong-Wolfe line search on the full-batch R, in the
-    data's dtype (see :func:`~influence.retrain.minimise_lbfgs`). An epoch is one iteration (one direction and
+    data's dtype (see :func:`~influence.lbfgs.minimise_lbfgs`). An epoch is one iteration (one direction and
     its line search): ``epochs`` caps them, and the run stops earlier once ‖∇R‖₂ <= ``grad_tol`` or no
     useful step is left (where the line search stalls at R's round-off, unit steps polish ∇R further).
     ``lr`` is the line search's first trial step (1.0 is the natural value).

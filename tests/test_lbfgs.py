@@ -13,7 +13,8 @@ import torch
 from influence.data import load_dataset
 from influence.models import MLP, build_model
 from influence.objective import objective
-from influence.retrain import GRAD_TOL, objective_grad_norms, removal_weights, retrain_batched, retrain_loop
+from influence.lbfgs import GRAD_TOL
+from influence.retrain import objective_grad_norms, removal_weights, retrain_batched, retrain_loop
 from influence.train import train
 
 WEIGHT_DECAY = 0.01
