@@ -30,6 +30,7 @@ LBFGS_SCALE: float = 2.0**30
 LBFGS_POLISH_ULPS: int = 64
 LBFGS_POLISH_PATIENCE: int = 10
 
+
 # eq=False: the generated __eq__/__hash__ would compare tensors elementwise and fail; identity is right.
 @dataclass(frozen=True, eq=False)
 class LbfgsRun:

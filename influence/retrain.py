@@ -39,9 +39,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from influence.lbfgs import GRAD_TOL, minimise_lbfgs
 from influence.models import MLP, Model
 from influence.objective import objective, per_example_loss
-from influence.lbfgs import GRAD_TOL, minimise_lbfgs
 from influence.stacked import StackedMLP
 
 # torch.optim.Adam's defaults; the hand-written retraining step uses the same constants so the two agree.
@@ -414,8 +414,8 @@ def retrain_loop(
     Deliberately the plain way: ``torch.autograd`` through :func:`~influence.objective.objective` (L2 term
     included) and ``model.forward`` on each minibatch x[idx], so that agreement with :func:`retrain_batched`
     checks the stacked computations against the definitions. Only the optimiser update is shared (same math,
-    so the two agree to round-off). ``"lbfgs"``: one :func:`~influence.lbfgs.minimise_lbfgs` run per copy on the full batch, at
-    most ``epochs`` iterations, stopping at ‖∇R(θ; w_k)‖₂ <= ``grad_tol`` (ignored by adam and sgd).
+    so the two agree to round-off). ``"lbfgs"``: one :func:`~influence.lbfgs.minimise_lbfgs` run per copy on the
+    full batch, at most ``epochs`` iterations, stopping at ‖∇R(θ; w_k)‖₂ <= ``grad_tol`` (ignored by adam and sgd).
     """
     k = _check_retrain_args(model, theta0, x, weights)
     check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs,

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from influence.lbfgs import GRAD_TOL, minimise_lbfgs
 from influence.models import MLP, Model
 from influence.objective import objective, per_example_loss
-from influence.lbfgs import GRAD_TOL, minimise_lbfgs
 from influence.retrain import (check_options, check_same_device, full_batch_or, minibatches, scheduled_lr,
                                stacked_mlp_descent, steps_per_epoch)
 from influence.stacked import StackedMLP

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from influence.data import load_dataset
+from influence.lbfgs import GRAD_TOL
 from influence.models import MLP, build_model
 from influence.objective import objective
-from influence.lbfgs import GRAD_TOL
 from influence.retrain import objective_grad_norms, removal_weights, retrain_batched, retrain_loop
 from influence.train import train
 
