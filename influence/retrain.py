@@ -29,6 +29,14 @@ R_B(θ; w) = (1/|B|) Σ_{i∈B} w_i L(z_i, θ) + (λ/2)‖θ‖², so the full b
 the objective's L2 term (gradient λθ), never an optimiser's decoupled decay: the trained θ̂ is then a stationary
 point of the R that the influence function differentiates.
 
+Progress. A long retrain (a ResNet group retrain, hours on a preemptible GPU) may be given a
+:class:`Progress`: every ``progress.every`` optimiser steps (and once at the end) it receives the run's whole
+state (parameters, optimiser buffers and step count, and for :func:`retrain_loop` the rows already done), and a
+run given a progress that holds a state continues from it. The minibatch order of every epoch is a function of
+(seed, epoch) alone and the learning rate of the step count alone, so a resumed run takes exactly the steps the
+uninterrupted one would have taken: the two results are equal, not merely close. L-BFGS runs are not resumable
+(their curvature pairs and line search are not part of the state); they are refused a progress.
+
 Devices: everything runs where the data x is (CPU or CUDA) and in its dtype; θ0 must be there too.
 """
 
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -246,6 +255,16 @@ class _Adam:
         torch.sqrt(self._exp_avg_sq, out=self._denom).div_(math.sqrt(1.0 - beta2**self.step)).add_(ADAM_EPS)
         self.param.addcdiv_(self._exp_avg, self._denom, value=-self.lr / (1.0 - beta1**self.step))
 
+    def state(self) -> dict:
+        """Copies of what the next update depends on besides the parameter: the step count and both moments."""
+        return {"step": self.step, "exp_avg": self._exp_avg.clone(), "exp_avg_sq": self._exp_avg_sq.clone()}
+
+    def load(self, state: dict) -> None:
+        """Continue from :meth:`state`'s result (copied into the buffers, which stay where they are)."""
+        self.step = int(state["step"])
+        self._exp_avg.copy_(state["exp_avg"])
+        self._exp_avg_sq.copy_(state["exp_avg_sq"])
+
 
 class _SGD:
     """SGD with (heavy-ball) momentum for one tensor, in place: ``torch.optim.SGD``'s single-tensor arithmetic
@@ -269,10 +288,65 @@ class _SGD:
         self.step += 1
         self.param.add_(grad, alpha=-self.lr)
 
+    def state(self) -> dict:
+        """Copies of the step count and the momentum buffer (None without momentum)."""
+        return {"step": self.step, "buf": None if self._buf is None else self._buf.clone()}
+
+    def load(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if self._buf is not None:
+            self._buf.copy_(state["buf"])
+
 
 def optimizer_for(optimizer: str, param: torch.Tensor, lr: float, momentum: float) -> _Adam | _SGD:
     """The written-out update of ``optimizer`` (\"adam\" or \"sgd\") for ``param``, in place."""
     return _Adam(param, lr) if optimizer == "adam" else _SGD(param, lr, momentum)
+
+
+# ---- progress of a long retrain -----------------------------------------------------------------------------------
+
+
+class Progress(Protocol):
+    """Where a retrain keeps its state between an interruption and its rerun (the jobs layer backs it with a
+    file in the store). ``every``: optimiser steps between saves. ``load()``: the state last saved, or None to
+    start from the beginning. ``save(state)``: keep ``state`` (a dict of tensors and ints) in place of the last
+    one; it must have taken its copy (or written it out) when it returns, since the run goes on mutating its
+    buffers."""
+
+    every: int
+
+    def load(self) -> dict | None: ...
+
+    def save(self, state: dict) -> None: ...
+
+
+def _resumed(progress: Progress | None, total: int, **shapes: tuple[int, ...]) -> dict | None:
+    """The state ``progress`` holds for a run of ``total`` steps, checked against the run's tensor shapes."""
+    if progress is None:
+        return None
+    if not (isinstance(progress.every, int) and progress.every >= 1):
+        raise ValueError(f"progress.every must be an int >= 1 (optimiser steps between saves); got {progress.every!r}")
+    state = progress.load()
+    if state is None:
+        return None
+    step = state.get("step")
+    if not (isinstance(step, int) and 0 <= step <= total):
+        raise ValueError(f"saved progress is at step {step!r}, not one of this run's 0..{total}")
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"saved progress holds {name} of shape {tuple(state[name].shape)}; this run's is {shape}")
+    return state
+
+
+def _save_due(progress: Progress | None, step: int, total: int) -> bool:
+    """Whether ``step`` completed steps (of ``total``) call for a save: every ``progress.every``, and the last."""
+    return progress is not None and (step % progress.every == 0 or step == total)
+
+
+def _no_lbfgs_progress(optimizer: str, progress: Progress | None) -> None:
+    if optimizer == "lbfgs" and progress is not None:
+        raise ValueError("optimizer 'lbfgs' cannot resume from saved progress (its curvature pairs and line search "
+                         "are not saved); pass progress=None, or use adam or sgd")
 
 
 # ---- retraining --------------------------------------------------------------------------------------------------
@@ -304,6 +378,7 @@ def retrain_batched(
     schedule: str = "constant",
     seed: int = 0,
     grad_tol: float = GRAD_TOL,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Θ [K, P]: row k minimises R(θ; w_k) for ``epochs`` epochs from θ0, all K copies in one computation.
 
@@ -320,32 +395,43 @@ def retrain_batched(
     ``"lbfgs"`` (full batch, constant schedule; ``momentum`` and ``seed`` unused) is :func:`retrain_loop`'s
     result, one independent run per copy: ``epochs`` caps each copy's iterations and ``grad_tol`` is its stop on
     ‖∇R(θ; w_k)‖₂ (see :func:`~influence.lbfgs.minimise_lbfgs`). ``grad_tol`` is ignored by adam and sgd.
+
+    ``progress`` (adam and sgd): save the run's state every ``progress.every`` steps and resume from the state it
+    holds (module docstring); the result equals the uninterrupted run's.
     """
     k = _check_retrain_args(model, theta0, x, weights)
     check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs,
                   grad_tol=grad_tol)
+    _no_lbfgs_progress(optimizer, progress)
     if optimizer == "lbfgs":  # one line search per copy: stacked, the copies would share one (module docstring)
         return retrain_loop(model, theta0, x, y, weights, weight_decay=weight_decay, lr=lr, epochs=epochs,
                             optimizer=optimizer, momentum=momentum, batch_size=batch_size, schedule=schedule,
                             seed=seed, grad_tol=grad_tol)
     batch_size = full_batch_or(batch_size, x.shape[0])
     settings = dict(weight_decay=weight_decay, lr=lr, epochs=epochs, optimizer=optimizer, momentum=momentum,
-                    schedule=schedule)
+                    schedule=schedule, progress=progress)
     if batch_size is None and isinstance(model, MLP):
         return stacked_mlp_descent(model, theta0, x, y, weights, **settings)
     return _retrain_generic(model, theta0, x, y, weights, k=k, batch_size=batch_size, seed=seed, **settings)
 
 
 def stacked_mlp_descent(model: MLP, theta0, x, y, weights, *, weight_decay, lr, epochs, optimizer, momentum,
-                        schedule, before_step: Callable[[int, StackedMLP], None] | None = None) -> torch.Tensor:
+                        schedule, before_step: Callable[[int, StackedMLP], None] | None = None,
+                        progress: Progress | None = None) -> torch.Tensor:
     """Full-batch Adam or SGD on K stacked MLP copies (weights [K, n]) from θ0 for ``epochs`` steps, through the
     hand-derived gradient of :class:`StackedMLP`; Θ [K, P] in the model's layout. ``before_step(step, stack)``,
-    if given, sees the parameters before each step (training reports its progress there)."""
+    if given, sees the parameters before each step (training reports its progress there); ``progress`` as in
+    :func:`retrain_batched` (its states hold the parameters in StackedMLP's layout)."""
     stack = StackedMLP(model, x, y, weights)
     stack.load(theta0)
     # The optimiser sees StackedMLP's layout, a permutation of θ's entries: fine, every update is elementwise.
     opt = optimizer_for(optimizer, stack.params, lr, momentum)
-    for step in range(epochs):
+    start = 0
+    if (state := _resumed(progress, epochs, params=tuple(stack.params.shape))) is not None:
+        stack.params.copy_(state["params"])
+        opt.load(state["opt"])
+        start = state["step"]
+    for step in range(start, epochs):
         if before_step is not None:
             before_step(step, stack)
         grad = stack.grad()
@@ -353,11 +439,13 @@ def stacked_mlp_descent(model: MLP, theta0, x, y, weights, *, weight_decay, lr, 
             grad.add_(stack.params, alpha=weight_decay)
         opt.lr = scheduled_lr(schedule, lr, step, epochs)
         opt.update(grad)
+        if _save_due(progress, step + 1, epochs):
+            progress.save({"step": step + 1, "params": stack.params.clone(), "opt": opt.state()})
     return stack.theta()
 
 
 def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed, weight_decay, lr, epochs,
-                     optimizer, momentum, schedule) -> torch.Tensor:
+                     optimizer, momentum, schedule, progress) -> torch.Tensor:
     n = x.shape[0]
     params = theta0.detach().expand(k, -1).clone()  # Θ [K, P], updated in place by the optimiser
     theta = params.detach().requires_grad_(True)  # same storage: the updates are invisible to autograd
@@ -371,15 +459,21 @@ def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed
         # them. No per-step indexing, no per-step allocation outside autograd's own.
         x_epoch, y_epoch, w_epoch = torch.empty_like(x), torch.empty_like(y), torch.empty_like(weights)
         batches = list(zip(x_epoch.split(batch_size), y_epoch.split(batch_size), w_epoch.split(batch_size, dim=1)))
-    total = epochs * steps_per_epoch(n, batch_size)
+    per_epoch = steps_per_epoch(n, batch_size)
+    total = epochs * per_epoch
     step = 0
-    for epoch in range(epochs):
+    if (state := _resumed(progress, total, params=tuple(params.shape))) is not None:
+        params.copy_(state["params"])
+        opt.load(state["opt"])
+        step = state["step"]
+    for epoch in range(step // per_epoch, epochs):
         if batch_size is not None:
             order = epoch_order(n, seed, epoch).to(x.device)
             torch.index_select(x, 0, order, out=x_epoch)
             torch.index_select(y, 0, order, out=y_epoch)
             torch.index_select(weights, 1, order, out=w_epoch)
-        for x_b, y_b, w_b in batches:
+        # A resumed run enters its first epoch at the batch it had reached (the order is the epoch's own).
+        for x_b, y_b, w_b in batches[step - epoch * per_epoch:]:
             # The data term through autograd; the L2 term's gradient λθ is one in-place add (autograd would
             # spend a square, a sum and their backward on it).
             (grad,) = torch.autograd.grad(objective(model, theta, x_b, y_b, 0.0, w_b), theta, grad_outputs=ones)
@@ -388,6 +482,8 @@ def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed
             opt.lr = scheduled_lr(schedule, lr, step, total)
             opt.update(grad)
             step += 1
+            if _save_due(progress, step, total):
+                progress.save({"step": step, "params": params.clone(), "opt": opt.state()})
     return params
 
 
@@ -407,6 +503,7 @@ def retrain_loop(
     schedule: str = "constant",
     seed: int = 0,
     grad_tol: float = GRAD_TOL,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Same result as :func:`retrain_batched`, one model at a time: the reference, the benchmark baseline, and
     the path for models too large to stack K copies on one device.
@@ -416,15 +513,24 @@ def retrain_loop(
     checks the stacked computations against the definitions. Only the optimiser update is shared (same math,
     so the two agree to round-off). ``"lbfgs"``: one :func:`~influence.lbfgs.minimise_lbfgs` run per copy on the
     full batch, at most ``epochs`` iterations, stopping at ‖∇R(θ; w_k)‖₂ <= ``grad_tol`` (ignored by adam and sgd).
+
+    ``progress`` (adam and sgd) counts the steps of all K rows in turn; its states hold the rows already done,
+    the row under way and its step.
     """
     k = _check_retrain_args(model, theta0, x, weights)
     check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs,
                   grad_tol=grad_tol)
+    _no_lbfgs_progress(optimizer, progress)
     n = x.shape[0]
     batch_size = full_batch_or(batch_size, n)
-    total = epochs * steps_per_epoch(n, batch_size)
+    per_epoch = steps_per_epoch(n, batch_size)
+    total = epochs * per_epoch
     out = torch.empty(k, model.n_params, dtype=theta0.dtype, device=theta0.device)
-    for i in range(k):
+    first, state = 0, _resumed(progress, k * total, theta=(model.n_params,))
+    if state is not None:
+        first = state["row"]
+        out[:first] = state["done"]
+    for i in range(first, k):
         start = theta0 if theta0.ndim == 1 else theta0[i]
         if optimizer == "lbfgs":
             def fn(theta: torch.Tensor, w: torch.Tensor = weights[i]) -> torch.Tensor:
@@ -434,13 +540,21 @@ def retrain_loop(
         theta = start.detach().clone().requires_grad_(True)
         opt = optimizer_for(optimizer, theta.detach(), lr, momentum)  # same storage: invisible to autograd
         step = 0
-        for epoch in range(epochs):
-            for idx in minibatches(n, batch_size, seed, epoch, x.device):
+        if state is not None and i == first:  # the row the saved state was in the middle of
+            with torch.no_grad():
+                theta.copy_(state["theta"])
+            opt.load(state["opt"])
+            step = state["step"] - i * total
+        for epoch in range(step // per_epoch, epochs):
+            for idx in minibatches(n, batch_size, seed, epoch, x.device)[step - epoch * per_epoch:]:
                 x_b, y_b, w_b = (x, y, weights[i]) if idx is None else (x[idx], y[idx], weights[i, idx])
                 (grad,) = torch.autograd.grad(objective(model, theta, x_b, y_b, weight_decay, w_b), theta)
                 opt.lr = scheduled_lr(schedule, lr, step, total)
                 opt.update(grad)
                 step += 1
+                if _save_due(progress, i * total + step, k * total):
+                    progress.save({"step": i * total + step, "row": i, "theta": theta.detach().clone(),
+                                   "opt": opt.state(), "done": out[:i].clone()})
         out[i] = theta.detach()
     return out
 
