@@ -85,6 +85,7 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "retrain_chunk": lambda k, v: _int(k, v, 1),
     "grad_tol": _optional(lambda k, v: _number(k, v, lambda x: x > 0, _POSITIVE)),
     "replicates": lambda k, v: _int(k, v, 1),
+    "retrain_checkpoint_every": _optional(lambda k, v: _int(k, v, 1)),
 }
 
 
@@ -111,13 +112,20 @@ def measurement(default: object):
     return field(default=default, metadata={"later": True, "measurement": True})
 
 
+def runtime(default: object):
+    """A field that says how the work is run, not what it computes (how often a long retrain saves its
+    progress): like a :func:`measurement`, never part of the canonical JSON, so changing it resumes the same
+    configuration, and not sweepable."""
+    return field(default=default, metadata={"later": True, "runtime": True})
+
+
 def _hash(obj: object) -> str:
     return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:12]
 
 
 def _without_later_defaults(d: dict) -> dict:
     return {k: v for k, v in d.items()
-            if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k]) and k not in _MEASUREMENTS}
+            if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k]) and k not in _NOT_IN_ID}
 
 
 def _canonical(obj: object) -> str:
@@ -193,6 +201,9 @@ class Configuration:
     # Independent draws of the training noise under which every removal and its paired control are retrained
     # (replicate 0 is the protocol as it was before replicates; the ground truth is the replicates' mean).
     replicates: int = measurement(1)
+    # A retrain run longer than this many optimiser steps saves its progress (parameters, optimiser state, step)
+    # to the store that often, and a rerun after a failure or preemption continues from it (None: never).
+    retrain_checkpoint_every: int | None = runtime(None)
 
     def __post_init__(self):
         for f in fields(self):
@@ -216,6 +227,10 @@ class Configuration:
                 if getattr(self, name) != allowed:
                     raise SpecError(name, getattr(self, name), f"L-BFGS takes full-batch steps with a line search: "
                                                                f"set {name} to {_show(allowed)} or use adam or sgd")
+        if self.optimizer == "lbfgs" and self.retrain_checkpoint_every is not None:
+            raise SpecError("retrain_checkpoint_every", self.retrain_checkpoint_every,
+                            "L-BFGS retrains cannot resume from saved progress (their curvature pairs and line "
+                            "search are not saved): remove ground_truth.checkpoint_every, or train with adam or sgd")
         if self.mixed_precision and self.dtype != "float32":
             raise SpecError("mixed_precision", True, "mixed precision trains a float32 model in bfloat16: set "
                                                      "train.dtype: float32 as well")
@@ -303,8 +318,9 @@ class Configuration:
 _LATER_DEFAULTS = {f.name: f.default for f in fields(Configuration) if f.metadata.get("later")}
 # Fields that are None only until construction resolves them (Configuration.__post_init__): never null after.
 RESOLVED_FIELDS = ("optimizer", "lr", "retrain_epochs", "retrain_lr")
-# The fields declared with measurement(): never in the canonical JSON.
-_MEASUREMENTS = frozenset(f.name for f in fields(Configuration) if f.metadata.get("measurement"))
+# The fields declared with measurement() or runtime(): never in the canonical JSON.
+_NOT_IN_ID = frozenset(f.name for f in fields(Configuration)
+                       if f.metadata.get("measurement") or f.metadata.get("runtime"))
 
 
 def _resolve_solvers(methods: tuple[str, ...], given: object) -> tuple:
@@ -340,6 +356,8 @@ _NOT_SWEEPABLE = {
     "removals": "set ground_truth.removals",
     "replicates": "set ground_truth.replicates; a configuration's replicates are one measurement, and a "
                   "rerun with more of them computes only the new ones",
+    "retrain_checkpoint_every": "set ground_truth.checkpoint_every; how often a retrain saves its progress "
+                                "does not change what it computes",
 }
 SWEEPABLE = tuple(name for name in FIELDS if name not in _NOT_SWEEPABLE)
 
@@ -356,7 +374,7 @@ _SECTIONS = {
                   "test_chunk": "test_chunk", "grad_chunk": "grad_chunk", "train_shard": "train_shard"},
     "ground_truth": {"removals": "removals", "start": "retrain_start", "epochs": "retrain_epochs", "lr": "retrain_lr",
                      "controls": "controls", "perturbation": "perturbation", "chunk": "retrain_chunk",
-                     "replicates": "replicates"},
+                     "replicates": "replicates", "checkpoint_every": "retrain_checkpoint_every"},
 }
 _TOP_KEYS = ("experiment", "data", "model", "train", "influence", "test_points", "ground_truth", "resources",
              "sweep")
