@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ from influence.ihvp import hessian, make_solver
 from influence.models import MLP, build_model
 from influence.objective import per_example_loss
 from influence.scores import influence_estimates, per_example_grads, select_test_points
-from influence.retrain import group_weights, objective_grad_norms, removal_weights, retrain_batched, retrain_loop
+from influence.retrain import (full_batch_or, group_weights, objective_grad_norms, removal_weights, retrain_batched,
+                               retrain_loop, steps_per_epoch)
 from influence.train import train
 from jobs import protocol
 from jobs.protocol import TrainOutput
@@ -30,8 +32,9 @@ from jobs.runner import node_columns
 from jobs.science import SCIENCE
 from jobs.spec import Configuration
 from storage import tables
-from storage.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
-from storage.uri import Store
+from storage.checkpoints import checkpoint_path, load_checkpoint, load_state, progress_path, save_checkpoint, save_state
+from storage.tables import CorruptPart
+from storage.uri import Store, delete_file
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 CPU = torch.device("cpu")
@@ -362,12 +365,58 @@ def retrain_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.T
         raise task_error(f"retrain/{cfg.config_id}/{part}", where, exc) from exc
 
 
+class StoredProgress:
+    """The saved progress of one retrain run of a part (``influence.retrain.Progress``), as a file of the store
+    (``storage.checkpoints.progress_path``: ``<part>-r<run>`` below the configuration), so that a rerun of the
+    task after a failure or preemption, on any node, continues where the run was.
+
+    The file holds the run's identity beside its state (configuration, part, run, science version, rows,
+    parameters, steps, order seed). A file whose identity differs, or that cannot be loaded, was not written
+    by this run: it is set aside (kept for inspection) and the run starts from its beginning."""
+
+    def __init__(self, store: Store, cfg: Configuration, part: str, run: int, identity: dict) -> None:
+        self.every = cfg.retrain_checkpoint_every
+        self.store, self.experiment = store, cfg.experiment
+        self.name = f"retrain/{cfg.config_id}/{part} run {run}"
+        self.path = progress_path(store, cfg.experiment, cfg.config_id, f"{part}-r{run}")
+        self.identity = identity
+
+    def load(self) -> dict | None:
+        try:
+            saved = load_state(self.store, self.path)
+        except CorruptPart as exc:
+            print(f"{self.name}: {tables.set_aside(self.store, self.experiment, self.path, exc.reason)}", flush=True)
+            return None
+        if saved is None:
+            return None
+        if saved.get("identity") != self.identity:
+            reason = f"progress of another run: {saved.get('identity')!r}, not {self.identity!r}"
+            print(f"{self.name}: {tables.set_aside(self.store, self.experiment, self.path, reason)}", flush=True)
+            return None
+        state = saved["state"]
+        print(f"{self.name}: resumed at step {state['step']}/{self.identity['steps']}", flush=True)
+        return state
+
+    def save(self, state: dict) -> None:
+        save_state(self.store, self.path, {"identity": self.identity, "state": state}, f"progress of {self.name}")
+
+    def remove(self) -> None:
+        delete_file(self.store, self.path)
+
+
 def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset, weights: torch.Tensor,
-                 seed: int) -> torch.Tensor:
+                 seed: int, progress: Callable[..., StoredProgress | None]) -> torch.Tensor:
+    """One retrain run (its rows share the order `seed`); `progress(rows, n_params, steps, seed)` gives it a
+    StoredProgress, or None, for a run of that many rows, parameters and optimiser steps."""
     options = dict(weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs,
                    schedule=protocol.retrain_schedule(cfg), seed=seed, **_train_options(cfg))
+    n = data.n_train
+    steps = cfg.retrain_epochs * steps_per_epoch(n, full_batch_or(cfg.batch_size, n))
     run = retrain_batched if protocol.batched(model.n_params) else retrain_loop
-    return run(model, starts, data.x_train, data.y_train, weights, **options)
+    if run is retrain_loop:  # one row after another: its steps are counted over the rows
+        steps *= weights.shape[0]
+    return run(model, starts, data.x_train, data.y_train, weights,
+               progress=progress(weights.shape[0], model.n_params, steps, seed), **options)
 
 
 def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, replicate, device) -> str:
@@ -382,16 +431,29 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
     else:
         weights = group_weights(data.n_train, [m for m, _ in groups], controls=c, dtype=dtype, device=device)
     starts = torch.cat([protocol.control_starts(cfg, base)[:c], base.expand(len(removed), -1)])
+    runs: list[StoredProgress | None] = []  # one per run of the part, in order
+
+    def progress(rows: int, n_params: int, steps: int, seed: int) -> StoredProgress | None:
+        """The saved progress of the part's next run, when it is long enough to need one."""
+        run, saved = len(runs), None
+        if cfg.retrain_checkpoint_every is not None and steps > cfg.retrain_checkpoint_every:
+            identity = {"config_id": cfg.config_id, "part": part, "run": run, "science": SCIENCE, "rows": rows,
+                        "n_params": n_params, "steps": steps, "seed": seed}
+            saved = StoredProgress(store, cfg, part, run, identity)
+        runs.append(saved)
+        return saved
+
     start = time.perf_counter()
     if cfg.batch_size is None or c == 1:
-        thetas = _retrain_run(cfg, model, starts, data, weights, order)
+        thetas = _retrain_run(cfg, model, starts, data, weights, order, progress)
     else:
         # Minibatch controls r > 0 differ in their order, so each runs apart from the batch.
         keep = [0] + list(range(c, weights.shape[0]))
         thetas = torch.empty_like(starts)
-        thetas[keep] = _retrain_run(cfg, model, starts[keep], data, weights[keep], order)
+        thetas[keep] = _retrain_run(cfg, model, starts[keep], data, weights[keep], order, progress)
         for r in range(1, c):
-            thetas[r] = _retrain_run(cfg, model, starts[r:r + 1], data, weights[r:r + 1], protocol.order_seed(cfg, r))[0]
+            thetas[r] = _retrain_run(cfg, model, starts[r:r + 1], data, weights[r:r + 1], protocol.order_seed(cfg, r),
+                                     progress)[0]
     _synchronize(device)
     seconds = time.perf_counter() - start
     with torch.no_grad():
@@ -434,4 +496,7 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
         "replicate": [replicate] * (len(rows_k) * T),
         "grad_norm": np.repeat(grad_norms[rows_k].numpy(), T),
     } | node_columns(len(rows_k) * T)
-    return tables.write_part(store, cfg.experiment, "retrain", cfg.config_id, part, rows)
+    path = tables.write_part(store, cfg.experiment, "retrain", cfg.config_id, part, rows)
+    for run in filter(None, runs):  # the part has landed: what its runs saved on the way is no longer needed
+        run.remove()
+    return path

@@ -1,5 +1,6 @@
 """Model weights in the store: ``<root>/<experiment>/checkpoints/<model_key>.pt``; and beside them the solved
-inverse-HVP vectors of sharded influence: ``<root>/<experiment>/ihvp/<config_id>/<part>.pt``.
+inverse-HVP vectors of sharded influence, ``<root>/<experiment>/ihvp/<config_id>/<part>.pt``, and the saved
+progress of long retrains, ``<root>/<experiment>/progress/<config_id>/<name>.pt`` (deleted once their part lands).
 
 A checkpoint is a dict (tensors plus metadata such as the configuration) serialised with ``torch.save``
 into memory and written atomically through ``pyarrow.fs``, like a table part: a reader never loads half a
@@ -17,11 +18,12 @@ from .tables import TABLES, CorruptPart
 from .uri import Store, StoreError, check_name, is_file, read_bytes, write_atomic
 
 __all__ = ["CHECKPOINTS", "IHVP", "checkpoint_path", "save_checkpoint", "load_checkpoint", "checkpoint_exists",
-           "ihvp_path", "save_state", "load_state"]
+           "ihvp_path", "progress_path", "save_state", "load_state"]
 
 CHECKPOINTS = "checkpoints"
 IHVP = "ihvp"
-assert CHECKPOINTS not in TABLES and IHVP not in TABLES  # the folders would otherwise be read as tables
+PROGRESS = "progress"
+assert not {CHECKPOINTS, IHVP, PROGRESS} & set(TABLES)  # the folders would otherwise be read as tables
 
 _SUFFIX = ".pt"
 
@@ -38,6 +40,13 @@ def ihvp_path(store: Store, experiment: str, config_id: str, part: str) -> str:
     for what, name in (("experiment", experiment), ("config_id", config_id), ("part", part)):
         check_name(what, name)
     return store.path(experiment, IHVP, config_id, part + _SUFFIX)
+
+
+def progress_path(store: Store, experiment: str, config_id: str, name: str) -> str:
+    """``<root>/<experiment>/progress/<config_id>/<name>.pt``: where a retrain run keeps its state meanwhile."""
+    for what, value in (("experiment", experiment), ("config_id", config_id), ("progress name", name)):
+        check_name(what, value)
+    return store.path(experiment, PROGRESS, config_id, name + _SUFFIX)
 
 
 def save_checkpoint(store: Store, experiment: str, model_key: str, state: dict[str, Any]) -> str:
