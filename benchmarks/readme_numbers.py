@@ -47,11 +47,11 @@ def _header(spec_path: Path, con, run_line: str | None) -> list[str]:
     from jobs.plan import task_counts
     from jobs.science import SCIENCE
     from jobs.spec import load_spec
-    from jobs.tasks import dataset_key, load_datasets
+    from jobs.tasks import dataset_key, datasets_for
 
     spec = load_spec(spec_path)
     configs = spec.configurations()
-    loaded = load_datasets(configs)
+    loaded = datasets_for(configs)
     counts = task_counts(configs, lambda c: loaded[dataset_key(c)].n_train)
     stamps = sorted({r[0] or "unstamped" for r in con.sql("select distinct science from stats").fetchall()})
     lines = [f"fragile {project_version()}, science code {SCIENCE}; stored statistics written by {', '.join(stamps)}",

@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("dataset", choices=("mnist", "cifar10", "imagenet"))
     d.add_argument("root", help="folder to write into (the spec's data.root)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--images", type=int, metavar="N",
+                   help="training images in all (imagenet: spread evenly over the classes, rounded up to a whole "
+                        "number per class); default: a few hundred")
+    d.add_argument("--classes", type=int, metavar="K", help="number of classes (default: mnist and cifar10 10, "
+                                                            "imagenet 3)")
     return p
 
 
@@ -171,8 +176,21 @@ def _data_errors() -> tuple[type[Exception], ...]:
 def cmd_data(args) -> int:
     from influence.data_files import write_tiny
 
-    root = write_tiny(args.dataset, args.root, seed=args.seed)
-    Console().print(f"wrote a tiny {args.dataset} in its real format under {root}")
+    options = {"num_classes": args.classes}
+    if args.images is not None:
+        if args.images < 1:
+            raise UsageError(f"--images {args.images}: give a count of training images >= 1")
+        classes = args.classes or (3 if args.dataset == "imagenet" else 10)
+        options["n_train"] = -(-args.images // classes) if args.dataset == "imagenet" else args.images
+    try:
+        root = write_tiny(args.dataset, args.root, seed=args.seed, **options)
+    except ValueError as exc:
+        raise UsageError(f"fragile data tiny {args.dataset}: {exc}") from None
+    from influence.data import describe_dataset
+
+    info = describe_dataset(args.dataset, root=root, **({"image_size": 48} if args.dataset == "imagenet" else {}))
+    Console().print(f"wrote a tiny {args.dataset} in its real format under {root}: {info.n_train} training and "
+                    f"{info.n_test} test images of {info.num_classes} classes")
     return 0
 
 
@@ -187,9 +205,9 @@ def cmd_validate(args) -> int:
         table.add_row(c.config_id, c.label())
     console.print(table)
     from jobs.plan import task_counts
-    from jobs.tasks import dataset_key, load_datasets
+    from jobs.tasks import dataset_key, datasets_for
 
-    loaded = load_datasets(configs)  # each data set once, not once per configuration
+    loaded = datasets_for(configs)  # each data set once, not once per configuration
     _check_feasible(spec, configs, lambda cfg: loaded[dataset_key(cfg)])
     counts = task_counts(configs, lambda cfg: loaded[dataset_key(cfg)].n_train)
     console.print("tasks: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -233,13 +251,13 @@ def cmd_run(args) -> int:
     store = open_store(args.store, create=False)
     console = _console()
     from cluster.runtime import connect
-    from jobs.tasks import dataset_key, load_datasets
+    from jobs.tasks import dataset_key, datasets_for
     from storage.lease import acquire, check_free
 
     configs = spec.configurations()
     # Everything a user can get wrong is found before the first byte is written: the data, the memory the
     # methods need, the cluster (and its token), and whether another run holds the experiment.
-    loaded = load_datasets(configs)
+    loaded = datasets_for(configs)
     _check_feasible(spec, configs, lambda cfg: loaded[dataset_key(cfg)])
     check_free(store, spec.experiment, force=args.force)
     runtime = None if args.inline else connect(args.address, num_cpus=args.num_cpus)

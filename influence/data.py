@@ -1,8 +1,9 @@
 """Classification data sets as tensors, split and standardised the way the study needs.
 
-Every data set here is loaded whole into memory: the experiments retrain hundreds of models on the same
-training set, so a ``DataLoader`` would only add overhead, and a task that holds the tensors can ship them to
-its device once. Two kinds of sets:
+A loaded data set is whole in memory: the experiments retrain hundreds of models on the same training set, so
+a task that holds the tensors ships them to its device once. What plans the work needs only the sizes and
+shapes (:func:`describe_dataset`, a :class:`DatasetInfo`), which for the file sets come from the labels and the
+file list, without decoding a single image: a driver never holds the images. Two kinds of sets:
 
 - bundled (``iris``, ``digits``, ``synthetic``): no files; split here, stratified by class and seeded by
   ``split_seed`` with ``test_fraction``, so that a ``(name, split_seed)`` pair always names the same points.
@@ -109,6 +110,10 @@ class Dataset:
     def device(self) -> torch.device:
         return self.x_train.device
 
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(name=self.name, n_train=self.n_train, n_test=self.n_test, num_classes=self.num_classes,
+                           input_shape=self.input_shape)
+
     def to(self, device: torch.device | str) -> Dataset:
         """The same split with every tensor on ``device`` (tensors already there are shared, not copied)."""
         return Dataset(
@@ -119,6 +124,28 @@ class Dataset:
             y_test=self.y_test.to(device),
             num_classes=self.num_classes,
         )
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What planning needs of a data set: its sizes, classes and input shape, and nothing of the points."""
+
+    name: str
+    n_train: int
+    n_test: int
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.input_shape)
+
+
+def describe_dataset(name: str, **options) -> DatasetInfo:
+    """The :class:`DatasetInfo` of what ``load_dataset(name, **options)`` would load, with the same checks and
+    errors. File sets: read from their labels (MNIST's label files, CIFAR-10's batches, ImageNet's file list)
+    and the subset rules, decoding no image. Bundled sets are small: loaded, and described."""
+    return _load(name, decode=False, **options)
 
 
 def load_dataset(
@@ -153,6 +180,16 @@ def load_dataset(
     Raises :class:`UnknownDataset` for an unknown name, :class:`DatasetNotFound` when the files are missing,
     and ``ValueError`` naming the option for an option that does not apply or is out of range.
     """
+    return _load(name, decode=True, split_seed=split_seed, test_fraction=test_fraction, dtype=dtype, n=n, root=root,
+                 subset=subset, test_subset=test_subset, classes=classes, per_class=per_class, image_size=image_size)
+
+
+def _load(name: str, *, decode: bool, split_seed: int = 0, test_fraction: float = _DEFAULT_TEST_FRACTION,
+          dtype: torch.dtype = torch.float64, n: int | None = None, root: str | None = None,
+          subset: float | int | None = None, test_subset: float | int | None = None,
+          classes: int | Sequence[str] | None = None, per_class: int | None = None,
+          image_size: int | None = None) -> Dataset | DatasetInfo:
+    """:func:`load_dataset` (``decode``) or :func:`describe_dataset`, through the same checks."""
     if name not in DATASETS:
         raise UnknownDataset(name)
     if n is not None and name != "synthetic":
@@ -164,7 +201,8 @@ def load_dataset(
             raise ValueError(f"test_fraction={test_fraction} does not apply to {name}, which keeps its official "
                              f"train/test split; use test_subset to evaluate on fewer test points")
         return _load_files(name, root=root, split_seed=split_seed, dtype=dtype, subset=subset,
-                           test_subset=test_subset, classes=classes, per_class=per_class, image_size=image_size)
+                           test_subset=test_subset, classes=classes, per_class=per_class, image_size=image_size,
+                           decode=decode)
     if name != "digits":
         size = "its size is set by n" if name == "synthetic" else "it is used whole, as in the paper"
         for option, value in (("subset", subset), ("test_subset", test_subset)):
@@ -172,8 +210,9 @@ def load_dataset(
                 raise ValueError(f"{option}={value!r} only applies to {', '.join(_SUBSET_DATASETS)}; for {name} "
                                  f"{size}")
     _only_for_imagenet(name, classes=classes, per_class=per_class, image_size=image_size)
-    return _load_bundled(name, split_seed=split_seed, test_fraction=test_fraction, dtype=dtype, n=n,
+    data = _load_bundled(name, split_seed=split_seed, test_fraction=test_fraction, dtype=dtype, n=n,
                          subset=subset, test_subset=test_subset)
+    return data if decode else data.info()
 
 
 # ---- bundled sets ---------------------------------------------------------------------------------------------
@@ -247,7 +286,7 @@ def _only_for_imagenet(name: str, **options: object) -> None:
 
 def _load_files(name: str, *, root: str | None, split_seed: int, dtype: torch.dtype,
                 subset: float | int | None, test_subset: float | int | None, classes: int | Sequence[str] | None,
-                per_class: int | None, image_size: int | None) -> Dataset:
+                per_class: int | None, image_size: int | None, decode: bool) -> Dataset | DatasetInfo:
     # Imported here: torchvision and PIL are loaded only by the processes that read files.
     from . import data_files
 
@@ -259,6 +298,9 @@ def _load_files(name: str, *, root: str | None, split_seed: int, dtype: torch.dt
     # Separate streams for the two splits, so that changing test_subset never changes the training points.
     train_idx = choose_subset(train.labels, subset, seed=split_seed, stream=0, option="subset", name=name)
     test_idx = choose_subset(test.labels, test_subset, seed=split_seed, stream=1, option="test_subset", name=name)
+    if not decode:
+        return DatasetInfo(name=name, n_train=len(train_idx), n_test=len(test_idx), num_classes=train.num_classes,
+                           input_shape=tuple(train.image_shape))
     if name == "imagenet":
         data_files.check_fits_in_memory(name, len(train_idx) + len(test_idx), train.image_shape, dtype)
     x_train, x_test = standardise_images(train.images(train_idx), test.images(test_idx), dtype)

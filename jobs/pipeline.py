@@ -193,11 +193,11 @@ def _run_parts(runner, coord, store: Store, cfg: Configuration, ledger: Ledger, 
 
 
 def start_run(spec: Spec, store: Store, version: str, loaded: dict | None):
-    """What every run of a spec does before its first task, inline or on Ray: load the data (a missing or
-    unreadable data set stops the run before anything is written), write the `configs` rows, count the tasks
-    and note which the store already holds. Returns (configs, data sets, task counts, landed task keys)."""
+    """What every run of a spec does before its first task, inline or on Ray: find the data (a missing or
+    unreadable data set stops the run before anything is written; images are decoded by the tasks), write the
+    `configs` rows, count the tasks and note which the store already holds. Returns (configs, data sets, task counts, landed task keys)."""
     configs = spec.configurations()
-    loaded = loaded if loaded is not None else tasks.load_datasets(configs)
+    loaded = loaded if loaded is not None else tasks.datasets_for(configs)
     write_configs(store, spec, configs, version)
     counts = plan.task_counts(configs, lambda c: loaded[tasks.dataset_key(c)].n_train)
     initial = plan.landed_keys(Ledger(store, spec.experiment), [c.config_id for c in configs])

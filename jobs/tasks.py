@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from influence.data import Dataset
+from influence.data import Dataset, DatasetInfo
 from influence.ihvp import hessian, make_solver
 from influence.models import MLP, build_model
 from influence.objective import per_example_loss
@@ -86,24 +87,79 @@ def model_for(cfg: Configuration, data: Dataset):
                        depth=cfg.depth, width=cfg.width, activation=cfg.activation)
 
 
-def load_data(cfg: Configuration) -> Dataset:
-    """The configuration's data set, in its dtype; an s3:// data root is copied to this node's cache first."""
-    from influence.data import load_dataset
+def _data_arguments(cfg: Configuration) -> tuple[str, dict]:
+    """(name, keyword arguments) of `influence.data.load_dataset` for the configuration's data; an s3:// data
+    root is copied to this node's cache first (once per node, see storage.datacache)."""
     from storage.datacache import local_data_root
 
     root = local_data_root(cfg.data_root) if cfg.data_root is not None else None
     extra = {"root": root} if root is not None else {}
-    return load_dataset(cfg.dataset, dtype=DTYPES[cfg.dtype], **extra, **cfg.data_options())
+    return cfg.dataset, {"dtype": DTYPES[cfg.dtype], **extra, **cfg.data_options()}
 
 
-def load_datasets(configs: list[Configuration]) -> dict[str, Dataset]:
-    """Every data set the configurations use, each loaded once (keyed by `dataset_key`)."""
-    loaded: dict[str, Dataset] = {}
+def load_data(cfg: Configuration) -> Dataset:
+    """The configuration's data set, in its dtype, whole in memory."""
+    from influence.data import load_dataset
+
+    name, options = _data_arguments(cfg)
+    return load_dataset(name, **options)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A file data set (MNIST, CIFAR-10, ImageNet) named, not loaded: what the driver plans with and ships to
+    the tasks in place of the data. Its sizes and shapes come from the labels and file list alone
+    (`influence.data.describe_dataset`), so the driver never decodes an image and nothing of the set goes into
+    the object store; each task opens its node's local copy with `to(device)`, which loads the set once per
+    worker process (the last two sets used are kept) and hands back the very tensors `load_data` gives."""
+
+    key: str  # dataset_key of the configurations that share it
+    cfg: Configuration  # one of them: its data fields say what to load
+    info: DatasetInfo
+
+    n_train = property(lambda self: self.info.n_train)
+    n_test = property(lambda self: self.info.n_test)
+    num_classes = property(lambda self: self.info.num_classes)
+    input_shape = property(lambda self: self.info.input_shape)
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return _node_local(self).to(device)
+
+
+_LOADED: dict[str, Dataset] = {}  # per worker process: dataset_key -> the set, the most recently used last
+_KEEP_LOADED = 2
+
+
+def _node_local(source: DataSource) -> Dataset:
+    data = _LOADED.pop(source.key, None)
+    if data is None:
+        data = load_data(source.cfg)
+        if data.info() != source.info:  # the files changed between planning and this task
+            raise ValueError(f"{source.cfg.dataset} under {source.cfg.data_root}: the run was planned for "
+                             f"{source.info}, the files now hold {data.info()}; rerun to plan again")
+    _LOADED[source.key] = data
+    while len(_LOADED) > _KEEP_LOADED:
+        del _LOADED[next(iter(_LOADED))]
+    return data
+
+
+def datasets_for(configs: list[Configuration]) -> dict[str, Dataset | DataSource]:
+    """What the tasks of these configurations get as their data, keyed by `dataset_key` (one per data set): a
+    bundled set (Iris, digits, synthetic) loaded whole, as it is small; a file set as its DataSource. Either way
+    a missing data set or a bad option is found here, before anything runs."""
+    from influence.data import FILE_DATASETS, describe_dataset
+
+    out: dict[str, Dataset | DataSource] = {}
     for cfg in configs:
         key = dataset_key(cfg)
-        if key not in loaded:
-            loaded[key] = load_data(cfg)
-    return loaded
+        if key in out:
+            continue
+        if cfg.dataset in FILE_DATASETS:
+            name, options = _data_arguments(cfg)
+            out[key] = DataSource(key, cfg, describe_dataset(name, **options))
+        else:
+            out[key] = load_data(cfg)
+    return out
 
 
 def dataset_key(cfg: Configuration) -> str:
@@ -192,7 +248,7 @@ def train_task(store: Store, cfg: Configuration, data: Dataset,
 
 
 def _train(store: Store, cfg: Configuration, data: Dataset, device: torch.device) -> tuple[torch.Tensor, TrainOutput]:
-    labels = data.y_test  # CPU, for the rows
+    labels = data.to(CPU).y_test  # for the rows
     data = data.to(device)
     model = model_for(cfg, data)
     start = time.perf_counter()
