@@ -190,7 +190,8 @@ def cmd_data(args) -> int:
 
     info = describe_dataset(args.dataset, root=root, **({"image_size": 48} if args.dataset == "imagenet" else {}))
     Console().print(f"wrote a tiny {args.dataset} in its real format under {root}: {info.n_train} training and "
-                    f"{info.n_test} test images of {info.num_classes} classes")
+                    f"{info.n_test} test images of {info.num_classes} classes", soft_wrap=True, markup=False,
+                    highlight=False)
     return 0
 
 

@@ -127,3 +127,15 @@ def test_a_run_through_data_sources_writes_the_rows_of_the_in_memory_run(roots, 
         a, b = (_rows(stores[w], "src", table) for w in ("source", "memory"))
         assert _same(a, b), table
     assert len(_rows(stores["source"], "src", "retrain")) > 0
+
+
+def test_data_tiny_writes_the_images_asked_for(tmp_path, capsys):
+    from fragile.cli import main
+
+    assert main(["data", "tiny", "imagenet", str(tmp_path / "in"), "--images", "7", "--classes", "2"]) == 0
+    assert "8 training and 10 test images of 2 classes" in capsys.readouterr().out  # 4 per class, rounded up
+    assert len(list((tmp_path / "in" / "train").rglob("*.JPEG"))) == 8
+    assert main(["data", "tiny", "mnist", str(tmp_path / "mn"), "--images", "30"]) == 0
+    assert describe_dataset("mnist", root=str(tmp_path / "mn")).n_train == 30
+    assert main(["data", "tiny", "mnist", str(tmp_path / "mn"), "--images", "0"]) == 2
+    assert "--images 0: give a count of training images >= 1" in capsys.readouterr().err
