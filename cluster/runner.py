@@ -18,6 +18,7 @@ from typing import Any, Callable
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster import data_parallel
 from cluster.metrics import MeteredCoordinator
 from jobs.runner import TASK_RETRIES, set_task_node
 from jobs.tasks import TransientTaskError, device_for
@@ -63,13 +64,17 @@ def _remote(body: Callable, num_returns: int):
 class RayRunner:
     """jobs.runner.Runner on Ray: `resources` maps a task kind to its Ray options (`Resources.ray_options()`)."""
 
-    def __init__(self, resources: dict[str, dict]) -> None:
-        self.resources = resources
+    def __init__(self, resources: dict[str, dict], train_workers: int = 1) -> None:
+        self.resources, self.train_workers = resources, train_workers
 
     def put(self, value: Any):
         return ray.put(value)
 
     def submit(self, kind: str, name: str, body: Callable, *args: Any, num_returns: int = 1):
+        if kind == "train" and self.train_workers > 1:
+            # Data-parallel: the task only waits for its Ray Train workers, which take the resources.
+            fit = functools.partial(data_parallel.fit, workers=self.train_workers, per_worker=self.resources[kind])
+            return _remote(body, num_returns).options(**task_options({"num_cpus": 0}, name)).remote(*args, fit=fit)
         return _remote(body, num_returns).options(**task_options(self.resources[kind], name)).remote(*args)
 
     def wait(self, handles: list):

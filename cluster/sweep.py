@@ -42,14 +42,15 @@ class RunContext:
     configs: dict[str, Configuration]
     resources: dict[str, dict]
     coordinator: object  # actor handle
-    datasets: dict[str, object]  # dataset key -> ObjectRef of the loaded Dataset
+    datasets: dict[str, object]  # dataset key -> ObjectRef of the Dataset or DataSource
     max_in_flight: int = 8
+    train_workers: int = 1  # resources.train.workers: > 1 trains data-parallel (cluster/data_parallel.py)
 
 
 def run_trial(tune_config: dict, ctx: RunContext) -> None:
     """One configuration, end to end, resuming from whatever parts already landed."""
     cfg = ctx.configs[tune_config["config_id"]]
-    summary = run_configuration(cfg, ctx.store, RayRunner(ctx.resources), ActorCoordinator(ctx.coordinator),
+    summary = run_configuration(cfg, ctx.store, RayRunner(ctx.resources, ctx.train_workers), ActorCoordinator(ctx.coordinator),
                                 ctx.datasets[dataset_key(cfg)], max_in_flight=ctx.max_in_flight,
                                 on_stats=lambda s: tune.report({**s, "done": False}))
     tune.report(summary)
@@ -112,7 +113,7 @@ def run_sweep(spec: Spec, store: Store, *, version: str, on_progress=lambda p: N
     cpus = int(resources.get("CPU", 1))
     ctx = RunContext(store=store, configs={c.config_id: c for c in configs},
                      resources={k: v.ray_options() for k, v in spec.resources.items()}, coordinator=coord,
-                     datasets=datasets, max_in_flight=max(2, 2 * cpus))
+                     datasets=datasets, max_in_flight=max(2, 2 * cpus), train_workers=spec.resources["train"].workers)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"memory": TRIAL_MEMORY_BYTES, **head})
     # Tune's own bookkeeping stays on the driver's disk, for this run only: resume reads the ledger, never
     # Tune's state, and Tune would pickle the store's filesystem (and with it the S3 secret) into its files.

@@ -249,6 +249,9 @@ def cmd_run(args) -> int:
         raise UsageError("--inline runs every task in this process, without Ray: --address and --num-cpus are for "
                          "a Ray cluster (each task kind's CPUs come from the spec's resources section)")
     spec = load_spec(args.spec, max_configurations=None if args.yes else LARGE_SWEEP)
+    if args.inline and spec.resources["train"].workers > 1:
+        raise UsageError(f"spec {spec.source}: resources.train.workers: {spec.resources['train'].workers} trains on "
+                         f"Ray Train workers, and --inline runs without Ray: drop --inline, or set workers: 1")
     store = open_store(args.store, create=False)
     console = _console()
     from cluster.runtime import connect

@@ -145,15 +145,17 @@ def train(
         if report:
             progress(epoch + 1, float(seen) / n)
 
+    return summarise(model, theta, x, y, weight_decay, batch_size, epochs, time.perf_counter() - start)
+
+
+def summarise(model: Model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight_decay: float,
+              batch_size: int | None, epochs: int, seconds: float) -> TrainResult:
+    """The :class:`TrainResult` of a run that ended at ``theta``: R, the mean loss and ‖∇R‖₂ over all n points
+    (in chunks of ``batch_size`` examples unless None)."""
+    theta = theta.detach().requires_grad_(True)
     value, train_loss, grad_norm = _final_state(model, theta, x, y, weight_decay, batch_size)
-    return TrainResult(
-        theta=theta.detach(),
-        objective=value,
-        train_loss=train_loss,
-        grad_norm=grad_norm,
-        epochs=epochs,
-        seconds=time.perf_counter() - start,
-    )
+    return TrainResult(theta=theta.detach(), objective=value, train_loss=train_loss, grad_norm=grad_norm,
+                       epochs=epochs, seconds=seconds)
 
 
 def _train_stacked_mlp(model: MLP, theta0: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,

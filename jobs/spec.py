@@ -86,6 +86,7 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "grad_tol": _optional(lambda k, v: _number(k, v, lambda x: x > 0, _POSITIVE)),
     "replicates": lambda k, v: _int(k, v, 1),
     "retrain_checkpoint_every": _optional(lambda k, v: _int(k, v, 1)),
+    "train_checkpoint_every": _optional(lambda k, v: _int(k, v, 1)),
 }
 
 
@@ -204,6 +205,9 @@ class Configuration:
     # A retrain run longer than this many optimiser steps saves its progress (parameters, optimiser state, step)
     # to the store that often, and a rerun after a failure or preemption continues from it (None: never).
     retrain_checkpoint_every: int | None = runtime(None)
+    # Data-parallel training (resources.train.workers > 1) saves its progress this often (optimiser steps), and a
+    # worker group restarted after a failure continues from it (None: it starts again).
+    train_checkpoint_every: int | None = runtime(None)
 
     def __post_init__(self):
         for f in fields(self):
@@ -358,6 +362,8 @@ _NOT_SWEEPABLE = {
                   "rerun with more of them computes only the new ones",
     "retrain_checkpoint_every": "set ground_truth.checkpoint_every; how often a retrain saves its progress "
                                 "does not change what it computes",
+    "train_checkpoint_every": "set train.checkpoint_every; how often training saves its progress does not change "
+                              "what it computes",
 }
 SWEEPABLE = tuple(name for name in FIELDS if name not in _NOT_SWEEPABLE)
 
@@ -369,7 +375,8 @@ _SECTIONS = {
     "model": {"family": "model", "depth": "depth", "width": "width", "activation": "activation"},
     "train": {"optimizer": "optimizer", "lr": "lr", "epochs": "epochs", "weight_decay": "weight_decay",
               "seed": "seed", "momentum": "momentum", "batch_size": "batch_size", "schedule": "schedule",
-              "mixed_precision": "mixed_precision", "dtype": "dtype", "grad_tol": "grad_tol"},
+              "mixed_precision": "mixed_precision", "dtype": "dtype", "grad_tol": "grad_tol",
+              "checkpoint_every": "train_checkpoint_every"},
     "influence": {"methods": "methods", "damping": "damping", "damping_policy": "damping_policy",
                   "test_chunk": "test_chunk", "grad_chunk": "grad_chunk", "train_shard": "train_shard"},
     "ground_truth": {"removals": "removals", "start": "retrain_start", "epochs": "retrain_epochs", "lr": "retrain_lr",
@@ -466,9 +473,27 @@ def _parse(data: object, source: str, max_configurations: int | None = None) -> 
 
     base = _configuration(values, _PATHS)
     configurations = _expand(values, grids, grid_paths)
+    _check_training_workers(resources["train"], configurations)
     spec_hash = _hash({"experiment": base.experiment,
                        "configurations": sorted(c.config_id for c in configurations)})
     return Spec(base.experiment, source, base, grids, resources, spec_hash, configurations)
+
+
+def _check_training_workers(train: Resources, configurations) -> None:
+    """Data-parallel training (resources.train.workers > 1) takes adam or sgd steps in full precision, and
+    train.checkpoint_every is a setting of it alone."""
+    for cfg in configurations:
+        if train.workers > 1:
+            for name, ok, why in (("optimizer", cfg.optimizer != "lbfgs", "L-BFGS runs on one worker"),
+                                  ("mixed_precision", not cfg.mixed_precision, "mixed precision is single-worker")):
+                if not ok:
+                    raise SpecError("resources.train.workers", train.workers,
+                                    f"data-parallel training takes adam or sgd steps in full precision ({why}): set "
+                                    f"workers to 1, or change train.{name}")
+        elif cfg.train_checkpoint_every is not None:
+            raise SpecError(_PATHS["train_checkpoint_every"], cfg.train_checkpoint_every,
+                            "saves the progress of data-parallel training: set resources.train.workers > 1 too, or "
+                            "remove it (one worker trains in one task, which reruns whole)")
 
 
 def _configuration(values: dict, paths: dict) -> Configuration:
@@ -513,7 +538,8 @@ def _resources(value: object) -> dict[str, Resources]:
     body = _mapping("resources", value, RESOURCE_KINDS)
     out = {}
     for kind in RESOURCE_KINDS:
-        options = _mapping(f"resources.{kind}", body.get(kind), ("num_cpus", "num_gpus", "memory"))
+        allowed = ("num_cpus", "num_gpus", "memory") + (("workers",) if kind == "train" else ())
+        options = _mapping(f"resources.{kind}", body.get(kind), allowed)
         try:
             out[kind] = Resources(**options)
         except SpecError as e:

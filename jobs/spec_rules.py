@@ -142,14 +142,20 @@ class Resources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     memory: int | None = None
+    # train only: data-parallel workers, each with the resources above (1: one task trains alone)
+    workers: int = 1
 
     def __post_init__(self):
         for name in ("num_cpus", "num_gpus"):
             object.__setattr__(self, name, _number(name, getattr(self, name), lambda x: x >= 0, _NON_NEGATIVE))
         if self.memory is not None:
             object.__setattr__(self, "memory", memory_bytes("memory", self.memory))
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise SpecError("workers", self.workers, "workers must be an integer >= 1 (data-parallel training "
+                                                     "workers; 1 trains in one task)")
 
     def ray_options(self) -> dict:
+        """The Ray options of one task (with workers > 1: of each worker)."""
         options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.memory is not None:
             options["memory"] = self.memory

@@ -26,7 +26,7 @@ from influence.objective import per_example_loss
 from influence.scores import influence_estimates, per_example_grads, select_test_points
 from influence.retrain import (full_batch_or, group_weights, objective_grad_norms, removal_weights, retrain_batched,
                                retrain_loop, steps_per_epoch)
-from influence.train import train
+from influence.train import TrainResult, train
 from jobs import protocol
 from jobs.protocol import TrainOutput
 from jobs.runner import node_columns
@@ -234,20 +234,25 @@ def load_base(store: Store, cfg: Configuration, n_params: int) -> tuple[dict | N
     return state, None
 
 
-def train_task(store: Store, cfg: Configuration, data: Dataset,
-               device: torch.device = CPU) -> tuple[torch.Tensor, TrainOutput]:
+def train_task(store: Store, cfg: Configuration, data: Dataset | DataSource, device: torch.device = CPU,
+               fit: Callable[..., TrainResult] | None = None) -> tuple[torch.Tensor, TrainOutput]:
     """Train θ̂ (or reuse the stored checkpoint of an identical base model), pick the test points and
     write the `models` and `test_points` parts of this configuration. The train result is read from the
-    rows written, as a resumed run reads it from the stored parts (`protocol.train_output`)."""
+    rows written, as a resumed run reads it from the stored parts (`protocol.train_output`).
+
+    `fit(store, cfg, data, data on the device, model, report)`, when the runner gives one, trains θ̂ elsewhere (data-parallel, on
+    workers of its own: `cluster.data_parallel.fit`) and this task only waits for it; else it trains here."""
     key = f"train/{cfg.config_id}"
     try:
-        return _train(store, cfg, data, device)
+        return _train(store, cfg, data, device, fit)
     except Exception as exc:  # noqa: BLE001 - re-raised with the task key
         raise task_error(key, tables.part_path(store, cfg.experiment, "models", cfg.config_id,
                                                protocol.MODEL_PART), exc) from exc
 
 
-def _train(store: Store, cfg: Configuration, data: Dataset, device: torch.device) -> tuple[torch.Tensor, TrainOutput]:
+def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device: torch.device,
+           fit: Callable[..., TrainResult] | None) -> tuple[torch.Tensor, TrainOutput]:
+    source = data
     labels = data.to(CPU).y_test  # for the rows
     data = data.to(device)
     model = model_for(cfg, data)
@@ -256,14 +261,19 @@ def _train(store: Store, cfg: Configuration, data: Dataset, device: torch.device
     trained = state is None
     if trained:
         # θ0 is drawn on the CPU whatever the device, so a GPU task trains from the same θ0 as a CPU task.
-        result = train(model, data.x_train, data.y_train, weight_decay=cfg.weight_decay, lr=cfg.lr,
-                       epochs=cfg.epochs, seed=cfg.seed, schedule=cfg.schedule,
-                       mixed_precision=cfg.mixed_precision, progress=_progress(cfg), **_train_options(cfg))
+        if fit is not None:
+            result = fit(store, cfg, source, data, model, _progress(cfg))
+        else:
+            result = train(model, data.x_train, data.y_train, weight_decay=cfg.weight_decay, lr=cfg.lr,
+                           epochs=cfg.epochs, seed=cfg.seed, schedule=cfg.schedule,
+                           mixed_precision=cfg.mixed_precision, progress=_progress(cfg), **_train_options(cfg))
         theta, grad_norm, objective = result.theta.detach(), result.grad_norm, result.objective
         seconds = result.seconds
         state = {"theta": theta.cpu(), "grad_norm": grad_norm, "objective": objective, "seconds": seconds,
                  "model_key": cfg.model_key, "configuration": cfg.to_dict(), "science": SCIENCE}
         checkpoint = save_checkpoint(store, cfg.experiment, cfg.model_key, state)
+        if fit is not None:  # θ̂ is in its checkpoint now: the progress that led to it is no longer needed
+            delete_file(store, progress_path(store, cfg.experiment, cfg.model_key, "train"))
     else:
         theta = state["theta"].to(device)
         grad_norm, objective, seconds = state["grad_norm"], state["objective"], state["seconds"]
@@ -422,20 +432,18 @@ def retrain_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.T
 
 
 class StoredProgress:
-    """The saved progress of one retrain run of a part (``influence.retrain.Progress``), as a file of the store
-    (``storage.checkpoints.progress_path``: ``<part>-r<run>`` below the configuration), so that a rerun of the
-    task after a failure or preemption, on any node, continues where the run was.
+    """The saved progress of a long run (``influence.retrain.Progress``) as a file of the store
+    (``storage.checkpoints.progress_path``), so that a rerun after a failure or preemption, on any node,
+    continues where the run was: a retrain run of a part (see `_retrain`), or data-parallel training
+    (:func:`train_progress`).
 
-    The file holds the run's identity beside its state (configuration, part, run, science version, rows,
-    parameters, steps, order seed). A file whose identity differs, or that cannot be loaded, was not written
-    by this run: it is set aside (kept for inspection) and the run starts from its beginning."""
+    The file holds the run's identity beside its state (what it computes, the science version, its sizes). A
+    file whose identity differs, or that cannot be loaded, was not written by this run: it is set aside (kept
+    for inspection) and the run starts from its beginning."""
 
-    def __init__(self, store: Store, cfg: Configuration, part: str, run: int, identity: dict) -> None:
-        self.every = cfg.retrain_checkpoint_every
-        self.store, self.experiment = store, cfg.experiment
-        self.name = f"retrain/{cfg.config_id}/{part} run {run}"
-        self.path = progress_path(store, cfg.experiment, cfg.config_id, f"{part}-r{run}")
-        self.identity = identity
+    def __init__(self, store: Store, experiment: str, path: str, name: str, every: int, identity: dict) -> None:
+        self.store, self.experiment, self.path, self.name = store, experiment, path, name
+        self.every, self.identity = every, identity
 
     def load(self) -> dict | None:
         try:
@@ -458,6 +466,20 @@ class StoredProgress:
 
     def remove(self) -> None:
         delete_file(self.store, self.path)
+
+
+def train_progress(store: Store, cfg: Configuration, n_params: int, steps: int) -> StoredProgress:
+    """The saved progress of data-parallel training of `cfg`'s θ̂, at ``<experiment>/progress/<model_key>/train.pt``
+    (configurations that share θ̂ share it): saved every ``train.checkpoint_every`` steps, and at the end, which
+    is how the workers hand θ̂ back. Deleted once θ̂'s checkpoint is written."""
+    identity = {"model_key": cfg.model_key, "science": SCIENCE, "n_params": n_params, "steps": steps}
+    return StoredProgress(store, cfg.experiment, progress_path(store, cfg.experiment, cfg.model_key, "train"),
+                          f"train/{cfg.model_key}", cfg.train_checkpoint_every or steps, identity)
+
+
+def train_steps(cfg: Configuration, n_train: int) -> int:
+    """The optimiser steps of training θ̂: epochs x batches per epoch."""
+    return cfg.epochs * steps_per_epoch(n_train, full_batch_or(cfg.batch_size, n_train))
 
 
 def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset, weights: torch.Tensor,
@@ -495,7 +517,9 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
         if cfg.retrain_checkpoint_every is not None and steps > cfg.retrain_checkpoint_every:
             identity = {"config_id": cfg.config_id, "part": part, "run": run, "science": SCIENCE, "rows": rows,
                         "n_params": n_params, "steps": steps, "seed": seed}
-            saved = StoredProgress(store, cfg, part, run, identity)
+            saved = StoredProgress(store, cfg.experiment,
+                                   progress_path(store, cfg.experiment, cfg.config_id, f"{part}-r{run}"),
+                                   f"retrain/{cfg.config_id}/{part} run {run}", cfg.retrain_checkpoint_every, identity)
         runs.append(saved)
         return saved
 

@@ -86,7 +86,7 @@ TABLES: dict[str, pa.Schema] = {
         ("test_chunk", _i64), ("grad_chunk", _i64), ("test_points", _str), ("removals", _str),
         ("retrain_start", _str), ("retrain_lr", _f64), ("controls", _i64), ("perturbation", _f64),
         ("retrain_chunk", _i64), ("grad_tol", _f64), ("replicates", _i64), ("train_shard", _i64),
-        ("retrain_checkpoint_every", _i64),
+        ("retrain_checkpoint_every", _i64), ("train_checkpoint_every", _i64),
     ]),
     "models": pa.schema([
         _key("model_key", _str), ("train_loss", _f64), ("test_loss", _f64), ("test_accuracy", _f64),

@@ -1,0 +1,109 @@
+"""Data-parallel training: W workers take the same minibatch steps as one, each on its share of every batch.
+
+Every worker holds the whole training set and the same θ. A step's batch B (the order of
+:func:`~influence.retrain.epoch_order`, as one worker would visit it) is cut into W contiguous pieces; worker w
+computes ∇ of (1/|B|) Σ_{i∈B_w} L(z_i, θ), the piece's share of the batch objective, the W shares are summed
+by ``all_reduce`` (torch.distributed's SUM: gloo on CPUs, NCCL on GPUs, once per step), and every worker adds
+the L2 term's λθ and takes the same ``torch.optim`` step. The sum of the shares is the batch gradient one
+worker computes, so W workers reach the θ̂ of :func:`~influence.train.train` with the same global batch and
+seed, up to the order of floating-point sums (pieces are normalised by |B|, not by their own sizes, so an
+uneven last batch weighs its points as one worker does).
+
+Progress (a :class:`~influence.retrain.Progress`): worker 0 saves θ, the optimiser's state and the step every
+``progress.every`` steps and at the end; every worker of a restarted group loads the same state and goes on
+from it, taking exactly the steps the uninterrupted run would have taken.
+
+Nothing here knows who runs the workers (the cluster layer starts them with Ray Train).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from influence.models import Model
+from influence.objective import per_example_loss
+from influence.retrain import Progress, _resumed, _save_due, check_options, full_batch_or, minibatches, scheduled_lr, steps_per_epoch
+from influence.train import PROGRESS_CALLS, TrainResult, summarise
+
+AllReduce = Callable[[torch.Tensor], None]  # sums a tensor over the workers, in place
+
+
+def train_data_parallel(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    rank: int,
+    world: int,
+    all_reduce: AllReduce,
+    weight_decay: float,
+    lr: float,
+    epochs: int,
+    seed: int,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    batch_size: int | None = None,
+    schedule: str = "constant",
+    theta0: torch.Tensor | None = None,
+    progress: Progress | None = None,
+    report: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Worker ``rank`` of ``world``'s part of training θ̂ (module docstring); every worker returns the same θ̂.
+
+    Arguments as :func:`~influence.train.train` (adam or sgd; L-BFGS and mixed precision are single-worker
+    only). ``report(epoch, loss)`` is called on worker 0, about every 1% of the epochs, with the mean batch
+    objective of the epoch (summed over the workers, so the one a single worker would report); give it to every
+    worker or to none, since summing the loss is a collective that all of them take part in."""
+    check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs)
+    if optimizer == "lbfgs":
+        raise ValueError("data-parallel training takes adam or sgd steps; L-BFGS runs on one worker")
+    if not (0 <= rank < world):
+        raise ValueError(f"rank {rank} is not one of the {world} workers")
+    start = time.perf_counter()
+    n = x.shape[0]
+    batch_size = full_batch_or(batch_size, n)
+    if theta0 is None:
+        theta0 = model.init(seed, dtype=x.dtype, device=x.device)
+    theta = theta0.detach().clone().requires_grad_(True)
+    if optimizer == "adam":  # as train() builds them, so the updates are the same arithmetic
+        opt = torch.optim.Adam([theta], lr=lr, foreach=False)
+    else:
+        opt = torch.optim.SGD([theta], lr=lr, momentum=momentum, foreach=False)
+    per_epoch = steps_per_epoch(n, batch_size)
+    total = epochs * per_epoch
+    step = 0
+    if (state := _resumed(progress, total, theta=(model.n_params,))) is not None:
+        with torch.no_grad():
+            theta.copy_(state["theta"])
+        opt.load_state_dict(state["opt"])  # (which replaces the param group dicts: take the group after it)
+        step = state["step"]
+    group = opt.param_groups[0]
+    every = max(1, epochs // PROGRESS_CALLS)
+    for epoch in range(step // per_epoch, epochs):
+        reporting = report is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
+        seen = torch.zeros(1, dtype=theta.dtype, device=theta.device)
+        for idx in minibatches(n, batch_size, seed, epoch, x.device)[step - epoch * per_epoch:]:
+            if idx is None:
+                idx = torch.arange(n, device=x.device)
+            piece = idx.tensor_split(world)[rank]
+            losses = per_example_loss(model, theta, x[piece], y[piece]).sum()
+            (grad,) = torch.autograd.grad(losses / len(idx), theta)
+            all_reduce(grad)
+            with torch.no_grad():
+                grad.add_(theta, alpha=weight_decay)
+            if reporting:  # as train() sums its batch objectives (before the step): the L2 term once, from worker 0
+                seen += losses.detach() + (0.5 * weight_decay * float(theta.detach().square().sum()) * len(idx)
+                                           if rank == 0 else 0.0)
+            theta.grad = grad
+            group["lr"] = scheduled_lr(schedule, lr, step, total)
+            opt.step()
+            step += 1
+            if rank == 0 and _save_due(progress, step, total):
+                progress.save({"step": step, "theta": theta.detach().clone(), "opt": opt.state_dict()})
+        if reporting:
+            all_reduce(seen)  # every worker takes part in the collective; worker 0 reports
+            if rank == 0:
+                report(epoch + 1, float(seen) / n)
+    return summarise(model, theta, x, y, weight_decay, batch_size, epochs, time.perf_counter() - start)
