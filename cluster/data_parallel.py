@@ -52,7 +52,7 @@ def fit(store: Store, cfg: Configuration, source, data, model, report: Callable[
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     progress = train_progress(store, cfg, model.n_params, train_steps(cfg, data.n_train))
-    state = progress.load()
+    state = progress.saved()
     if state is None or state["step"] != progress.identity["steps"]:
         raise RuntimeError(f"data-parallel training of {cfg.model_key} ended without saving θ̂ at {progress.path}")
     return summarise(model, state["theta"].to(data.device), data.x_train, data.y_train, cfg.weight_decay,

@@ -446,6 +446,14 @@ class StoredProgress:
         self.every, self.identity = every, identity
 
     def load(self) -> dict | None:
+        """The saved state (saying where it resumes), or None."""
+        state = self.saved()
+        if state is not None:
+            print(f"{self.name}: resumed at step {state['step']}/{self.identity['steps']}", flush=True)
+        return state
+
+    def saved(self) -> dict | None:
+        """The saved state if it is this run's own (a file that is not is set aside), or None; quietly."""
         try:
             saved = load_state(self.store, self.path)
         except CorruptPart as exc:
@@ -457,9 +465,7 @@ class StoredProgress:
             reason = f"progress of another run: {saved.get('identity')!r}, not {self.identity!r}"
             print(f"{self.name}: {tables.set_aside(self.store, self.experiment, self.path, reason)}", flush=True)
             return None
-        state = saved["state"]
-        print(f"{self.name}: resumed at step {state['step']}/{self.identity['steps']}", flush=True)
-        return state
+        return saved["state"]
 
     def save(self, state: dict) -> None:
         save_state(self.store, self.path, {"identity": self.identity, "state": state}, f"progress of {self.name}")
