@@ -94,5 +94,5 @@ def _worker(config: dict) -> None:
     options.pop("grad_tol", None)  # an L-BFGS setting
     train_data_parallel(model, data.x_train, data.y_train, rank=rank, world=world, all_reduce=dist.all_reduce,
                         weight_decay=cfg.weight_decay, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,
-                        schedule=cfg.schedule, progress=_RankOrdered(progress, rank, dist.barrier),
+                        schedule=cfg.schedule, mixed_precision=cfg.mixed_precision, progress=_RankOrdered(progress, rank, dist.barrier),
                         report=config["report"], **options)

@@ -17,6 +17,7 @@ Nothing here knows who runs the workers (the cluster layer starts them with Ray 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -25,7 +26,7 @@ import torch
 from influence.models import Model
 from influence.objective import per_example_loss
 from influence.retrain import Progress, _resumed, _save_due, check_options, full_batch_or, minibatches, scheduled_lr, steps_per_epoch
-from influence.train import PROGRESS_CALLS, TrainResult, summarise
+from influence.train import PROGRESS_CALLS, TrainResult, check_mixed_precision, summarise
 
 AllReduce = Callable[[torch.Tensor], None]  # sums a tensor over the workers, in place
 
@@ -46,14 +47,15 @@ def train_data_parallel(
     momentum: float = 0.9,
     batch_size: int | None = None,
     schedule: str = "constant",
+    mixed_precision: bool = False,
     theta0: torch.Tensor | None = None,
     progress: Progress | None = None,
     report: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Worker ``rank`` of ``world``'s part of training θ̂ (module docstring); every worker returns the same θ̂.
 
-    Arguments as :func:`~influence.train.train` (adam or sgd; L-BFGS and mixed precision are single-worker
-    only). ``report(epoch, loss)`` is called on worker 0, about every 1% of the epochs, with the mean batch
+    Arguments as :func:`~influence.train.train` (adam or sgd: L-BFGS runs on one worker; ``mixed_precision``
+    puts the forward under bfloat16 autocast, on CUDA, as train() does). ``report(epoch, loss)`` is called on worker 0, about every 1% of the epochs, with the mean batch
     objective of the epoch (summed over the workers, so the one a single worker would report); give it to every
     worker or to none, since summing the loss is a collective that all of them take part in."""
     check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs)
@@ -61,6 +63,9 @@ def train_data_parallel(
         raise ValueError("data-parallel training takes adam or sgd steps; L-BFGS runs on one worker")
     if not (0 <= rank < world):
         raise ValueError(f"rank {rank} is not one of the {world} workers")
+    if mixed_precision:
+        check_mixed_precision(x)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if mixed_precision else contextlib.nullcontext
     start = time.perf_counter()
     n = x.shape[0]
     batch_size = full_batch_or(batch_size, n)
@@ -88,7 +93,8 @@ def train_data_parallel(
             if idx is None:
                 idx = torch.arange(n, device=x.device)
             piece = idx.tensor_split(world)[rank]
-            losses = per_example_loss(model, theta, x[piece], y[piece]).sum()
+            with autocast():
+                losses = per_example_loss(model, theta, x[piece], y[piece]).sum()
             (grad,) = torch.autograd.grad(losses / len(idx), theta)
             all_reduce(grad)
             with torch.no_grad():

@@ -102,7 +102,7 @@ def train(
         if optimizer == "lbfgs":
             raise ValueError("mixed_precision does not apply to optimizer 'lbfgs': its line search compares "
                              "objective values, which bfloat16 rounds away; pass mixed_precision=False")
-        _check_mixed_precision(x)
+        check_mixed_precision(x)
     start = time.perf_counter()
     if theta0 is None:
         theta0 = model.init(seed, dtype=x.dtype, device=x.device)
@@ -203,7 +203,7 @@ def _train_lbfgs(model: Model, theta0: torch.Tensor, x: torch.Tensor, y: torch.T
                        epochs=run.iterations, seconds=time.perf_counter() - start)
 
 
-def _check_mixed_precision(x: torch.Tensor) -> None:
+def check_mixed_precision(x: torch.Tensor) -> None:
     if x.device.type != "cuda":
         raise ValueError(f"mixed_precision needs a CUDA device (bfloat16 autocast of the forward); x is on "
                          f"{x.device}: move the data to CUDA or pass mixed_precision=False")

@@ -480,16 +480,14 @@ def _parse(data: object, source: str, max_configurations: int | None = None) -> 
 
 
 def _check_training_workers(train: Resources, configurations) -> None:
-    """Data-parallel training (resources.train.workers > 1) takes adam or sgd steps in full precision, and
-    train.checkpoint_every is a setting of it alone."""
+    """Data-parallel training (resources.train.workers > 1) takes adam or sgd steps, and train.checkpoint_every is
+    a setting of it alone."""
     for cfg in configurations:
         if train.workers > 1:
-            for name, ok, why in (("optimizer", cfg.optimizer != "lbfgs", "L-BFGS runs on one worker"),
-                                  ("mixed_precision", not cfg.mixed_precision, "mixed precision is single-worker")):
-                if not ok:
-                    raise SpecError("resources.train.workers", train.workers,
-                                    f"data-parallel training takes adam or sgd steps in full precision ({why}): set "
-                                    f"workers to 1, or change train.{name}")
+            if cfg.optimizer == "lbfgs":
+                raise SpecError("resources.train.workers", train.workers,
+                                "data-parallel training takes adam or sgd steps (L-BFGS runs on one worker): set "
+                                "workers to 1, or change train.optimizer")
         elif cfg.train_checkpoint_every is not None:
             raise SpecError(_PATHS["train_checkpoint_every"], cfg.train_checkpoint_every,
                             "saves the progress of data-parallel training: set resources.train.workers > 1 too, or "

@@ -56,11 +56,13 @@ def test_a_resumed_data_parallel_run_equals_the_uninterrupted_one(digits):
     assert torch.equal(resumed.theta, whole.theta)
 
 
-def test_lbfgs_is_refused(digits):
+def test_lbfgs_and_mixed_precision_on_a_cpu_are_refused(digits):
     data, model = digits
     with pytest.raises(ValueError, match="adam or sgd steps"):
         _alone()(model, data.x_train, data.y_train, **dict(KW, optimizer="lbfgs", batch_size=None,
                                                            schedule="constant"))
+    with pytest.raises(ValueError, match="mixed_precision needs a CUDA device"):
+        _alone()(model, data.x_train, data.y_train, mixed_precision=True, **KW)
 
 
 # ---- through Ray Train: two workers of one CPU each, gloo ------------------------------------------------------
