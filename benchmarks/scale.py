@@ -1,6 +1,7 @@
-"""Benchmark: what grows with the data set, measured side by side in one run.
+"""Benchmark: what grows with the data set and what data-parallel training buys, measured side by side.
 
-    python -m benchmarks.scale [--images 2000,20000] [--image-size 32]
+    python -m benchmarks.scale [--part memory|ddp|nodes|all] [--images 2000,20000] [--image-size 32]
+                               [--model small_cnn] [--epochs 40] [--retrain-tasks 16]
 
 Driver and worker memory against the size of an ImageNet-format set. For each N, `fragile data tiny imagenet
 --images N` writes an ImageFolder of N small training JPEGs (10 classes), and three fresh processes each do one
@@ -12,15 +13,32 @@ thing and report their peak resident memory (ru_maxrss):
             whole split decoded and standardised in memory, `jobs.tasks.load_data`
 Reported above the floor, in MiB, with the growth from the smallest to the largest N. The driver's column must
 not grow with N beyond the file list (a few hundred bytes per image); the task's grows with the images it holds.
+
+Training throughput with 1 and 2 data-parallel workers (Ray Train, gloo, 1 CPU and 1 torch thread each) of a
+model (default the small CNN) on digits (1,437 training images, minibatches of 64, SGD, float64), each worker running
+`influence.data_parallel.train_data_parallel` with its all-reduce timed. Per W: the examples per second of the
+training loop itself, the share of the loop spent in the all-reduce, and the seconds Ray Train takes to start
+the group (the fit's wall time minus the loop's). The ratio of the two throughputs is what a second worker buys.
+
+Retrains per second on 1 and on 2 Ray worker nodes of 1 CPU each (`cluster.local.up(workers=N, num_cpus=0)`: a
+head without CPUs, so every task runs on a worker node, as `fragile cluster up --workers N --num-cpus 0` does):
+the same retrain tasks of the small CNN on digits (8 removals and a control each, 2 epochs of minibatches of
+64, SGD), submitted at once as the pipeline submits them, timed from submission to the last part landed, after
+a first round of two tasks per node has started a worker process (and imported torch) on each.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # drivers and nodes on loopback (cluster/local.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 10
@@ -71,19 +89,157 @@ def memory(images: list[int], size: int) -> list[dict]:
     return rows
 
 
+def _timed_worker(config: dict) -> None:
+    """A Ray Train worker: train_data_parallel with its all-reduce timed; worker 0 writes the times."""
+    import torch
+    import torch.distributed as dist
+    import ray.train
+
+    from influence.data import load_dataset
+    from influence.data_parallel import train_data_parallel
+    from influence.models import build_model
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    data = load_dataset("digits")
+    model = build_model(config["model"], input_shape=data.input_shape, num_classes=data.num_classes)
+    reduce_seconds = [0.0]
+
+    def all_reduce(tensor) -> None:
+        start = time.perf_counter()
+        dist.all_reduce(tensor)
+        reduce_seconds[0] += time.perf_counter() - start
+
+    start = time.perf_counter()
+    train_data_parallel(model, data.x_train, data.y_train, rank=rank, world=world, all_reduce=all_reduce,
+                        weight_decay=1e-3, lr=0.05, epochs=config["epochs"], seed=0, optimizer="sgd",
+                        batch_size=64)
+    loop = time.perf_counter() - start
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps({"loop_s": loop, "reduce_s": reduce_seconds[0],
+                                                   "examples": data.n_train * config["epochs"]}))
+
+
+def ddp(model: str, epochs: int) -> list[dict]:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.runtime import connect
+
+    runtime = connect(None, num_cpus=2)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="fragile-ddp-") as tmp:
+            for workers in (1, 2):
+                out = str(Path(tmp) / f"w{workers}.json")
+                trainer = TorchTrainer(_timed_worker, train_loop_config={"epochs": epochs, "out": out, "model": model},
+                                       scaling_config=ScalingConfig(num_workers=workers,
+                                                                    resources_per_worker={"CPU": 1}),
+                                       run_config=RunConfig(name=f"ddp-{workers}", storage_path=tmp))
+                start = time.perf_counter()
+                trainer.fit()
+                wall = time.perf_counter() - start
+                timed = json.loads(Path(out).read_text())
+                rows.append({"workers": workers, "examples_per_s": timed["examples"] / timed["loop_s"],
+                             "reduce_share": timed["reduce_s"] / timed["loop_s"], "loop_s": timed["loop_s"],
+                             "startup_s": wall - timed["loop_s"]})
+                print(f"  {workers} worker(s): {rows[-1]['examples_per_s']:7.0f} examples/s in the loop "
+                      f"({rows[-1]['loop_s']:.1f} s, {100 * rows[-1]['reduce_share']:.0f}% of it in the "
+                      f"all-reduce), {rows[-1]['startup_s']:.1f} s to start the group", flush=True)
+    finally:
+        if runtime.started_here:
+            ray.shutdown()
+    return rows
+
+
+def nodes(tasks_count: int) -> list[dict]:
+    import ray
+
+    from cluster import local, s3server
+    from cluster.runner import _remote, task_options
+    from cluster.runtime import connect
+    from influence.data import load_dataset
+    from jobs import tasks
+    from jobs.spec import Configuration
+    from storage.uri import open_store
+
+    cfg = Configuration("scale", dataset="digits", model="small_cnn", optimizer="sgd", lr=0.05, batch_size=64,
+                        epochs=10, weight_decay=1e-3, retrain_epochs=2, controls=1, retrain_chunk=8)
+    data = load_dataset("digits")
+    theta = tasks.model_for(cfg, data).init(0, dtype=torch_float64())
+    rows = []
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    for count in (1, 2):
+        with tempfile.TemporaryDirectory(prefix="fragile-nodes-") as tmp:
+            ports = s3server.free_ports(2)
+            state = local.up(Path(tmp) / "cluster", ray_port=ports[0], dashboard_port=ports[1],
+                             s3_port=s3server._port_pairs(1)[0], num_cpus=0, auth="disabled", workers=count,
+                             worker_cpus=1)
+            try:
+                connect(f"127.0.0.1:{state.ray_port}")  # (pins this process to the loopback address)
+                store = open_store(str(Path(tmp) / "store"))
+                data_ref, theta_ref = ray.put(data), ray.put(theta)
+                body = _remote(tasks.retrain_task, 1)
+
+                def submit(chunks: range) -> list:
+                    return [body.options(**task_options({"num_cpus": 1}, f"retrain {k}")).remote(
+                        store, cfg, data_ref, theta_ref, k, list(range(8 * k, 8 * k + 8)), [0, 1]) for k in chunks]
+
+                ray.get(submit(range(100, 100 + 2 * count)))  # warm: a worker process with torch on every node
+                start = time.perf_counter()
+                ray.get(submit(range(tasks_count)))
+                wall = time.perf_counter() - start
+            finally:
+                if ray.is_initialized():
+                    ray.shutdown()
+                local.down(Path(tmp) / "cluster")
+        rows.append({"nodes": count, "retrains_per_s": 8 * tasks_count / wall, "seconds": wall})
+        print(f"  {count} worker node(s): {rows[-1]['retrains_per_s']:.1f} retrains/s ({tasks_count} tasks of 8 "
+              f"removals in {wall:.1f} s)", flush=True)
+    return rows
+
+
+def torch_float64():
+    import torch
+
+    return torch.float64
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("memory", "ddp", "nodes", "all"), default="all")
     parser.add_argument("--images", default="2000,20000", help="training-set sizes N, comma-separated")
     parser.add_argument("--image-size", type=int, default=32, help="side of the centre crop (default 32)")
+    parser.add_argument("--model", default="small_cnn", help="model of the DDP part (default small_cnn)")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs of the DDP part (default 40)")
+    parser.add_argument("--retrain-tasks", type=int, default=16, help="retrain tasks of the nodes part (default 16)")
     args = parser.parse_args(argv)
-    images = sorted(int(n) for n in args.images.split(","))
-    print(f"memory against data-set size (ImageNet format, {CLASSES} classes, {args.image_size}px crops):")
-    rows = memory(images, args.image_size)
-    first, last = rows[0], rows[-1]
-    growth = {key: last[key] - first[key] for key in ("plan_mib", "load_mib")}
-    print(f"  from {first['images']} to {last['images']} images ({last['images'] / first['images']:.0f}x): the "
-          f"driver grows by {growth['plan_mib']:+.1f} MiB, a task by {growth['load_mib']:+.1f} MiB")
-    return {"memory": rows, "growth_mib": growth}
+    out: dict = {}
+    if args.part in ("memory", "all"):
+        images = sorted(int(n) for n in args.images.split(","))
+        print(f"memory against data-set size (ImageNet format, {CLASSES} classes, {args.image_size}px crops):")
+        rows = memory(images, args.image_size)
+        first, last = rows[0], rows[-1]
+        growth = {key: last[key] - first[key] for key in ("plan_mib", "load_mib")}
+        print(f"  from {first['images']} to {last['images']} images ({last['images'] / first['images']:.0f}x): "
+              f"the driver grows by {growth['plan_mib']:+.1f} MiB, a task by {growth['load_mib']:+.1f} MiB")
+        out |= {"memory": rows, "growth_mib": growth}
+    if args.part in ("ddp", "all"):
+        print(f"data-parallel training, {args.model} on digits, {args.epochs} epochs of minibatches of 64 (gloo, "
+              f"1 CPU per worker):")
+        rows = ddp(args.model, args.epochs)
+        ratio = rows[1]["examples_per_s"] / rows[0]["examples_per_s"]
+        print(f"  2 workers / 1 worker: {ratio:.2f}x the examples per second of the training loop")
+        out |= {"ddp": rows, "ddp_ratio": ratio}
+    if args.part in ("nodes", "all"):
+        print("retrain throughput on worker nodes of 1 CPU each (small CNN on digits):")
+        rows = nodes(args.retrain_tasks)
+        ratio = rows[1]["retrains_per_s"] / rows[0]["retrains_per_s"]
+        print(f"  2 nodes / 1 node: {ratio:.2f}x the retrains per second (target >= 1.8x)")
+        out |= {"nodes": rows, "nodes_ratio": ratio}
+    return out
 
 
 if __name__ == "__main__":
