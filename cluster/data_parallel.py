@@ -95,4 +95,4 @@ def _worker(config: dict) -> None:
     train_data_parallel(model, data.x_train, data.y_train, rank=rank, world=world, all_reduce=dist.all_reduce,
                         weight_decay=cfg.weight_decay, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,
                         schedule=cfg.schedule, mixed_precision=cfg.mixed_precision, progress=_RankOrdered(progress, rank, dist.barrier),
-                        report=config["report"], **options)
+                        report=config["report"], summary=False, **options)

@@ -72,9 +72,12 @@ class RayRunner:
 
     def submit(self, kind: str, name: str, body: Callable, *args: Any, num_returns: int = 1):
         if kind == "train" and self.train_workers > 1:
-            # Data-parallel: the task only waits for its Ray Train workers, which take the resources.
-            fit = functools.partial(data_parallel.fit, workers=self.train_workers, per_worker=self.resources[kind])
-            return _remote(body, num_returns).options(**task_options({"num_cpus": 0}, name)).remote(*args, fit=fit)
+            # Data-parallel: the Ray Train workers take the spec's resources; the task waits for them on one CPU
+            # (never on a head without CPUs) with the memory the spec reserves, and evaluates θ̂ there after.
+            per_worker = self.resources[kind]
+            fit = functools.partial(data_parallel.fit, workers=self.train_workers, per_worker=per_worker)
+            waiting = {"num_cpus": 1} | ({"memory": per_worker["memory"]} if per_worker.get("memory") else {})
+            return _remote(body, num_returns).options(**task_options(waiting, name)).remote(*args, fit=fit)
         return _remote(body, num_returns).options(**task_options(self.resources[kind], name)).remote(*args)
 
     def wait(self, handles: list):

@@ -177,6 +177,8 @@ def cmd_data(args) -> int:
     from influence.data_files import write_tiny
 
     options = {"num_classes": args.classes}
+    if args.classes is not None and args.classes < 2:
+        raise UsageError(f"--classes {args.classes}: give 2 or more classes")
     if args.images is not None:
         if args.images < 1:
             raise UsageError(f"--images {args.images}: give a count of training images >= 1")

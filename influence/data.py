@@ -298,11 +298,11 @@ def _load_files(name: str, *, root: str | None, split_seed: int, dtype: torch.dt
     # Separate streams for the two splits, so that changing test_subset never changes the training points.
     train_idx = choose_subset(train.labels, subset, seed=split_seed, stream=0, option="subset", name=name)
     test_idx = choose_subset(test.labels, test_subset, seed=split_seed, stream=1, option="test_subset", name=name)
+    if name == "imagenet":  # (planning too: a set too large for a task is refused before anything runs)
+        data_files.check_fits_in_memory(name, len(train_idx) + len(test_idx), train.image_shape, dtype)
     if not decode:
         return DatasetInfo(name=name, n_train=len(train_idx), n_test=len(test_idx), num_classes=train.num_classes,
                            input_shape=tuple(train.image_shape))
-    if name == "imagenet":
-        data_files.check_fits_in_memory(name, len(train_idx) + len(test_idx), train.image_shape, dtype)
     x_train, x_test = standardise_images(train.images(train_idx), test.images(test_idx), dtype)
     return Dataset(name=name, x_train=x_train, y_train=_as_y(train.labels[train_idx]), x_test=x_test,
                    y_test=_as_y(test.labels[test_idx]), num_classes=train.num_classes)

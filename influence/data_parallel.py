@@ -51,13 +51,15 @@ def train_data_parallel(
     theta0: torch.Tensor | None = None,
     progress: Progress | None = None,
     report: Callable[[int, float], None] | None = None,
-) -> TrainResult:
+    summary: bool = True,
+) -> TrainResult | None:
     """Worker ``rank`` of ``world``'s part of training θ̂ (module docstring); every worker returns the same θ̂.
 
     Arguments as :func:`~influence.train.train` (adam or sgd: L-BFGS runs on one worker; ``mixed_precision``
     puts the forward under bfloat16 autocast, on CUDA, as train() does). ``report(epoch, loss)`` is called on worker 0, about every 1% of the epochs, with the mean batch
     objective of the epoch (summed over the workers, so the one a single worker would report); give it to every
-    worker or to none, since summing the loss is a collective that all of them take part in."""
+    worker or to none, since summing the loss is a collective that all of them take part in. ``summary=False``
+    returns None instead of the :class:`TrainResult` (and skips its full pass over the data)."""
     check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs)
     if optimizer == "lbfgs":
         raise ValueError("data-parallel training takes adam or sgd steps; L-BFGS runs on one worker")
@@ -112,4 +114,6 @@ def train_data_parallel(
             all_reduce(seen)  # every worker takes part in the collective; worker 0 reports
             if rank == 0:
                 report(epoch + 1, float(seen) / n)
+    if not summary:  # (the caller computes R and ‖∇R‖ once, not on every worker)
+        return None
     return summarise(model, theta, x, y, weight_decay, batch_size, epochs, time.perf_counter() - start)

@@ -488,6 +488,14 @@ def _check_training_workers(train: Resources, configurations) -> None:
                 raise SpecError("resources.train.workers", train.workers,
                                 "data-parallel training takes adam or sgd steps (L-BFGS runs on one worker): set "
                                 "workers to 1, or change train.optimizer")
+            if train.num_gpus not in (0, 1):
+                raise SpecError("resources.train.num_gpus", train.num_gpus,
+                                "data-parallel workers take a whole GPU each (NCCL cannot share one between "
+                                "workers): set num_gpus to 1, or 0 for CPU workers (gloo)")
+            if cfg.mixed_precision and not train.num_gpus:
+                raise SpecError("resources.train.num_gpus", train.num_gpus,
+                                "mixed precision runs on CUDA: give each data-parallel worker num_gpus: 1, or set "
+                                "train.mixed_precision: false")
         elif cfg.train_checkpoint_every is not None:
             raise SpecError(_PATHS["train_checkpoint_every"], cfg.train_checkpoint_every,
                             "saves the progress of data-parallel training: set resources.train.workers > 1 too, or "

@@ -11,6 +11,7 @@ rows from CPU arrays. Inputs arrive on the CPU.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -111,7 +112,7 @@ class DataSource:
     the tasks in place of the data. Its sizes and shapes come from the labels and file list alone
     (`influence.data.describe_dataset`), so the driver never decodes an image and nothing of the set goes into
     the object store; each task opens its node's local copy with `to(device)`, which loads the set once per
-    worker process (the last two sets used are kept) and hands back the very tensors `load_data` gives."""
+    worker process (the last set used is kept) and hands back the very tensors `load_data` gives."""
 
     key: str  # dataset_key of the configurations that share it
     cfg: Configuration  # one of them: its data fields say what to load
@@ -126,8 +127,8 @@ class DataSource:
         return _node_local(self).to(device)
 
 
-_LOADED: dict[str, Dataset] = {}  # per worker process: dataset_key -> the set, the most recently used last
-_KEEP_LOADED = 2
+_LOADED: dict[str, Dataset] = {}  # per worker process: dataset_key -> the set it holds
+_KEEP_LOADED = 1  # an idle worker process keeps what it decoded, unseen by Ray's memory accounting: one set
 
 
 def _node_local(source: DataSource) -> Dataset:
@@ -273,7 +274,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
                  "model_key": cfg.model_key, "configuration": cfg.to_dict(), "science": SCIENCE}
         checkpoint = save_checkpoint(store, cfg.experiment, cfg.model_key, state)
         if fit is not None:  # θ̂ is in its checkpoint now: the progress that led to it is no longer needed
-            delete_file(store, progress_path(store, cfg.experiment, cfg.model_key, "train"))
+            _remove_quietly(store, progress_path(store, cfg.experiment, cfg.config_id, "train"))
     else:
         theta = state["theta"].to(device)
         grad_norm, objective, seconds = state["grad_norm"], state["objective"], state["seconds"]
@@ -470,17 +471,24 @@ class StoredProgress:
     def save(self, state: dict) -> None:
         save_state(self.store, self.path, {"identity": self.identity, "state": state}, f"progress of {self.name}")
 
-    def remove(self) -> None:
-        delete_file(self.store, self.path)
+
+def _remove_quietly(store: Store, path: str) -> None:
+    """Delete a progress file whose result has landed; a failure to (the store away) only leaves a file behind:
+    the result is safe, and a rerun that meets the file finds its run complete."""
+    try:
+        delete_file(store, path)
+    except Exception as exc:  # noqa: BLE001 - the landed part must not fail on its clean-up
+        print(f"{store.uri_of(path)}: left in place ({type(exc).__name__}: {exc})", flush=True)
 
 
 def train_progress(store: Store, cfg: Configuration, n_params: int, steps: int) -> StoredProgress:
-    """The saved progress of data-parallel training of `cfg`'s θ̂, at ``<experiment>/progress/<model_key>/train.pt``
-    (configurations that share θ̂ share it): saved every ``train.checkpoint_every`` steps, and at the end, which
-    is how the workers hand θ̂ back. Deleted once θ̂'s checkpoint is written."""
+    """The saved progress of data-parallel training of `cfg`'s θ̂, at ``<experiment>/progress/<config_id>/train.pt``
+    (each configuration's own, so that two trials training one θ̂ at once never share a file): saved every
+    ``train.checkpoint_every`` steps, and at the end, which is how the workers hand θ̂ back. Deleted once θ̂'s
+    checkpoint is written."""
     identity = {"model_key": cfg.model_key, "science": SCIENCE, "n_params": n_params, "steps": steps}
-    return StoredProgress(store, cfg.experiment, progress_path(store, cfg.experiment, cfg.model_key, "train"),
-                          f"train/{cfg.model_key}", cfg.train_checkpoint_every or steps, identity)
+    return StoredProgress(store, cfg.experiment, progress_path(store, cfg.experiment, cfg.config_id, "train"),
+                          f"train/{cfg.config_id}", cfg.train_checkpoint_every or steps, identity)
 
 
 def train_steps(cfg: Configuration, n_train: int) -> int:
@@ -490,8 +498,9 @@ def train_steps(cfg: Configuration, n_train: int) -> int:
 
 def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset, weights: torch.Tensor,
                  seed: int, progress: Callable[..., StoredProgress | None]) -> torch.Tensor:
-    """One retrain run (its rows share the order `seed`); `progress(rows, n_params, steps, seed)` gives it a
-    StoredProgress, or None, for a run of that many rows, parameters and optimiser steps."""
+    """One retrain run (its rows share the order `seed`); `progress(rows, n_params, steps, seed, digest)` gives it
+    a StoredProgress, or None, for a run of that many rows, parameters and optimiser steps, from these starts
+    and weights (their digest)."""
     options = dict(weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs,
                    schedule=protocol.retrain_schedule(cfg), seed=seed, **_train_options(cfg))
     n = data.n_train
@@ -499,8 +508,11 @@ def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset,
     run = retrain_batched if protocol.batched(model.n_params) else retrain_loop
     if run is retrain_loop:  # one row after another: its steps are counted over the rows
         steps *= weights.shape[0]
+    # What the run starts from and whom it leaves out: a saved state of other removals (recomputed estimates that
+    # reordered a top-k) or of another θ̂ must not be resumed.
+    digest = hashlib.sha256(starts.detach().cpu().numpy().tobytes() + weights.detach().cpu().numpy().tobytes())
     return run(model, starts, data.x_train, data.y_train, weights,
-               progress=progress(weights.shape[0], model.n_params, steps, seed), **options)
+               progress=progress(weights.shape[0], model.n_params, steps, seed, digest.hexdigest()[:16]), **options)
 
 
 def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, replicate, device) -> str:
@@ -517,12 +529,12 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
     starts = torch.cat([protocol.control_starts(cfg, base)[:c], base.expand(len(removed), -1)])
     runs: list[StoredProgress | None] = []  # one per run of the part, in order
 
-    def progress(rows: int, n_params: int, steps: int, seed: int) -> StoredProgress | None:
+    def progress(rows: int, n_params: int, steps: int, seed: int, digest: str) -> StoredProgress | None:
         """The saved progress of the part's next run, when it is long enough to need one."""
         run, saved = len(runs), None
         if cfg.retrain_checkpoint_every is not None and steps > cfg.retrain_checkpoint_every:
             identity = {"config_id": cfg.config_id, "part": part, "run": run, "science": SCIENCE, "rows": rows,
-                        "n_params": n_params, "steps": steps, "seed": seed}
+                        "n_params": n_params, "steps": steps, "seed": seed, "inputs": digest}
             saved = StoredProgress(store, cfg.experiment,
                                    progress_path(store, cfg.experiment, cfg.config_id, f"{part}-r{run}"),
                                    f"retrain/{cfg.config_id}/{part} run {run}", cfg.retrain_checkpoint_every, identity)
@@ -584,5 +596,5 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
     } | node_columns(len(rows_k) * T)
     path = tables.write_part(store, cfg.experiment, "retrain", cfg.config_id, part, rows)
     for run in filter(None, runs):  # the part has landed: what its runs saved on the way is no longer needed
-        run.remove()
+        _remove_quietly(store, run.path)
     return path

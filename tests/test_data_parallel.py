@@ -104,7 +104,7 @@ def test_two_gloo_workers_reach_the_theta_of_one(ray_cluster, tmp_path, digits, 
     assert torch.allclose(got.theta, expected.theta, rtol=0, atol=1e-10)
     assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-8)
     saved = [f.path for f in list_files(store, store.path("ddp", "progress")) if f.path.endswith(".pt")]
-    assert [p.rsplit("/", 2)[-2:] for p in saved] == [[cfg.model_key, "train.pt"]]  # the task deletes it later
+    assert [p.rsplit("/", 2)[-2:] for p in saved] == [[cfg.config_id, "train.pt"]]  # the task deletes it later
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ def test_a_killed_training_worker_resumes_from_the_saved_step(ray_cluster, tmp_p
     data = load_dataset("digits", subset=120, test_subset=20)
     model = tasks.model_for(cfg, data)
     store = open_store(str(tmp_path / "store"))
-    path = progress_path(store, "ddp", cfg.model_key, "train")
+    path = progress_path(store, "ddp", cfg.config_id, "train")
     killed: list[int] = []
 
     def kill_a_worker_once_progress_is_saved() -> None:
@@ -73,7 +73,7 @@ def test_a_killed_training_worker_resumes_from_the_saved_step(ray_cluster, tmp_p
     while "resumed at step" not in seen and time.monotonic() < deadline:
         time.sleep(0.5)
         seen = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.out"))
-    line = next(ln for ln in seen.splitlines() if f"train/{cfg.model_key}: resumed at step" in ln)
+    line = next(ln for ln in seen.splitlines() if f"train/{cfg.config_id}: resumed at step" in ln)
     step = int(line.split("resumed at step ")[1].split("/")[0])
     assert 100 <= step < 1500 and step % 100 == 0, line
     report(f"DDP worker {killed[0]} killed; training resumed at step {step}/1500, {seconds:.0f} s in all")
