@@ -9,7 +9,7 @@ worker computes, so W workers reach the θ̂ of :func:`~influence.train.train` w
 seed, up to the order of floating-point sums (pieces are normalised by |B|, not by their own sizes, so an
 uneven last batch weighs its points as one worker does).
 
-Progress (a :class:`~influence.retrain.Progress`): worker 0 saves θ, the optimiser's state and the step every
+Progress (a :class:`~influence.progress.Progress`): worker 0 saves θ, the optimiser's state and the step every
 ``progress.every`` steps and at the end; every worker of a restarted group loads the same state and goes on
 from it, taking exactly the steps the uninterrupted run would have taken.
 
@@ -25,8 +25,9 @@ import torch
 
 from influence.models import Model
 from influence.objective import per_example_loss
-from influence.retrain import Progress, _resumed, _save_due, check_options, full_batch_or, minibatches, scheduled_lr, steps_per_epoch
-from influence.train import PROGRESS_CALLS, TrainResult, check_mixed_precision, summarise
+from influence.progress import Progress, resumed_state, save_due
+from influence.retrain import check_options, full_batch_or, minibatches, scheduled_lr, steps_per_epoch
+from influence.train import PROGRESS_CALLS, TrainResult, check_mixed_precision, summarise, torch_optimizer
 
 AllReduce = Callable[[torch.Tensor], None]  # sums a tensor over the workers, in place
 
@@ -74,14 +75,11 @@ def train_data_parallel(
     if theta0 is None:
         theta0 = model.init(seed, dtype=x.dtype, device=x.device)
     theta = theta0.detach().clone().requires_grad_(True)
-    if optimizer == "adam":  # as train() builds them, so the updates are the same arithmetic
-        opt = torch.optim.Adam([theta], lr=lr, foreach=False)
-    else:
-        opt = torch.optim.SGD([theta], lr=lr, momentum=momentum, foreach=False)
+    opt = torch_optimizer(optimizer, theta, lr, momentum)  # as train() builds it: the same arithmetic
     per_epoch = steps_per_epoch(n, batch_size)
     total = epochs * per_epoch
     step = 0
-    if (state := _resumed(progress, total, theta=(model.n_params,))) is not None:
+    if (state := resumed_state(progress, total, theta=(model.n_params,))) is not None:
         with torch.no_grad():
             theta.copy_(state["theta"])
         opt.load_state_dict(state["opt"])  # (which replaces the param group dicts: take the group after it)
@@ -108,7 +106,7 @@ def train_data_parallel(
             group["lr"] = scheduled_lr(schedule, lr, step, total)
             opt.step()
             step += 1
-            if rank == 0 and _save_due(progress, step, total):
+            if rank == 0 and save_due(progress, step, total):
                 progress.save({"step": step, "theta": theta.detach().clone(), "opt": opt.state_dict()})
         if reporting:
             all_reduce(seen)  # every worker takes part in the collective; worker 0 reports

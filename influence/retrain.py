@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import torch
 
 from influence.lbfgs import GRAD_TOL, minimise_lbfgs
 from influence.models import MLP, Model
 from influence.objective import objective, per_example_loss
+from influence.progress import Progress, resumed_state, save_due
 from influence.stacked import StackedMLP
 
 # torch.optim.Adam's defaults; the hand-written retraining step uses the same constants so the two agree.
@@ -108,6 +108,11 @@ def full_batch_or(batch_size: int | None, n: int) -> int | None:
 def steps_per_epoch(n: int, batch_size: int | None) -> int:
     """⌈n / batch_size⌉ (the last, partial batch counts), or 1 for the full batch."""
     return 1 if batch_size is None else -(-n // batch_size)
+
+
+def optimiser_steps(epochs: int, n: int, batch_size: int | None) -> int:
+    """The steps of ``epochs`` epochs over n points in batches of ``batch_size`` (None, or >= n: the full batch)."""
+    return epochs * steps_per_epoch(n, full_batch_or(batch_size, n))
 
 
 def scheduled_lr(schedule: str, lr: float, step: int, total: int) -> float:
@@ -303,46 +308,6 @@ def optimizer_for(optimizer: str, param: torch.Tensor, lr: float, momentum: floa
     return _Adam(param, lr) if optimizer == "adam" else _SGD(param, lr, momentum)
 
 
-# ---- progress of a long retrain -----------------------------------------------------------------------------------
-
-
-class Progress(Protocol):
-    """Where a retrain keeps its state between an interruption and its rerun (the jobs layer backs it with a
-    file in the store). ``every``: optimiser steps between saves. ``load()``: the state last saved, or None to
-    start from the beginning. ``save(state)``: keep ``state`` (a dict of tensors and ints) in place of the last
-    one; it must have taken its copy (or written it out) when it returns, since the run goes on mutating its
-    buffers."""
-
-    every: int
-
-    def load(self) -> dict | None: ...
-
-    def save(self, state: dict) -> None: ...
-
-
-def _resumed(progress: Progress | None, total: int, **shapes: tuple[int, ...]) -> dict | None:
-    """The state ``progress`` holds for a run of ``total`` steps, checked against the run's tensor shapes."""
-    if progress is None:
-        return None
-    if not (isinstance(progress.every, int) and progress.every >= 1):
-        raise ValueError(f"progress.every must be an int >= 1 (optimiser steps between saves); got {progress.every!r}")
-    state = progress.load()
-    if state is None:
-        return None
-    step = state.get("step")
-    if not (isinstance(step, int) and 0 <= step <= total):
-        raise ValueError(f"saved progress is at step {step!r}, not one of this run's 0..{total}")
-    for name, shape in shapes.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(f"saved progress holds {name} of shape {tuple(state[name].shape)}; this run's is {shape}")
-    return state
-
-
-def _save_due(progress: Progress | None, step: int, total: int) -> bool:
-    """Whether ``step`` completed steps (of ``total``) call for a save: every ``progress.every``, and the last."""
-    return progress is not None and (step % progress.every == 0 or step == total)
-
-
 def _no_lbfgs_progress(optimizer: str, progress: Progress | None) -> None:
     if optimizer == "lbfgs" and progress is not None:
         raise ValueError("optimizer 'lbfgs' cannot resume from saved progress (its curvature pairs and line search "
@@ -427,7 +392,7 @@ def stacked_mlp_descent(model: MLP, theta0, x, y, weights, *, weight_decay, lr, 
     # The optimiser sees StackedMLP's layout, a permutation of θ's entries: fine, every update is elementwise.
     opt = optimizer_for(optimizer, stack.params, lr, momentum)
     start = 0
-    if (state := _resumed(progress, epochs, params=tuple(stack.params.shape))) is not None:
+    if (state := resumed_state(progress, epochs, params=tuple(stack.params.shape))) is not None:
         stack.params.copy_(state["params"])
         opt.load(state["opt"])
         start = state["step"]
@@ -439,7 +404,7 @@ def stacked_mlp_descent(model: MLP, theta0, x, y, weights, *, weight_decay, lr, 
             grad.add_(stack.params, alpha=weight_decay)
         opt.lr = scheduled_lr(schedule, lr, step, epochs)
         opt.update(grad)
-        if _save_due(progress, step + 1, epochs):
+        if save_due(progress, step + 1, epochs):
             progress.save({"step": step + 1, "params": stack.params.clone(), "opt": opt.state()})
     return stack.theta()
 
@@ -462,7 +427,7 @@ def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed
     per_epoch = steps_per_epoch(n, batch_size)
     total = epochs * per_epoch
     step = 0
-    if (state := _resumed(progress, total, params=tuple(params.shape))) is not None:
+    if (state := resumed_state(progress, total, params=tuple(params.shape))) is not None:
         params.copy_(state["params"])
         opt.load(state["opt"])
         step = state["step"]
@@ -482,7 +447,7 @@ def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed
             opt.lr = scheduled_lr(schedule, lr, step, total)
             opt.update(grad)
             step += 1
-            if _save_due(progress, step, total):
+            if save_due(progress, step, total):
                 progress.save({"step": step, "params": params.clone(), "opt": opt.state()})
     return params
 
@@ -526,7 +491,7 @@ def retrain_loop(
     per_epoch = steps_per_epoch(n, batch_size)
     total = epochs * per_epoch
     out = torch.empty(k, model.n_params, dtype=theta0.dtype, device=theta0.device)
-    first, state = 0, _resumed(progress, k * total, theta=(model.n_params,))
+    first, state = 0, resumed_state(progress, k * total, theta=(model.n_params,))
     if state is not None:
         first = state["row"]
         out[:first] = state["done"]
@@ -552,7 +517,7 @@ def retrain_loop(
                 opt.lr = scheduled_lr(schedule, lr, step, total)
                 opt.update(grad)
                 step += 1
-                if _save_due(progress, i * total + step, k * total):
+                if save_due(progress, i * total + step, k * total):
                     progress.save({"step": i * total + step, "row": i, "theta": theta.detach().clone(),
                                    "opt": opt.state(), "done": out[:i].clone()})
         out[i] = theta.detach()

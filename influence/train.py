@@ -117,12 +117,7 @@ def train(
                                   optimizer=optimizer, momentum=momentum, schedule=schedule, progress=progress,
                                   start=start)
     theta = theta0.detach().clone().requires_grad_(True)
-    # foreach=False: one parameter tensor leaves foreach nothing to batch, and torch would pick it on CUDA only;
-    # the single-tensor update on every device keeps CPU and GPU runs the same arithmetic.
-    if optimizer == "adam":
-        opt = torch.optim.Adam([theta], lr=lr, foreach=False)
-    else:
-        opt = torch.optim.SGD([theta], lr=lr, momentum=momentum, foreach=False)
+    opt = torch_optimizer(optimizer, theta, lr, momentum)
     group = opt.param_groups[0]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if mixed_precision else contextlib.nullcontext
     total = epochs * steps_per_epoch(n, batch_size)
@@ -146,6 +141,16 @@ def train(
             progress(epoch + 1, float(seen) / n)
 
     return summarise(model, theta, x, y, weight_decay, batch_size, epochs, time.perf_counter() - start)
+
+
+def torch_optimizer(optimizer: str, theta: torch.Tensor, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """``torch.optim.Adam`` or ``torch.optim.SGD`` (with ``momentum``) over the one tensor θ.
+
+    foreach=False: one parameter tensor leaves foreach nothing to batch, and torch would pick it on CUDA only;
+    the single-tensor update on every device keeps CPU and GPU runs the same arithmetic."""
+    if optimizer == "adam":
+        return torch.optim.Adam([theta], lr=lr, foreach=False)
+    return torch.optim.SGD([theta], lr=lr, momentum=momentum, foreach=False)
 
 
 def summarise(model: Model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight_decay: float,

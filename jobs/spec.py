@@ -33,7 +33,8 @@ from jobs.spec_checks import (  # noqa: F401 (the vocabulary is part of this mod
     _optional, _percent, _show, _size, _subset,
 )
 from jobs.spec_rules import (  # noqa: F401 (part of this module's interface)
-    RemovalRule, Resources, TestPointRule, check_removals, check_test_points, parse_removals, parse_test_points,
+    RemovalRule, Resources, TestPointRule, check_removals, check_test_points, check_training_workers, parse_removals,
+    parse_test_points,
 )
 from jobs.spec_yaml import read_spec_file
 
@@ -473,33 +474,10 @@ def _parse(data: object, source: str, max_configurations: int | None = None) -> 
 
     base = _configuration(values, _PATHS)
     configurations = _expand(values, grids, grid_paths)
-    _check_training_workers(resources["train"], configurations)
+    check_training_workers(resources["train"], configurations)
     spec_hash = _hash({"experiment": base.experiment,
                        "configurations": sorted(c.config_id for c in configurations)})
     return Spec(base.experiment, source, base, grids, resources, spec_hash, configurations)
-
-
-def _check_training_workers(train: Resources, configurations) -> None:
-    """Data-parallel training (resources.train.workers > 1) takes adam or sgd steps, and train.checkpoint_every is
-    a setting of it alone."""
-    for cfg in configurations:
-        if train.workers > 1:
-            if cfg.optimizer == "lbfgs":
-                raise SpecError("resources.train.workers", train.workers,
-                                "data-parallel training takes adam or sgd steps (L-BFGS runs on one worker): set "
-                                "workers to 1, or change train.optimizer")
-            if train.num_gpus not in (0, 1):
-                raise SpecError("resources.train.num_gpus", train.num_gpus,
-                                "data-parallel workers take a whole GPU each (NCCL cannot share one between "
-                                "workers): set num_gpus to 1, or 0 for CPU workers (gloo)")
-            if cfg.mixed_precision and not train.num_gpus:
-                raise SpecError("resources.train.num_gpus", train.num_gpus,
-                                "mixed precision runs on CUDA: give each data-parallel worker num_gpus: 1, or set "
-                                "train.mixed_precision: false")
-        elif cfg.train_checkpoint_every is not None:
-            raise SpecError(_PATHS["train_checkpoint_every"], cfg.train_checkpoint_every,
-                            "saves the progress of data-parallel training: set resources.train.workers > 1 too, or "
-                            "remove it (one worker trains in one task, which reruns whole)")
 
 
 def _configuration(values: dict, paths: dict) -> Configuration:

@@ -162,6 +162,29 @@ class Resources:
         return options
 
 
+def check_training_workers(train: Resources, configurations) -> None:
+    """Data-parallel training (resources.train.workers > 1) takes adam or sgd steps, and train.checkpoint_every is
+    a setting of it alone."""
+    for cfg in configurations:
+        if train.workers > 1:
+            if cfg.optimizer == "lbfgs":
+                raise SpecError("resources.train.workers", train.workers,
+                                "data-parallel training takes adam or sgd steps (L-BFGS runs on one worker): set "
+                                "workers to 1, or change train.optimizer")
+            if train.num_gpus not in (0, 1):
+                raise SpecError("resources.train.num_gpus", train.num_gpus,
+                                "data-parallel workers take a whole GPU each (NCCL cannot share one between "
+                                "workers): set num_gpus to 1, or 0 for CPU workers (gloo)")
+            if cfg.mixed_precision and not train.num_gpus:
+                raise SpecError("resources.train.num_gpus", train.num_gpus,
+                                "mixed precision runs on CUDA: give each data-parallel worker num_gpus: 1, or set "
+                                "train.mixed_precision: false")
+        elif cfg.train_checkpoint_every is not None:
+            raise SpecError("train.checkpoint_every", cfg.train_checkpoint_every,
+                            "saves the progress of data-parallel training: set resources.train.workers > 1 too, or "
+                            "remove it (one worker trains in one task, which reruns whole)")
+
+
 # ---- from a spec's YAML to rules ----------------------------------------------------------------------------
 
 def check_test_points(key: str, value: object) -> tuple[TestPointRule, ...]:

@@ -25,8 +25,8 @@ from influence.ihvp import hessian, make_solver
 from influence.models import MLP, build_model
 from influence.objective import per_example_loss
 from influence.scores import influence_estimates, per_example_grads, select_test_points
-from influence.retrain import (full_batch_or, group_weights, objective_grad_norms, removal_weights, retrain_batched,
-                               retrain_loop, steps_per_epoch)
+from influence.retrain import (group_weights, objective_grad_norms, optimiser_steps, removal_weights, retrain_batched,
+                               retrain_loop)
 from influence.train import TrainResult, train
 from jobs import protocol
 from jobs.protocol import TrainOutput
@@ -433,7 +433,7 @@ def retrain_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.T
 
 
 class StoredProgress:
-    """The saved progress of a long run (``influence.retrain.Progress``) as a file of the store
+    """The saved progress of a long run (``influence.progress.Progress``) as a file of the store
     (``storage.checkpoints.progress_path``), so that a rerun after a failure or preemption, on any node,
     continues where the run was: a retrain run of a part (see `_retrain`), or data-parallel training
     (:func:`train_progress`).
@@ -492,8 +492,8 @@ def train_progress(store: Store, cfg: Configuration, n_params: int, steps: int) 
 
 
 def train_steps(cfg: Configuration, n_train: int) -> int:
-    """The optimiser steps of training θ̂: epochs x batches per epoch."""
-    return cfg.epochs * steps_per_epoch(n_train, full_batch_or(cfg.batch_size, n_train))
+    """The optimiser steps of training θ̂."""
+    return optimiser_steps(cfg.epochs, n_train, cfg.batch_size)
 
 
 def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset, weights: torch.Tensor,
@@ -503,8 +503,7 @@ def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset,
     and weights (their digest)."""
     options = dict(weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs,
                    schedule=protocol.retrain_schedule(cfg), seed=seed, **_train_options(cfg))
-    n = data.n_train
-    steps = cfg.retrain_epochs * steps_per_epoch(n, full_batch_or(cfg.batch_size, n))
+    steps = optimiser_steps(cfg.retrain_epochs, data.n_train, cfg.batch_size)
     run = retrain_batched if protocol.batched(model.n_params) else retrain_loop
     if run is retrain_loop:  # one row after another: its steps are counted over the rows
         steps *= weights.shape[0]
