@@ -20,7 +20,7 @@ import torch
 
 from influence.train import TrainResult, summarise
 from jobs.spec import Configuration
-from jobs.tasks import model_for, train_progress, train_steps
+from jobs.tasks import model_for, train_options, train_progress, train_steps
 from storage.uri import Store
 
 TRAIN_FAILURES = 3  # worker-group restarts Ray Train makes before the train task fails
@@ -81,7 +81,6 @@ def _worker(config: dict) -> None:
     import torch.distributed as dist
 
     from influence.data_parallel import train_data_parallel
-    from jobs.tasks import _train_options
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -90,7 +89,7 @@ def _worker(config: dict) -> None:
     data = config["data"].to(ray.train.torch.get_device())
     model = model_for(cfg, data)
     progress = train_progress(store, cfg, model.n_params, train_steps(cfg, data.n_train))
-    options = _train_options(cfg)
+    options = train_options(cfg)
     options.pop("grad_tol", None)  # an L-BFGS setting
     train_data_parallel(model, data.x_train, data.y_train, rank=rank, world=world, all_reduce=dist.all_reduce,
                         weight_decay=cfg.weight_decay, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,

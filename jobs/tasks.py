@@ -170,7 +170,7 @@ def dataset_key(cfg: Configuration) -> str:
     return "/".join(str(p) for p in parts)
 
 
-def _train_options(cfg: Configuration) -> dict:
+def train_options(cfg: Configuration) -> dict:
     """The optimiser settings training and retraining share; L-BFGS stops at the configuration's grad_tol."""
     options = {"optimizer": cfg.optimizer, "momentum": cfg.momentum, "batch_size": cfg.batch_size}
     if cfg.grad_tol is not None:
@@ -267,7 +267,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
         else:
             result = train(model, data.x_train, data.y_train, weight_decay=cfg.weight_decay, lr=cfg.lr,
                            epochs=cfg.epochs, seed=cfg.seed, schedule=cfg.schedule,
-                           mixed_precision=cfg.mixed_precision, progress=_progress(cfg), **_train_options(cfg))
+                           mixed_precision=cfg.mixed_precision, progress=_progress(cfg), **train_options(cfg))
         theta, grad_norm, objective = result.theta.detach(), result.grad_norm, result.objective
         seconds = result.seconds
         state = {"theta": theta.cpu(), "grad_norm": grad_norm, "objective": objective, "seconds": seconds,
@@ -502,7 +502,7 @@ def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset,
     a StoredProgress, or None, for a run of that many rows, parameters and optimiser steps, from these starts
     and weights (their digest)."""
     options = dict(weight_decay=cfg.weight_decay, lr=cfg.retrain_lr, epochs=cfg.retrain_epochs,
-                   schedule=protocol.retrain_schedule(cfg), seed=seed, **_train_options(cfg))
+                   schedule=protocol.retrain_schedule(cfg), seed=seed, **train_options(cfg))
     steps = optimiser_steps(cfg.retrain_epochs, data.n_train, cfg.batch_size)
     run = retrain_batched if protocol.batched(model.n_params) else retrain_loop
     if run is retrain_loop:  # one row after another: its steps are counted over the rows

@@ -139,3 +139,5 @@ def test_data_tiny_writes_the_images_asked_for(tmp_path, capsys):
     assert describe_dataset("mnist", root=str(tmp_path / "mn")).n_train == 30
     assert main(["data", "tiny", "mnist", str(tmp_path / "mn"), "--images", "0"]) == 2
     assert "--images 0: give a count of training images >= 1" in capsys.readouterr().err
+    assert main(["data", "tiny", "mnist", str(tmp_path / "mn"), "--classes", "1"]) == 2
+    assert "--classes 1: give 2 or more classes" in capsys.readouterr().err
