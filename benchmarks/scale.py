@@ -9,10 +9,13 @@ thing and report their peak resident memory (ru_maxrss):
   imports   import what a driver and a task import (torch, torchvision, the project): the floor
   plan      what the driver does before the first task: `jobs.tasks.datasets_for` (the DataSource: sizes from
             the file list, no image decoded) and the task counts
-  load      what a task does when it opens the set (and what a driver did before DataSource existed): the
-            whole split decoded and standardised in memory, `jobs.tasks.load_data`
+  load      what a task does when it holds the set (influence and retrain tasks, and what a driver did before
+            DataSource existed): the whole split decoded and standardised in memory, `jobs.tasks.load_data`
+  stream    what a train task does with a minibatched file set: `DataSource.stream` with one DataLoader
+            process, an epoch of minibatches of 64 and an evaluation pass (the loader's peak reported apart)
 Reported above the floor, in MiB, with the growth from the smallest to the largest N. The driver's column must
-not grow with N beyond the file list (a few hundred bytes per image); the task's grows with the images it holds.
+not grow with N beyond the file list (a few hundred bytes per image), nor must the streaming task's; the task
+that holds the set grows with its images.
 
 Training throughput with 1 and 2 data-parallel workers (Ray Train, gloo, 1 CPU and 1 torch thread each) of a
 model (default the small CNN) on digits (1,437 training images, minibatches of 64, SGD, float64), each worker running
@@ -57,6 +60,13 @@ if mode == "plan":
     out = {"n_train": source.n_train, "tasks": sum(task_counts([cfg], lambda c: source.n_train).values())}
 elif mode == "load":
     out = {"n_train": tasks.load_data(cfg).n_train}
+elif mode == "stream":
+    stream = tasks.datasets_for([cfg])[tasks.dataset_key(cfg)].stream(workers=1)
+    seen = sum(len(y) for _, y in stream.epoch_batches(64, seed=0, epoch=0))  # an epoch of minibatches
+    seen += sum(len(y) for _, y in stream.chunks("train", tasks.EVAL_CHUNK))  # and an evaluation pass
+    stream.close()
+    out = {"n_train": stream.n_train, "seen": seen,
+           "worker_peak_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}
 out["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps(out))
 """
@@ -77,15 +87,19 @@ def memory(images: list[int], size: int) -> list[dict]:
             root = str(Path(tmp) / f"imagenet-{n}")
             subprocess.run([sys.executable, "-m", "fragile", "data", "tiny", "imagenet", root, "--images", str(n),
                             "--classes", str(CLASSES)], cwd=ROOT, check=True, capture_output=True)
-            floor, plan, load = (_child(mode, root, size) for mode in ("imports", "plan", "load"))
-            assert plan["n_train"] == load["n_train"], (plan, load)
+            floor, plan, load, stream = (_child(mode, root, size) for mode in ("imports", "plan", "load", "stream"))
+            assert plan["n_train"] == load["n_train"] == stream["n_train"], (plan, load, stream)
+            assert stream["seen"] == 2 * stream["n_train"], stream
             rows.append({"images": plan["n_train"], "tasks": plan["tasks"],
                          "plan_mib": (plan["peak_kib"] - floor["peak_kib"]) / 1024,
                          "load_mib": (load["peak_kib"] - floor["peak_kib"]) / 1024,
+                         "stream_mib": (stream["peak_kib"] - floor["peak_kib"]) / 1024,
+                         "loader_mib": stream["worker_peak_kib"] / 1024,
                          "floor_mib": floor["peak_kib"] / 1024})
-            print(f"  {rows[-1]['images']:>7} images: driver (plan) +{rows[-1]['plan_mib']:8.1f} MiB, "
-                  f"task (load) +{rows[-1]['load_mib']:8.1f} MiB above the {rows[-1]['floor_mib']:.0f} MiB of "
-                  f"the imports", flush=True)
+            print(f"  {rows[-1]['images']:>7} images: driver (plan) +{rows[-1]['plan_mib']:7.1f} MiB, "
+                  f"task (load) +{rows[-1]['load_mib']:7.1f} MiB, task (stream) +{rows[-1]['stream_mib']:7.1f} MiB "
+                  f"and its loader process {rows[-1]['loader_mib']:.0f} MiB; above the {rows[-1]['floor_mib']:.0f} "
+                  f"MiB of the imports", flush=True)
     return rows
 
 
@@ -222,9 +236,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"memory against data-set size (ImageNet format, {CLASSES} classes, {args.image_size}px crops):")
         rows = memory(images, args.image_size)
         first, last = rows[0], rows[-1]
-        growth = {key: last[key] - first[key] for key in ("plan_mib", "load_mib")}
+        growth = {key: last[key] - first[key] for key in ("plan_mib", "load_mib", "stream_mib", "loader_mib")}
         print(f"  from {first['images']} to {last['images']} images ({last['images'] / first['images']:.0f}x): "
-              f"the driver grows by {growth['plan_mib']:+.1f} MiB, a task by {growth['load_mib']:+.1f} MiB")
+              f"the driver grows by {growth['plan_mib']:+.1f} MiB, a task holding the set by "
+              f"{growth['load_mib']:+.1f} MiB, a streaming task by {growth['stream_mib']:+.1f} MiB (its loader "
+              f"process by {growth['loader_mib']:+.1f} MiB)")
         out |= {"memory": rows, "growth_mib": growth}
     if args.part in ("ddp", "all"):
         print(f"data-parallel training, {args.model} on digits, {args.epochs} epochs of minibatches of 64 (gloo, "

@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster import data_parallel
 from cluster.metrics import MeteredCoordinator
-from jobs.runner import TASK_RETRIES, set_task_node
+from jobs.runner import TASK_RETRIES, set_task_cpus, set_task_node
 from jobs.tasks import TransientTaskError, device_for
 # The coordinator is restarted whenever its process dies, and calls in flight are delivered to the new one
 # (every coordinator call is idempotent, see jobs/coordinator.py).
@@ -37,7 +37,8 @@ def task_options(resources: dict, name: str) -> dict:
 def with_task_resources(fn: Callable) -> Callable:
     """Run a task body on what Ray gave it: as many torch threads as CPUs (small models on a shared node slow
     down several times when every task spreads over all cores), and the GPU, if it got one, as `device`. Ray
-    itself points CUDA_VISIBLE_DEVICES at those GPUs. The rows it writes record the node (id and address).
+    itself points CUDA_VISIBLE_DEVICES at those GPUs. The rows it writes record the node (id and address); a
+    streamed data set is decoded by as many loader processes as the task has CPUs beyond the first.
     """
 
     @functools.wraps(fn)
@@ -48,10 +49,12 @@ def with_task_resources(fn: Callable) -> Callable:
         cpus = context.get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         set_task_node(context.get_node_id(), ray.util.get_node_ip_address())
+        set_task_cpus(int(cpus))
         try:
             return fn(*args, device=device_for(context.get_accelerator_ids().get("GPU", [])), **kwargs)
         finally:
             set_task_node(None, None)  # a worker process runs other tasks later
+            set_task_cpus(1)
 
     return wrapper
 

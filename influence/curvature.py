@@ -120,6 +120,12 @@ class CurvatureOperator:
         curvature: str = "hessian",
         chunk: int = 2048,
     ) -> None:
+        self._setup(model, theta, weight_decay, curvature, chunk, int(x.shape[0]))
+        self.x = x.detach().to(device=self.theta.device, dtype=self.theta.dtype)
+        self.y = y.to(self.theta.device)
+
+    def _setup(self, model, theta: torch.Tensor, weight_decay: float, curvature: str, chunk: int,
+               n_examples: int) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
         _load_forward_ad()
@@ -127,31 +133,33 @@ class CurvatureOperator:
         dtype = theta.dtype if theta.dtype in (torch.float32, torch.float64) else torch.float64
         self.theta = theta.detach().to(dtype)
         self.chunk = int(chunk)
-        self.x = x.detach().to(device=self.theta.device, dtype=dtype)
-        self.y = y.to(self.theta.device)
         self.device = self.theta.device
         self.weight_decay = float(weight_decay)
         self.curvature = curvature
         self.n_params = model.n_params
-        self.n_examples = int(x.shape[0])
+        self.n_examples = int(n_examples)
 
     def matvec(self, v: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """C v for v [P] or [B, P]; with ``idx``, C on those training points only."""
         vv = v.to(self.theta.dtype)
         block = vv.unsqueeze(0) if vv.ndim == 1 else vv
-        if idx is not None:
-            idx = idx.to(self.device)
-        x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
         if block.shape[0] == 0:
             return block.clone()
         product = self._hvp if self.curvature == "hessian" else self._ggnvp
-        m = x.shape[0]
+        m = self.n_examples if idx is None else int(idx.shape[0])
         out = self.weight_decay * block
         # The data term is a mean over examples: a sum over chunks, each weighted by its share of the examples.
-        for start in range(0, m, self.chunk):
-            xc, yc = x[start:start + self.chunk], y[start:start + self.chunk]
+        for xc, yc in self._chunks(idx):
             out = out + product(block, xc, yc) * (xc.shape[0] / m)
         return out[0] if vv.ndim == 1 else out
+
+    def _chunks(self, idx: torch.Tensor | None):
+        """(x, y) of consecutive chunks of the examples (of those in ``idx`` only, when given)."""
+        if idx is not None:
+            idx = idx.to(self.device)
+        x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
+        for start in range(0, x.shape[0], self.chunk):
+            yield x[start:start + self.chunk], y[start:start + self.chunk]
 
     def _hvp(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Hessian of the mean loss over (x, y), without the L2 term, times each row of v."""

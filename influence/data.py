@@ -184,12 +184,25 @@ def load_dataset(
                  subset=subset, test_subset=test_subset, classes=classes, per_class=per_class, image_size=image_size)
 
 
-def _load(name: str, *, decode: bool, split_seed: int = 0, test_fraction: float = _DEFAULT_TEST_FRACTION,
+def stream_dataset(name: str, **options):
+    """A file set (``mnist``, ``cifar10``, ``imagenet``) opened for streaming: the same points, labels and
+    standardisation as ``load_dataset(name, **options)``, with the images decoded a batch at a time by
+    ``torch.utils.data.DataLoader`` workers (:class:`influence.streaming.StreamedSet`); only the labels, and
+    for MNIST and CIFAR-10 the uint8 file contents torchvision reads, are held. Same options and errors."""
+    if name in DATASETS and name not in FILE_DATASETS:
+        raise ValueError(f"{name} is bundled and small: it is loaded whole (load_dataset), not streamed; "
+                         f"streamed sets are {', '.join(FILE_DATASETS)}")
+    return _load(name, decode=True, stream=True, **options)
+
+
+def _load(name: str, *, decode: bool, stream: bool = False, split_seed: int = 0,
+          test_fraction: float = _DEFAULT_TEST_FRACTION,
           dtype: torch.dtype = torch.float64, n: int | None = None, root: str | None = None,
           subset: float | int | None = None, test_subset: float | int | None = None,
           classes: int | Sequence[str] | None = None, per_class: int | None = None,
-          image_size: int | None = None) -> Dataset | DatasetInfo:
-    """:func:`load_dataset` (``decode``) or :func:`describe_dataset`, through the same checks."""
+          image_size: int | None = None):
+    """:func:`load_dataset` (``decode``), :func:`describe_dataset` or :func:`stream_dataset` (``stream``),
+    through the same checks."""
     if name not in DATASETS:
         raise UnknownDataset(name)
     if n is not None and name != "synthetic":
@@ -202,7 +215,7 @@ def _load(name: str, *, decode: bool, split_seed: int = 0, test_fraction: float 
                              f"train/test split; use test_subset to evaluate on fewer test points")
         return _load_files(name, root=root, split_seed=split_seed, dtype=dtype, subset=subset,
                            test_subset=test_subset, classes=classes, per_class=per_class, image_size=image_size,
-                           decode=decode)
+                           decode=decode, stream=stream)
     if name != "digits":
         size = "its size is set by n" if name == "synthetic" else "it is used whole, as in the paper"
         for option, value in (("subset", subset), ("test_subset", test_subset)):
@@ -286,7 +299,7 @@ def _only_for_imagenet(name: str, **options: object) -> None:
 
 def _load_files(name: str, *, root: str | None, split_seed: int, dtype: torch.dtype,
                 subset: float | int | None, test_subset: float | int | None, classes: int | Sequence[str] | None,
-                per_class: int | None, image_size: int | None, decode: bool) -> Dataset | DatasetInfo:
+                per_class: int | None, image_size: int | None, decode: bool, stream: bool = False):
     # Imported here: torchvision and PIL are loaded only by the processes that read files.
     from . import data_files
 
@@ -298,6 +311,10 @@ def _load_files(name: str, *, root: str | None, split_seed: int, dtype: torch.dt
     # Separate streams for the two splits, so that changing test_subset never changes the training points.
     train_idx = choose_subset(train.labels, subset, seed=split_seed, stream=0, option="subset", name=name)
     test_idx = choose_subset(test.labels, test_subset, seed=split_seed, stream=1, option="test_subset", name=name)
+    if stream:  # nothing is held but the labels: no memory guard
+        from .streaming import StreamedSet
+
+        return StreamedSet(name, train, test, train_idx, test_idx, dtype)
     if name == "imagenet":  # (planning too: a set too large for a task is refused before anything runs)
         data_files.check_fits_in_memory(name, len(train_idx) + len(test_idx), train.image_shape, dtype)
     if not decode:
@@ -354,20 +371,30 @@ def standardise_images(train: np.ndarray, test: np.ndarray, dtype: torch.dtype) 
     and the standardised value of each level from a 256-entry table: no float64 copy of a whole split is ever
     made, so a CIFAR-10 task holds its result and the uint8 source, not three times that.
     """
+    table = level_table(channel_counts(train), dtype)
+    return apply_table(table, train), apply_table(table, test)
+
+
+def channel_counts(images: np.ndarray) -> np.ndarray:
+    """How often each of the 256 levels occurs in each channel of uint8 images [n, C, H, W]: int64 [C, 256].
+    Counts of disjoint batches add up exactly, so a streamed pass over the training set gets the same table."""
+    return np.stack([np.bincount(images[:, c].ravel(), minlength=256) for c in range(images.shape[1])])
+
+
+def level_table(counts: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """[C, 256] of ``dtype``: the standardised value of each level of each channel, from the training counts."""
     levels = np.arange(256, dtype=np.float64) / 255.0
-    channels = train.shape[1]
-    counts = np.stack([np.bincount(train[:, c].ravel(), minlength=256) for c in range(channels)])  # [C, 256]
     mean = counts @ levels / counts.sum(1)
     var = (counts * (levels[None, :] - mean[:, None]) ** 2).sum(1) / counts.sum(1)
     std = np.sqrt(var)
     std = np.where(std > 0.0, std, 1.0)  # a constant channel: centred only, as for flat features
-    table = torch.as_tensor((levels[None, :] - mean[:, None]) / std[:, None], dtype=dtype, device="cpu")  # [C, 256]
+    return torch.as_tensor((levels[None, :] - mean[:, None]) / std[:, None], dtype=dtype, device="cpu")
 
-    def apply(images: np.ndarray) -> torch.Tensor:
-        out = torch.empty(images.shape, dtype=dtype, device="cpu")
-        for c in range(channels):
-            # int32 indices: a quarter of the memory of int64 ones, and indexing accepts them.
-            out[:, c] = table[c][torch.from_numpy(np.ascontiguousarray(images[:, c])).to(torch.int32)]
-        return out
 
-    return apply(train), apply(test)
+def apply_table(table: torch.Tensor, images: np.ndarray) -> torch.Tensor:
+    """uint8 images [n, C, H, W] → their standardised values, a tensor of the table's dtype."""
+    out = torch.empty(images.shape, dtype=table.dtype, device="cpu")
+    for c in range(images.shape[1]):
+        # int32 indices: a quarter of the memory of int64 ones, and indexing accepts them.
+        out[:, c] = table[c][torch.from_numpy(np.ascontiguousarray(images[:, c])).to(torch.int32)]
+    return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -116,18 +116,75 @@ def train(
         return _train_stacked_mlp(model, theta0, x, y, weight_decay=weight_decay, lr=lr, epochs=epochs,
                                   optimizer=optimizer, momentum=momentum, schedule=schedule, progress=progress,
                                   start=start)
+
+    def batches(epoch: int):
+        for idx in minibatches(n, batch_size, seed, epoch, x.device):
+            yield (x, y) if idx is None else (x[idx], y[idx])
+
+    theta = _descent(model, theta0, batches, n, steps_per_epoch(n, batch_size), weight_decay=weight_decay, lr=lr,
+                     epochs=epochs, optimizer=optimizer, momentum=momentum, schedule=schedule,
+                     mixed_precision=mixed_precision, progress=progress)
+    return summarise(model, theta, x, y, weight_decay, batch_size, epochs, time.perf_counter() - start)
+
+
+def train_streamed(
+    model: Model,
+    data,
+    *,
+    weight_decay: float,
+    lr: float,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    theta0: torch.Tensor | None = None,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    schedule: str = "constant",
+    mixed_precision: bool = False,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """:func:`train` in minibatches over a streamed file set (:class:`influence.streaming.StreamedSet`), on
+    ``device``: the same minibatches in the same order, the same steps, so the same θ̂ as ``train`` on the set in
+    memory (to the bit, on one device); R, the loss and ‖∇R‖₂ at the end in chunks of ``batch_size``, as there.
+    Only the data loader's batches are ever in memory. Adam or SGD in minibatches smaller than the set: the
+    full batch and L-BFGS take every point at once, so they train on the set in memory (``train``)."""
+    n = data.n_train
+    if optimizer == "lbfgs" or full_batch_or(batch_size, n) is None:
+        raise ValueError(f"streamed training runs adam or sgd in minibatches smaller than the {n} training points "
+                         f"(got optimizer {optimizer!r}, batch_size {batch_size}); train the set in memory instead")
+    check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs,
+                  grad_tol=GRAD_TOL)
+    device = torch.device(device)
+    if mixed_precision:
+        check_mixed_precision(torch.empty(0, dtype=data.dtype, device=device))
+    start = time.perf_counter()
+    if theta0 is None:
+        theta0 = model.init(seed, dtype=data.dtype, device=device)
+    theta = _descent(model, theta0.to(device), lambda epoch: data.epoch_batches(batch_size, seed, epoch, device), n,
+                     steps_per_epoch(n, batch_size), weight_decay=weight_decay, lr=lr, epochs=epochs,
+                     optimizer=optimizer, momentum=momentum, schedule=schedule, mixed_precision=mixed_precision,
+                     progress=progress).detach().requires_grad_(True)
+    value, train_loss, grad_norm = final_state(model, theta, data.chunks("train", batch_size, device), n, weight_decay)
+    return TrainResult(theta=theta.detach(), objective=value, train_loss=train_loss, grad_norm=grad_norm,
+                       epochs=epochs, seconds=time.perf_counter() - start)
+
+
+def _descent(model: Model, theta0: torch.Tensor, batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+             n: int, per_epoch: int, *, weight_decay: float, lr: float, epochs: int, optimizer: str, momentum: float,
+             schedule: str, mixed_precision: bool, progress: Callable[[int, float], None] | None) -> torch.Tensor:
+    """Adam or SGD through autograd over ``batches(epoch)`` (x_b, y_b) for each epoch; θ at the end."""
     theta = theta0.detach().clone().requires_grad_(True)
     opt = torch_optimizer(optimizer, theta, lr, momentum)
     group = opt.param_groups[0]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if mixed_precision else contextlib.nullcontext
-    total = epochs * steps_per_epoch(n, batch_size)
+    total = epochs * per_epoch
     every = max(1, epochs // PROGRESS_CALLS)
     step = 0
     for epoch in range(epochs):
         report = progress is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
         seen = torch.zeros((), dtype=theta.dtype, device=theta.device) if report else None
-        for idx in minibatches(n, batch_size, seed, epoch, x.device):
-            x_b, y_b = (x, y) if idx is None else (x[idx], y[idx])
+        for x_b, y_b in batches(epoch):
             group["lr"] = scheduled_lr(schedule, lr, step, total)
             opt.zero_grad(set_to_none=True)
             with autocast():
@@ -139,8 +196,7 @@ def train(
                 seen += value.detach() * x_b.shape[0]
         if report:
             progress(epoch + 1, float(seen) / n)
-
-    return summarise(model, theta, x, y, weight_decay, batch_size, epochs, time.perf_counter() - start)
+    return theta
 
 
 def torch_optimizer(optimizer: str, theta: torch.Tensor, lr: float, momentum: float) -> torch.optim.Optimizer:
@@ -228,10 +284,16 @@ def _final_state(model: Model, theta: torch.Tensor, x: torch.Tensor, y: torch.Te
             train_loss = per_example_loss(model, theta, x, y).mean()
         return float(value.detach()), float(train_loss), float(grad.norm())
     n = x.shape[0]
+    return final_state(model, theta, ((x[a:a + chunk], y[a:a + chunk]) for a in range(0, n, chunk)), n, weight_decay)
+
+
+def final_state(model: Model, theta: torch.Tensor, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int,
+                weight_decay: float) -> tuple[float, float, float]:
+    """R(θ), the mean training loss and ‖∇R(θ)‖ summed over ``chunks`` (x, y) of the n training points."""
     grad = torch.zeros_like(theta)
     loss_sum = torch.zeros((), dtype=theta.dtype, device=theta.device)
-    for a in range(0, n, chunk):
-        losses = per_example_loss(model, theta, x[a : a + chunk], y[a : a + chunk]).sum()
+    for xc, yc in chunks:
+        losses = per_example_loss(model, theta, xc, yc).sum()
         (g,) = torch.autograd.grad(losses / n, theta)  # ∇ of this chunk's share of (1/n) Σ_i L_i
         grad.add_(g)
         loss_sum += losses.detach()

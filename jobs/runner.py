@@ -29,6 +29,18 @@ def set_task_node(node_id: str | None, node_ip: str | None) -> None:
     _TASK_NODE.update(node_id=node_id, node_ip=node_ip)
 
 
+_TASK_CPUS: list[int] = [1]  # the CPUs the runner gave the task running in this process (1 when run inline)
+
+
+def set_task_cpus(cpus: int) -> None:
+    _TASK_CPUS[0] = max(1, int(cpus))
+
+
+def loader_workers() -> int:
+    """Data-loading processes for the task running here: its CPUs beyond the first (the first computes)."""
+    return _TASK_CPUS[0] - 1
+
+
 def node_columns(n: int) -> dict[str, list]:
     """The node_id and node_ip columns of n rows computed in this process."""
     return {name: [value] * n for name, value in _TASK_NODE.items()}

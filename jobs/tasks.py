@@ -21,16 +21,18 @@ import numpy as np
 import torch
 
 from influence.data import Dataset, DatasetInfo
+from influence.streaming import StreamedCurvature, StreamedSet
 from influence.ihvp import hessian, make_solver
 from influence.models import MLP, build_model
 from influence.objective import per_example_loss
 from influence.scores import influence_estimates, per_example_grads, select_test_points
 from influence.retrain import (group_weights, objective_grad_norms, optimiser_steps, removal_weights, retrain_batched,
                                retrain_loop)
-from influence.train import TrainResult, train
+from influence.retrain import full_batch_or
+from influence.train import TrainResult, train, train_streamed
 from jobs import protocol
 from jobs.protocol import TrainOutput
-from jobs.runner import node_columns
+from jobs.runner import loader_workers, node_columns
 from jobs.science import SCIENCE
 from jobs.spec import Configuration
 from storage import tables
@@ -126,6 +128,25 @@ class DataSource:
     def to(self, device: torch.device | str) -> Dataset:
         return _node_local(self).to(device)
 
+    def stream(self, workers: int = 0) -> StreamedSet:
+        """The set opened for streaming from this node's copy (nothing decoded until a batch asks), with
+        `workers` DataLoader processes; the standardisation table is counted once per worker process."""
+        stream = _STREAMED.get(self.key)
+        if stream is None:
+            from influence.data import stream_dataset
+
+            name, options = _data_arguments(self.cfg)
+            stream = stream_dataset(name, **options)
+            if stream.info() != self.info:
+                raise ValueError(f"{self.cfg.dataset} under {self.cfg.data_root}: the run was planned for "
+                                 f"{self.info}, the files now hold {stream.info()}; rerun to plan again")
+            _STREAMED.clear()
+            _STREAMED[self.key] = stream
+        return stream.with_workers(workers)
+
+
+_STREAMED: dict[str, StreamedSet] = {}  # per worker process: the last set streamed (its labels and table)
+
 
 _LOADED: dict[str, Dataset] = {}  # per worker process: dataset_key -> the set it holds
 _KEEP_LOADED = 1  # an idle worker process keeps what it decoded, unseen by Ray's memory accounting: one set
@@ -181,16 +202,22 @@ def train_options(cfg: Configuration) -> dict:
 EVAL_CHUNK = 1024  # examples per forward when evaluating a whole split (60,000 MNIST images at once would not fit)
 
 
-def _evaluate(model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example losses and predicted classes over a whole split, EVAL_CHUNK examples at a time."""
-    losses, preds = [], []
+def _evaluate(model, theta: torch.Tensor, data: Dataset | StreamedSet, split: str,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example losses, predicted classes and labels over a whole split, EVAL_CHUNK examples at a time."""
+    if isinstance(data, StreamedSet):
+        chunks = data.chunks(split, EVAL_CHUNK, device)
+    else:
+        x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+        chunks = ((x[a:a + EVAL_CHUNK], y[a:a + EVAL_CHUNK]) for a in range(0, x.shape[0], EVAL_CHUNK))
+    losses, preds, labels = [], [], []
     with torch.no_grad():
-        for start in range(0, x.shape[0], EVAL_CHUNK):
-            logits = model.forward(theta, x[start:start + EVAL_CHUNK])
-            yc = y[start:start + EVAL_CHUNK]
+        for xc, yc in chunks:
+            logits = model.forward(theta, xc)
             losses.append(torch.nn.functional.cross_entropy(logits, yc, reduction="none"))
             preds.append(logits.argmax(dim=-1))
-    return torch.cat(losses), torch.cat(preds)
+            labels.append(yc)
+    return torch.cat(losses), torch.cat(preds), torch.cat(labels)
 
 
 def _degenerate_reason(pred: torch.Tensor, train_accuracy: float) -> str | None:
@@ -254,8 +281,13 @@ def train_task(store: Store, cfg: Configuration, data: Dataset | DataSource, dev
 def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device: torch.device,
            fit: Callable[..., TrainResult] | None) -> tuple[torch.Tensor, TrainOutput]:
     source = data
-    labels = data.to(CPU).y_test  # for the rows
-    data = data.to(device)
+    streamed = _streams(cfg, data, fit)
+    if streamed:  # a minibatched file set: streamed through DataLoaders, never whole in this task
+        data = data.stream(loader_workers())
+        labels = data.y_test
+    else:
+        labels = data.to(CPU).y_test  # for the rows
+        data = data.to(device)
     model = model_for(cfg, data)
     start = time.perf_counter()
     state, notice = load_base(store, cfg, model.n_params)
@@ -264,6 +296,11 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
         # θ0 is drawn on the CPU whatever the device, so a GPU task trains from the same θ0 as a CPU task.
         if fit is not None:
             result = fit(store, cfg, source, data, model, _progress(cfg))
+        elif streamed:
+            result = train_streamed(model, data, weight_decay=cfg.weight_decay, lr=cfg.lr, epochs=cfg.epochs,
+                                    seed=cfg.seed, batch_size=cfg.batch_size, device=device, optimizer=cfg.optimizer,
+                                    momentum=cfg.momentum, schedule=cfg.schedule,
+                                    mixed_precision=cfg.mixed_precision, progress=_progress(cfg))
         else:
             result = train(model, data.x_train, data.y_train, weight_decay=cfg.weight_decay, lr=cfg.lr,
                            epochs=cfg.epochs, seed=cfg.seed, schedule=cfg.schedule,
@@ -280,14 +317,16 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
         grad_norm, objective, seconds = state["grad_norm"], state["objective"], state["seconds"]
         checkpoint = checkpoint_path(store, cfg.experiment, cfg.model_key)
 
-    train_losses, pred = _evaluate(model, theta, data.x_train, data.y_train)
-    test_losses, test_pred = _evaluate(model, theta, data.x_test, data.y_test)
+    train_losses, pred, y_train = _evaluate(model, theta, data, "train", device)
+    test_losses, test_pred, y_test = _evaluate(model, theta, data, "test", device)
     test_losses = test_losses.cpu()
-    train_acc = float((pred == data.y_train).double().mean())
-    test_acc = float((test_pred == data.y_test).double().mean())
+    train_acc = float((pred == y_train).double().mean())
+    test_acc = float((test_pred == y_test).double().mean())
     reason = _degenerate_reason(pred, train_acc)
 
-    top_eig, min_eig = _spectrum(cfg, model, theta, data)
+    top_eig, min_eig = _spectrum(cfg, model, theta, data, device)
+    if streamed:
+        data.close()  # its loader processes
 
     models = {
         "model_key": [cfg.model_key], "train_loss": [float(train_losses.mean())],
@@ -304,7 +343,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
 
     chosen = select_test_points(test_losses, [r.rule() for r in cfg.test_points], seed=cfg.seed)
     idx = [i for i, _ in chosen]
-    margin, grad_norms = _test_point_covariates(model, theta, data, idx)
+    margin, grad_norms = _test_point_covariates(model, theta, data, idx, device)
     test_points = {
         "test_idx": idx, "loss": [float(test_losses[i]) for i in idx],
         "label": [int(labels[i]) for i in idx], "selection": [s for _, s in chosen], "science": [SCIENCE] * len(idx),
@@ -314,12 +353,20 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
     return theta.cpu(), protocol.train_output(cfg, models, test_points, notices=(notice,) if notice else ())
 
 
-def _test_point_covariates(model, theta: torch.Tensor, data: Dataset, idx: list[int]) -> tuple[list, list]:
+def _streams(cfg: Configuration, data: Dataset | DataSource, fit) -> bool:
+    """Whether the train task streams its data: a file set trained here in minibatches smaller than the set (the
+    full batch and L-BFGS take every point at once; data-parallel workers load their own)."""
+    return (isinstance(data, DataSource) and fit is None and cfg.optimizer != "lbfgs"
+            and full_batch_or(cfg.batch_size, data.n_train) is not None)
+
+
+def _test_point_covariates(model, theta: torch.Tensor, data: Dataset | StreamedSet, idx: list[int],
+                           device: torch.device) -> tuple[list, list]:
     """Per chosen test point: its margin (the logit of its label minus the largest other logit; negative when
     it is misclassified, 0 at a tie) and ‖∇θ L(z_t, θ̂)‖₂."""
     if not idx:
         return [], []
-    x, y = data.x_test[idx], data.y_test[idx]
+    x, y = data.take("test", idx, device) if isinstance(data, StreamedSet) else (data.x_test[idx], data.y_test[idx])
     with torch.no_grad():
         logits = model.forward(theta, x).double()
     own = logits.gather(1, y.view(-1, 1)).squeeze(1)
@@ -328,20 +375,27 @@ def _test_point_covariates(model, theta: torch.Tensor, data: Dataset, idx: list[
     return (own - others).cpu().tolist(), grads.double().norm(dim=1).cpu().tolist()
 
 
-def _spectrum(cfg: Configuration, model, theta: torch.Tensor, data: Dataset) -> tuple[float, float]:
+def _spectrum(cfg: Configuration, model, theta: torch.Tensor, data: Dataset | StreamedSet,
+              device: torch.device) -> tuple[float, float]:
     """(top, smallest) eigenvalue of H at θ̂, as `protocol.spectrum_plan` says for this model: exact from the
-    dense Hessian (small MLPs); the top one from a few Arnoldi steps and the smallest unknown (NaN) for the
-    convolutional nets, which makes the if_indefinite damping policy add δ; both unknown otherwise."""
+    dense Hessian (small MLPs; a streamed set is decoded whole for it, as the dense Hessian takes every point at
+    once); the top one from a few Arnoldi steps and the smallest unknown (NaN) for the convolutional nets,
+    which makes the if_indefinite damping policy add δ; both unknown otherwise."""
     plan = protocol.spectrum_plan(isinstance(model, MLP), model.n_params)
     if plan.method == "none":
         return math.nan, math.nan
     if plan.method == "exact":
+        if isinstance(data, StreamedSet):
+            data = data.materialise().to(device)
         eig = torch.linalg.eigvalsh(hessian(model, theta, data.x_train, data.y_train, cfg.weight_decay))
         return float(eig[-1]), float(eig[0])
     from influence.curvature import CurvatureOperator
     from influence.ihvp_krylov import arnoldi_eigenpairs
 
-    op = CurvatureOperator(model, theta, data.x_train, data.y_train, cfg.weight_decay)
+    if isinstance(data, StreamedSet):
+        op = StreamedCurvature(model, theta, data, cfg.weight_decay)
+    else:
+        op = CurvatureOperator(model, theta, data.x_train, data.y_train, cfg.weight_decay)
     values, _, _ = arnoldi_eigenpairs(op, plan.steps, seed=cfg.seed)
     return float(values.max()), math.nan
 

@@ -1,0 +1,203 @@
+"""File data sets streamed through ``torch.utils.data.DataLoader``: images decoded a batch at a time, never held.
+
+A :class:`StreamedSet` (from :func:`influence.data.stream_dataset`) names the chosen points of a file set's two
+splits and holds their labels; images are decoded when a batch asks for them, by ``workers`` DataLoader
+processes (none: in this process), standardised per batch in the worker and, for a CUDA device, handed over in
+pinned memory. It gives what ``load_dataset`` gives, value for value:
+
+- the standardisation table comes from one streamed pass that counts each channel's 256 levels over the
+  training images; counts of batches add up exactly, so the table is the in-memory one bit for bit;
+- training batches follow :func:`~influence.retrain.epoch_order` (``epoch_batches``), so streamed training
+  visits the very minibatches in-memory training does, and reaches the same θ;
+- evaluation runs over consecutive chunks (``chunks``), as the in-memory passes slice them;
+- a few chosen points (test points) are decoded directly (``take``).
+
+MNIST and CIFAR-10 are read by torchvision as whole uint8 arrays (47 MB and 150 MB: an eighth of the float64
+copy this avoids); ImageNet JPEGs are opened, resized and cropped one by one, only when a batch needs them.
+:class:`StreamedCurvature` is the curvature operator over a streamed training set (a pass of chunks per product).
+"""
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from influence.curvature import CurvatureOperator
+from influence.data import Dataset, DatasetInfo, apply_table, channel_counts, level_table
+from influence.data_files import Split
+from influence.retrain import epoch_order
+
+__all__ = ["StreamedSet", "StreamedCurvature"]
+
+SPLITS = ("train", "test")
+_COUNT_CHUNK = 256  # training images per batch of the counting pass
+
+
+class _Points(torch.utils.data.Dataset):
+    """The chosen points of one split for a DataLoader: ``__getitems__`` gets a whole batch of positions (the
+    loader's batch sampler gives them) and returns (x standardised, y), or with ``table`` None the level counts
+    of the batch's images."""
+
+    def __init__(self, split: Split, idx: np.ndarray, table: torch.Tensor | None) -> None:
+        self.images, self.idx, self.table = split.images, idx, table
+        self.labels = torch.as_tensor(split.labels[idx], dtype=torch.int64, device="cpu")
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitems__(self, positions: list[int]):
+        pos = np.asarray(positions, dtype=np.int64)
+        source = self.idx[pos]
+        order = np.argsort(source, kind="stable")  # decoded in file order; handed back in the batch's order
+        decoded = self.images(source[order])
+        images = np.empty_like(decoded)
+        images[order] = decoded
+        if self.table is None:
+            return torch.from_numpy(channel_counts(images))
+        return apply_table(self.table, images), self.labels[torch.from_numpy(pos)]
+
+    def __getitem__(self, position: int):
+        return self.__getitems__([position])
+
+
+def _as_is(batch):  # the batch is made whole by __getitems__: nothing to collate
+    return batch
+
+
+class _Batches(torch.utils.data.Sampler):
+    """Positions of each batch: consecutive chunks of ``size``, or with ``seed`` epoch ``epoch``'s order of
+    :func:`~influence.retrain.epoch_order` split into batches of ``size`` (set the epoch before each pass)."""
+
+    def __init__(self, n: int, size: int, seed: int | None = None) -> None:
+        self.n, self.size, self.seed, self.epoch = n, size, seed, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.seed is None:
+            return (list(range(a, min(a + self.size, self.n))) for a in range(0, self.n, self.size))
+        return (b.tolist() for b in epoch_order(self.n, self.seed, self.epoch).split(self.size))
+
+    def __len__(self) -> int:
+        return -(-self.n // self.size)
+
+
+class StreamedSet:
+    """A file set's train/test split, streamed (see the module docstring). ``workers``: DataLoader worker
+    processes (0: decode in this process); ``dtype``: that of the standardised images."""
+
+    def __init__(self, name: str, train: Split, test: Split, train_idx: np.ndarray, test_idx: np.ndarray,
+                 dtype: torch.dtype, workers: int = 0) -> None:
+        self.name, self.dtype, self.workers = name, dtype, int(workers)
+        self._splits = {"train": (train, np.asarray(train_idx, dtype=np.int64)),
+                        "test": (test, np.asarray(test_idx, dtype=np.int64))}
+        self.num_classes = train.num_classes
+        self.input_shape = tuple(int(s) for s in train.image_shape)
+        self.y_train = torch.as_tensor(train.labels[train_idx], dtype=torch.int64, device="cpu")
+        self.y_test = torch.as_tensor(test.labels[test_idx], dtype=torch.int64, device="cpu")
+        self._table: torch.Tensor | None = None
+        self._loaders: dict[tuple, tuple[torch.utils.data.DataLoader, _Batches]] = {}
+
+    n_train = property(lambda self: len(self.y_train))
+    n_test = property(lambda self: len(self.y_test))
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(name=self.name, n_train=self.n_train, n_test=self.n_test, num_classes=self.num_classes,
+                           input_shape=self.input_shape)
+
+    def with_workers(self, workers: int) -> StreamedSet:
+        """The same set read by ``workers`` DataLoader processes (the table, once counted, is shared)."""
+        (train, train_idx), (test, test_idx) = self._splits["train"], self._splits["test"]
+        other = StreamedSet(self.name, train, test, train_idx, test_idx, self.dtype, workers)
+        other._table = self._table
+        return other
+
+    @property
+    def table(self) -> torch.Tensor:
+        """[C, 256]: the standardised value of each level of each channel (counted over the training images on
+        first use)."""
+        if self._table is None:
+            split, idx = self._splits["train"]
+            counts = np.zeros((self.input_shape[0], 256), dtype=np.int64)
+            loader = self._loader(_Points(split, idx, None), _Batches(len(idx), _COUNT_CHUNK), pin=False)
+            for batch in loader:
+                counts += batch.numpy()
+            self._table = level_table(counts, self.dtype)
+        return self._table
+
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int,
+                      device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of each minibatch of training epoch ``epoch``, in :func:`epoch_order` ``(n, seed, epoch)``."""
+        loader, batches = self._cached(("epochs", batch_size, seed, str(device)), "train", batch_size, seed, device)
+        batches.epoch = epoch
+        return _moved(loader, device)
+
+    def chunks(self, split: str, size: int, device: torch.device | str = "cpu"):
+        """(x, y) of consecutive chunks of ``size`` points of ``split`` ("train" or "test"), in order."""
+        loader, _ = self._cached(("chunks", split, size, str(device)), split, size, None, device)
+        return _moved(loader, device)
+
+    def take(self, split: str, idx, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the points ``idx`` (positions in ``split``), decoded here."""
+        x, y = _Points(*self._split(split), self.table).__getitems__(list(idx))
+        return x.to(device), y.to(device)
+
+    def materialise(self) -> Dataset:
+        """The whole set in memory: what ``load_dataset`` gives (for the few uses that need every point at once)."""
+        train, test = (_Points(*self._split(s), self.table) for s in SPLITS)
+        (x_train, y_train), (x_test, y_test) = (p.__getitems__(list(range(len(p)))) for p in (train, test))
+        return Dataset(name=self.name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                       num_classes=self.num_classes)
+
+    def close(self) -> None:
+        """Stop the worker processes of this set's loaders."""
+        self._loaders.clear()
+
+    def _split(self, split: str) -> tuple[Split, np.ndarray]:
+        if split not in self._splits:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+        return self._splits[split]
+
+    def _cached(self, key: tuple, split: str, size: int, seed: int | None, device):
+        if key not in self._loaders:
+            source, idx = self._split(split)
+            batches = _Batches(len(idx), size, seed)
+            pin = torch.device(device).type == "cuda"
+            self._loaders[key] = (self._loader(_Points(source, idx, self.table), batches, pin), batches)
+        return self._loaders[key]
+
+    def _loader(self, points: _Points, batches: _Batches, pin: bool) -> torch.utils.data.DataLoader:
+        workers = min(self.workers, len(batches))
+        extra = {}
+        if workers > 0:
+            # fork: the workers inherit the opened readers (torchvision's file lists, MNIST's arrays) as they are.
+            extra = {"multiprocessing_context": multiprocessing.get_context("fork"), "persistent_workers": True,
+                     "prefetch_factor": 2}
+        return torch.utils.data.DataLoader(points, batch_sampler=batches, num_workers=workers, collate_fn=_as_is,
+                                           pin_memory=pin, **extra)
+
+
+def _moved(loader, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    device = torch.device(device)
+    non_blocking = device.type == "cuda"
+    for x, y in loader:
+        yield x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
+
+
+class StreamedCurvature(CurvatureOperator):
+    """:class:`~influence.curvature.CurvatureOperator` over a streamed training set: each product is one pass
+    over its chunks (the same chunks, sums and weights as the in-memory operator, so the same products). Only
+    full-set products: a minibatch estimate (``idx``, LiSSA) needs the points in memory."""
+
+    def __init__(self, model, theta: torch.Tensor, data: StreamedSet, weight_decay: float,
+                 curvature: str = "hessian", chunk: int = 2048) -> None:
+        self._setup(model, theta, weight_decay, curvature, chunk, data.n_train)
+        self.data = data
+
+    def _chunks(self, idx: torch.Tensor | None):
+        if idx is not None:
+            raise ValueError("a streamed training set gives full-set curvature products only; a minibatch "
+                             "estimate (LiSSA) needs the set in memory")
+        for x, y in self.data.chunks("train", self.chunk, self.device):
+            yield x.to(self.theta.dtype), y
