@@ -3,8 +3,10 @@ as a `TorchTrainer` of W workers (each with the spec's `resources.train` CPUs an
 process group between them (gloo on CPUs, NCCL on GPUs) and `influence.data_parallel.train_data_parallel` in
 each: every worker takes its share of each global batch and the gradients are summed once per step.
 
-The train task that starts it only waits (it holds no CPU), then evaluates θ̂ as for a single-worker run. The
-workers open the data where they run (a DataSource loads its node's copy) and hand θ̂ back through the store:
+The train task that starts it only waits (on one CPU), then evaluates θ̂ as for a single-worker run. The
+workers open the data where they run (a minibatched file set streams from the node's copy, each worker decoding
+only its pieces of the batches with as many loader processes as it has CPUs beyond the first; any other set is
+loaded) and hand θ̂ back through the store:
 worker 0 saves the run's progress (`jobs.tasks.train_progress`) every `train.checkpoint_every` steps and at the
 end. When a worker dies, Ray Train's failure handling restarts the group (up to TRAIN_FAILURES times), and the
 new workers continue from the last saved step.
@@ -18,9 +20,10 @@ from typing import Callable
 
 import torch
 
-from influence.train import TrainResult, summarise
+from influence.streaming import StreamedSet
+from influence.train import TrainResult, summarise, summarise_streamed
 from jobs.spec import Configuration
-from jobs.tasks import model_for, train_options, train_progress, train_steps
+from jobs.tasks import model_for, streams, train_options, train_progress, train_steps
 from storage.uri import Store
 
 TRAIN_FAILURES = 3  # worker-group restarts Ray Train makes before the train task fails
@@ -30,7 +33,8 @@ def fit(store: Store, cfg: Configuration, source, data, model, report: Callable[
         workers: int, per_worker: dict) -> TrainResult:
     """θ̂ of `cfg` trained by `workers` Ray Train workers with `per_worker` Ray resources each (num_cpus,
     num_gpus, memory). `source` is what the tasks get (a Dataset or a DataSource), shipped to the workers;
-    `data` the calling task's own copy, on its device, for the final R and ‖∇R‖."""
+    `data` the calling task's own (a Dataset on its device, or the StreamedSet it streams) for the final R and
+    ‖∇R‖."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -55,6 +59,9 @@ def fit(store: Store, cfg: Configuration, source, data, model, report: Callable[
     state = progress.saved()
     if state is None or state["step"] != progress.identity["steps"]:
         raise RuntimeError(f"data-parallel training of {cfg.model_key} ended without saving θ̂ at {progress.path}")
+    if isinstance(data, StreamedSet):
+        return summarise_streamed(model, state["theta"], data, cfg.weight_decay, cfg.batch_size, cfg.epochs,
+                                  time.perf_counter() - start)
     return summarise(model, state["theta"].to(data.device), data.x_train, data.y_train, cfg.weight_decay,
                      cfg.batch_size, cfg.epochs, time.perf_counter() - start)
 
@@ -85,13 +92,21 @@ def _worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(config["cpus"])))
-    store, cfg = config["store"], config["cfg"]
-    data = config["data"].to(ray.train.torch.get_device())
+    store, cfg, device = config["store"], config["cfg"], ray.train.torch.get_device()
+    if streams(cfg, config["data"]):
+        data = config["data"].stream(max(0, int(config["cpus"]) - 1))
+        x, y = data, None
+    else:
+        data = config["data"].to(device)
+        x, y = data.x_train, data.y_train
     model = model_for(cfg, data)
     progress = train_progress(store, cfg, model.n_params, train_steps(cfg, data.n_train))
     options = train_options(cfg)
     options.pop("grad_tol", None)  # an L-BFGS setting
-    train_data_parallel(model, data.x_train, data.y_train, rank=rank, world=world, all_reduce=dist.all_reduce,
+    train_data_parallel(model, x, y, rank=rank, world=world, all_reduce=dist.all_reduce,
                         weight_decay=cfg.weight_decay, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,
-                        schedule=cfg.schedule, mixed_precision=cfg.mixed_precision, progress=_RankOrdered(progress, rank, dist.barrier),
-                        report=config["report"], summary=False, **options)
+                        schedule=cfg.schedule, mixed_precision=cfg.mixed_precision,
+                        progress=_RankOrdered(progress, rank, dist.barrier), report=config["report"], summary=False,
+                        device=device, **options)
+    if isinstance(data, StreamedSet):
+        data.close()

@@ -1,6 +1,7 @@
 """Data-parallel training: W workers take the same minibatch steps as one, each on its share of every batch.
 
-Every worker holds the whole training set and the same θ. A step's batch B (the order of
+Every worker holds the whole training set, or streams its pieces of the batches from a file set
+(:class:`~influence.streaming.StreamedSet`: a piece is all it decodes), and the same θ. A step's batch B (the order of
 :func:`~influence.retrain.epoch_order`, as one worker would visit it) is cut into W contiguous pieces; worker w
 computes ∇ of (1/|B|) Σ_{i∈B_w} L(z_i, θ), the piece's share of the batch objective, the W shares are summed
 by ``all_reduce`` (torch.distributed's SUM: gloo on CPUs, NCCL on GPUs, once per step), and every worker adds
@@ -27,15 +28,16 @@ from influence.models import Model
 from influence.objective import per_example_loss
 from influence.progress import Progress, resumed_state, save_due
 from influence.retrain import check_options, full_batch_or, minibatches, scheduled_lr, steps_per_epoch
-from influence.train import PROGRESS_CALLS, TrainResult, check_mixed_precision, summarise, torch_optimizer
+from influence.train import (PROGRESS_CALLS, TrainResult, check_mixed_precision, summarise, summarise_streamed,
+                             torch_optimizer)
 
 AllReduce = Callable[[torch.Tensor], None]  # sums a tensor over the workers, in place
 
 
 def train_data_parallel(
     model: Model,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x,
+    y: torch.Tensor | None,
     *,
     rank: int,
     world: int,
@@ -53,6 +55,7 @@ def train_data_parallel(
     progress: Progress | None = None,
     report: Callable[[int, float], None] | None = None,
     summary: bool = True,
+    device: torch.device | str | None = None,
 ) -> TrainResult | None:
     """Worker ``rank`` of ``world``'s part of training θ̂ (module docstring); every worker returns the same θ̂.
 
@@ -60,20 +63,31 @@ def train_data_parallel(
     puts the forward under bfloat16 autocast, on CUDA, as train() does). ``report(epoch, loss)`` is called on worker 0, about every 1% of the epochs, with the mean batch
     objective of the epoch (summed over the workers, so the one a single worker would report); give it to every
     worker or to none, since summing the loss is a collective that all of them take part in. ``summary=False``
-    returns None instead of the :class:`TrainResult` (and skips its full pass over the data)."""
+    returns None instead of the :class:`TrainResult` (and skips its full pass over the data).
+
+    ``x`` may be a :class:`~influence.streaming.StreamedSet` (``y`` None) trained in minibatches smaller than
+    the set on ``device``: each worker then decodes only its pieces of the batches."""
     check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs)
     if optimizer == "lbfgs":
         raise ValueError("data-parallel training takes adam or sgd steps; L-BFGS runs on one worker")
     if not (0 <= rank < world):
         raise ValueError(f"rank {rank} is not one of the {world} workers")
+    streamed = not isinstance(x, torch.Tensor)
+    n = x.n_train if streamed else x.shape[0]
+    batch_size = full_batch_or(batch_size, n)
+    if streamed:
+        if batch_size is None:
+            raise ValueError(f"a streamed set trains data-parallel in minibatches smaller than its {n} points")
+        device = torch.device("cpu" if device is None else device)
+        dtype = x.dtype
+    else:
+        device, dtype = x.device, x.dtype
     if mixed_precision:
-        check_mixed_precision(x)
+        check_mixed_precision(torch.empty(0, dtype=dtype, device=device))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if mixed_precision else contextlib.nullcontext
     start = time.perf_counter()
-    n = x.shape[0]
-    batch_size = full_batch_or(batch_size, n)
     if theta0 is None:
-        theta0 = model.init(seed, dtype=x.dtype, device=x.device)
+        theta0 = model.init(seed, dtype=dtype, device=device)
     theta = theta0.detach().clone().requires_grad_(True)
     opt = torch_optimizer(optimizer, theta, lr, momentum)  # as train() builds it: the same arithmetic
     per_epoch = steps_per_epoch(n, batch_size)
@@ -89,18 +103,16 @@ def train_data_parallel(
     for epoch in range(step // per_epoch, epochs):
         reporting = report is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
         seen = torch.zeros(1, dtype=theta.dtype, device=theta.device)
-        for idx in minibatches(n, batch_size, seed, epoch, x.device)[step - epoch * per_epoch:]:
-            if idx is None:
-                idx = torch.arange(n, device=x.device)
-            piece = idx.tensor_split(world)[rank]
+        for size, x_piece, y_piece in _pieces(x, y, n, batch_size, seed, epoch, step - epoch * per_epoch, rank, world,
+                                              device):
             with autocast():
-                losses = per_example_loss(model, theta, x[piece], y[piece]).sum()
-            (grad,) = torch.autograd.grad(losses / len(idx), theta)
+                losses = per_example_loss(model, theta, x_piece, y_piece).sum()
+            (grad,) = torch.autograd.grad(losses / size, theta)
             all_reduce(grad)
             with torch.no_grad():
                 grad.add_(theta, alpha=weight_decay)
             if reporting:  # as train() sums its batch objectives (before the step): the L2 term once, from worker 0
-                seen += losses.detach() + (0.5 * weight_decay * float(theta.detach().square().sum()) * len(idx)
+                seen += losses.detach() + (0.5 * weight_decay * float(theta.detach().square().sum()) * size
                                            if rank == 0 else 0.0)
             theta.grad = grad
             group["lr"] = scheduled_lr(schedule, lr, step, total)
@@ -114,4 +126,21 @@ def train_data_parallel(
                 report(epoch + 1, float(seen) / n)
     if not summary:  # (the caller computes R and ‖∇R‖ once, not on every worker)
         return None
+    if streamed:
+        return summarise_streamed(model, theta, x, weight_decay, batch_size, epochs, time.perf_counter() - start,
+                                  device)
     return summarise(model, theta, x, y, weight_decay, batch_size, epochs, time.perf_counter() - start)
+
+
+def _pieces(x, y, n: int, batch_size: int | None, seed: int, epoch: int, skip: int, rank: int, world: int, device):
+    """(|B|, this worker's piece of x, of y) for each batch B of the epoch from batch ``skip`` on."""
+    if not isinstance(x, torch.Tensor):
+        sizes = [min(batch_size, n - a) for a in range(0, n, batch_size)]
+        pieces = x.epoch_batches(batch_size, seed, epoch, device, skip=skip, piece=(rank, world))
+        yield from ((size, xb, yb) for size, (xb, yb) in zip(sizes[skip:], pieces))
+        return
+    for idx in minibatches(n, batch_size, seed, epoch, x.device)[skip:]:
+        if idx is None:
+            idx = torch.arange(n, device=x.device)
+        piece = idx.tensor_split(world)[rank]
+        yield len(idx), x[piece], y[piece]

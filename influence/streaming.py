@@ -69,15 +69,21 @@ def _as_is(batch):  # the batch is made whole by __getitems__: nothing to collat
 
 class _Batches(torch.utils.data.Sampler):
     """Positions of each batch: consecutive chunks of ``size``, or with ``seed`` epoch ``epoch``'s order of
-    :func:`~influence.retrain.epoch_order` split into batches of ``size`` (set the epoch before each pass)."""
+    :func:`~influence.retrain.epoch_order` split into batches of ``size``, from batch ``skip`` on, and with
+    ``piece`` (rank, world) only piece ``rank`` of each batch cut into ``world`` (set these before each pass)."""
 
     def __init__(self, n: int, size: int, seed: int | None = None) -> None:
-        self.n, self.size, self.seed, self.epoch = n, size, seed, 0
+        self.n, self.size, self.seed = n, size, seed
+        self.epoch, self.skip, self.piece = 0, 0, None
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.seed is None:
             return (list(range(a, min(a + self.size, self.n))) for a in range(0, self.n, self.size))
-        return (b.tolist() for b in epoch_order(self.n, self.seed, self.epoch).split(self.size))
+        batches = epoch_order(self.n, self.seed, self.epoch).split(self.size)[self.skip:]
+        if self.piece is not None:
+            rank, world = self.piece
+            batches = [b.tensor_split(world)[rank] for b in batches]
+        return (b.tolist() for b in batches)
 
     def __len__(self) -> int:
         return -(-self.n // self.size)
@@ -126,11 +132,15 @@ class StreamedSet:
             self._table = level_table(counts, self.dtype)
         return self._table
 
-    def epoch_batches(self, batch_size: int, seed: int, epoch: int,
-                      device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) of each minibatch of training epoch ``epoch``, in :func:`epoch_order` ``(n, seed, epoch)``."""
-        loader, batches = self._cached(("epochs", batch_size, seed, str(device)), "train", batch_size, seed, device)
-        batches.epoch = epoch
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int, device: torch.device | str = "cpu", *,
+                      skip: int = 0, piece: tuple[int, int] | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of each minibatch of training epoch ``epoch``, in :func:`epoch_order` ``(n, seed, epoch)``,
+        from batch ``skip`` on (a resumed epoch); with ``piece`` = (rank, world) only worker ``rank``'s piece of
+        each batch, as ``batch.tensor_split(world)[rank]`` cuts it (data-parallel training)."""
+        key = ("epochs", batch_size, seed, str(device), piece)
+        loader, batches = self._cached(key, "train", batch_size, seed, device)
+        batches.epoch, batches.skip, batches.piece = epoch, skip, piece
         return _moved(loader, device)
 
     def chunks(self, split: str, size: int, device: torch.device | str = "cpu"):

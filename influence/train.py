@@ -164,10 +164,19 @@ def train_streamed(
     theta = _descent(model, theta0.to(device), lambda epoch: data.epoch_batches(batch_size, seed, epoch, device), n,
                      steps_per_epoch(n, batch_size), weight_decay=weight_decay, lr=lr, epochs=epochs,
                      optimizer=optimizer, momentum=momentum, schedule=schedule, mixed_precision=mixed_precision,
-                     progress=progress).detach().requires_grad_(True)
-    value, train_loss, grad_norm = final_state(model, theta, data.chunks("train", batch_size, device), n, weight_decay)
+                     progress=progress)
+    return summarise_streamed(model, theta, data, weight_decay, batch_size, epochs, time.perf_counter() - start,
+                              device)
+
+
+def summarise_streamed(model: Model, theta: torch.Tensor, data, weight_decay: float, batch_size: int, epochs: int,
+                       seconds: float, device: torch.device | str = "cpu") -> TrainResult:
+    """:func:`summarise` over a streamed training set, in chunks of ``batch_size``."""
+    theta = theta.detach().to(device).requires_grad_(True)
+    value, train_loss, grad_norm = final_state(model, theta, data.chunks("train", batch_size, device), data.n_train,
+                                               weight_decay)
     return TrainResult(theta=theta.detach(), objective=value, train_loss=train_loss, grad_norm=grad_norm,
-                       epochs=epochs, seconds=time.perf_counter() - start)
+                       epochs=epochs, seconds=seconds)
 
 
 def _descent(model: Model, theta0: torch.Tensor, batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],

@@ -281,7 +281,7 @@ def train_task(store: Store, cfg: Configuration, data: Dataset | DataSource, dev
 def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device: torch.device,
            fit: Callable[..., TrainResult] | None) -> tuple[torch.Tensor, TrainOutput]:
     source = data
-    streamed = _streams(cfg, data, fit)
+    streamed = streams(cfg, data)
     if streamed:  # a minibatched file set: streamed through DataLoaders, never whole in this task
         data = data.stream(loader_workers())
         labels = data.y_test
@@ -353,10 +353,10 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
     return theta.cpu(), protocol.train_output(cfg, models, test_points, notices=(notice,) if notice else ())
 
 
-def _streams(cfg: Configuration, data: Dataset | DataSource, fit) -> bool:
-    """Whether the train task streams its data: a file set trained here in minibatches smaller than the set (the
-    full batch and L-BFGS take every point at once; data-parallel workers load their own)."""
-    return (isinstance(data, DataSource) and fit is None and cfg.optimizer != "lbfgs"
+def streams(cfg: Configuration, data: Dataset | DataSource) -> bool:
+    """Whether training streams its data (the train task, and data-parallel workers): a file set trained in
+    minibatches smaller than the set (the full batch and L-BFGS take every point at once)."""
+    return (isinstance(data, DataSource) and cfg.optimizer != "lbfgs"
             and full_batch_or(cfg.batch_size, data.n_train) is not None)
 
 

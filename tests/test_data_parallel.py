@@ -108,6 +108,31 @@ def test_two_gloo_workers_reach_the_theta_of_one(ray_cluster, tmp_path, digits, 
 
 
 @pytest.mark.slow
+def test_two_gloo_workers_streaming_a_file_set_reach_the_theta_of_one(ray_cluster, tmp_path):
+    """MNIST files as a DataSource: each Ray Train worker streams its pieces of the batches from the files and
+    the caller sums R and ‖∇R‖ over its own stream; θ̂ is that of one worker training on the set in memory."""
+    from cluster import data_parallel
+    from influence.data_files import write_tiny
+    from jobs import tasks
+    from jobs.spec import Configuration
+    from storage.uri import open_store
+
+    root = write_tiny("mnist", str(tmp_path / "mnist"))
+    cfg = Configuration("ddps", dataset="mnist", data_root=root, subset=60, test_subset=10, model="small_cnn",
+                        **{k: v for k, v in KW.items() if k not in ("weight_decay", "epochs")}, epochs=2,
+                        weight_decay=WD)
+    source = tasks.datasets_for([cfg])[tasks.dataset_key(cfg)]
+    assert tasks.streams(cfg, source)
+    whole = tasks.load_data(cfg)
+    model = tasks.model_for(cfg, whole)
+    got = data_parallel.fit(open_store(str(tmp_path / "store")), cfg, source, source.stream(), model, None,
+                            workers=2, per_worker={"num_cpus": 1})
+    expected = train(model, whole.x_train, whole.y_train, **dict(KW, epochs=2))
+    assert torch.allclose(got.theta, expected.theta, rtol=0, atol=1e-10)
+    assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-8)
+
+
+@pytest.mark.slow
 def test_a_run_with_two_training_workers_writes_the_rows_of_a_single_worker_run(ray_cluster, tmp_path, capfd):
     """`fragile run` with resources.train.workers: 2 (Tune trial -> a waiting train task -> Ray Train) against the
     same spec with one worker, inline: the same configuration, θ̂ within 1e-10, and its progress file gone."""

@@ -3,6 +3,8 @@ standardised points, the same minibatches, the same θ̂ and curvature products,
 the task never holds the decoded set. The known answer is the in-memory path itself (`load_dataset`)."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -126,3 +128,97 @@ def test_the_train_task_streams_a_file_set_and_writes_the_in_memory_rows(name, r
                 for s in (streamed, memory))
         a, b = (t.drop_columns([c for c in ("checkpoint", "node_id", "node_ip") if c in t.column_names]) for t in (a, b))
         assert a.to_pylist() == b.to_pylist(), table
+
+
+# ---- data-parallel workers stream their pieces of each batch ----------------------------------------------------
+
+def test_a_piece_of_a_streamed_batch_is_the_piece_tensor_split_cuts(roots):
+    stream, whole = _both("mnist", roots)
+    for rank in range(3):
+        pieces = list(stream.epoch_batches(16, seed=1, epoch=2, piece=(rank, 3), skip=1))
+        expected = [b.tensor_split(3)[rank] for b in minibatches(whole.n_train, 16, 1, 2, torch.device("cpu"))[1:]]
+        assert len(pieces) == len(expected) == 3
+        for (xb, yb), idx in zip(pieces, expected):
+            assert torch.equal(xb, whole.x_train[idx]) and torch.equal(yb, whole.y_train[idx])
+
+
+def _threads(world: int, run):
+    """``run(rank, all_reduce)`` on ``world`` threads whose all_reduce sums over them; the results by rank."""
+    barrier, slots, out, errors = threading.Barrier(world), [None] * world, [None] * world, []
+
+    def all_reduce(tensor: torch.Tensor) -> None:
+        rank = int(threading.current_thread().name)
+        slots[rank] = tensor.clone()
+        barrier.wait()
+        total = sum(slots[1:], slots[0].clone())
+        barrier.wait()  # every worker has read the sum before anyone writes the next one
+        tensor.copy_(total)
+
+    def body(rank: int) -> None:
+        try:
+            out[rank] = run(rank, all_reduce)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(r,), name=str(r)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def test_two_workers_streaming_their_pieces_reach_the_theta_of_one_in_memory(roots):
+    from influence.data_parallel import train_data_parallel
+
+    stream, whole = _both("mnist", roots)
+    model = build_model("small_cnn", input_shape=whole.input_shape, num_classes=whole.num_classes)
+    kw = dict(weight_decay=1e-3, lr=0.05, epochs=2, seed=3, optimizer="sgd", momentum=0.9, batch_size=15,
+              schedule="cosine")  # 50 points: batches of 15, 15, 15 and 5, cut in two
+    expected = train(model, whole.x_train, whole.y_train, **kw)
+    # A model per worker, as in a process per worker: a model's forward swaps its module's parameters.
+    got = _threads(2, lambda rank, reduce: train_data_parallel(
+        build_model("small_cnn", input_shape=whole.input_shape, num_classes=whole.num_classes),
+        stream.with_workers(0), None, rank=rank, world=2, all_reduce=reduce, **kw))
+    for result in got:
+        assert torch.allclose(result.theta, expected.theta, rtol=0, atol=1e-12)
+        assert result.grad_norm == pytest.approx(expected.grad_norm, rel=1e-10)
+
+
+def test_a_streamed_data_parallel_run_resumes_mid_epoch_to_the_bit(roots):
+    from influence.data_parallel import train_data_parallel
+    from tests.test_retrain_resume import MemoryProgress, Preempted
+
+    stream, whole = _both("mnist", roots)
+    model = build_model("small_cnn", input_shape=whole.input_shape, num_classes=whole.num_classes)
+    kw = dict(weight_decay=1e-3, lr=0.05, epochs=2, seed=3, optimizer="adam", batch_size=15, rank=0, world=1,
+              all_reduce=lambda t: None)
+    whole_run = train_data_parallel(model, stream, None, **kw)  # 2 epochs of 4 batches
+    progress = MemoryProgress(every=3, stop_after=2)  # stopped at step 6: batch 2 of the second epoch is next
+    with pytest.raises(Preempted):
+        train_data_parallel(model, stream, None, progress=progress, **kw)
+    progress.stop_after, progress.saved_steps = None, []
+    resumed = train_data_parallel(model, stream, None, progress=progress, **kw)
+    assert progress.saved_steps == [8]
+    assert torch.equal(resumed.theta, whole_run.theta)
+    with pytest.raises(ValueError, match="minibatches smaller than its 50 points"):
+        train_data_parallel(model, stream, None, **{**kw, "batch_size": None})
+
+
+@pytest.mark.slow
+def test_a_ray_train_task_with_two_cpus_streams_through_a_loader_process(ray_cluster, roots, tmp_path):
+    """In a Ray worker process (2 CPUs: one forked loader process) the train task gives the in-memory θ̂."""
+    import ray
+
+    from cluster.runner import _remote
+
+    cfg = Configuration("st", dataset="mnist", data_root=roots["mnist"], model="small_cnn", batch_size=10, epochs=2,
+                        optimizer="sgd", lr=0.05, weight_decay=1e-3, **{k: v for k, v in OPTIONS["mnist"].items()})
+    source = tasks.datasets_for([cfg])[tasks.dataset_key(cfg)]
+    theta, _ = ray.get(_remote(tasks.train_task, 2).options(num_cpus=2).remote(
+        open_store(str(tmp_path / "ray")), cfg, source))
+    expected, _ = tasks.train_task(open_store(str(tmp_path / "memory")), cfg, tasks.load_data(cfg))
+    assert torch.equal(theta, expected)
