@@ -94,7 +94,7 @@ def _worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(config["cpus"])))
     store, cfg, device = config["store"], config["cfg"], ray.train.torch.get_device()
     if streams(cfg, config["data"]):
-        data = config["data"].stream(max(0, int(config["cpus"]) - 1))
+        data = config["data"].stream(store, max(0, int(config["cpus"]) - 1))
         x, y = data, None
     else:
         data = config["data"].to(device)

@@ -57,7 +57,10 @@ def hessian(
     size, and no forward-AD set-up.
     """
     theta64 = theta.detach().to(torch.float64)
-    x64 = x.to(torch.float64)
+    if not isinstance(x, torch.Tensor) and isinstance(model, MLP):  # streamed: jacrev takes every point at once
+        whole = x.materialise().to(theta.device)
+        x, y = whole.x_train, whole.y_train
+    x64 = x.to(torch.float64) if isinstance(x, torch.Tensor) else x  # (a streamed set is converted per chunk)
     if not isinstance(model, MLP):
         # Convolutional nets: jacrev(jacrev) would hold P copies of every activation at once (26 GB for the
         # small CNN on 200 MNIST images); Hessian-vector products with blocks of the identity, over chunks of
@@ -107,7 +110,9 @@ class CurvatureOperator:
     With ``idx`` the data term is the mean over those training points only (with λ, as R on a minibatch).
 
     Products run in θ's dtype (float64 for the small models, float32 where a spec asks for it) and over the
-    training points ``chunk`` at a time, so memory is bounded by the chunk, not by n (MNIST, CIFAR-10).
+    training points ``chunk`` at a time, so memory is bounded by the chunk, not by n (MNIST, CIFAR-10). ``x``
+    may be a streamed set (:class:`influence.streaming.StreamedSet`, ``y`` None): a full product is then a pass
+    over its chunks, a minibatch product decodes the minibatch; the same chunks and sums, the same products.
     """
 
     def __init__(
@@ -120,9 +125,12 @@ class CurvatureOperator:
         curvature: str = "hessian",
         chunk: int = 2048,
     ) -> None:
+        if not isinstance(x, torch.Tensor):  # a streamed set (influence.streaming): read a pass of chunks per product
+            self._setup(model, theta, weight_decay, curvature, chunk, x.n_train)
+            self.data, self.x, self.y = x, None, None
+            return
         self._setup(model, theta, weight_decay, curvature, chunk, int(x.shape[0]))
-        self.x = x.detach().to(device=self.theta.device, dtype=self.theta.dtype)
-        self.y = y.to(self.theta.device)
+        self.data, self.x, self.y = None, x.detach().to(device=self.theta.device, dtype=self.theta.dtype), y.to(self.theta.device)
 
     def _setup(self, model, theta: torch.Tensor, weight_decay: float, curvature: str, chunk: int,
                n_examples: int) -> None:
@@ -155,9 +163,17 @@ class CurvatureOperator:
 
     def _chunks(self, idx: torch.Tensor | None):
         """(x, y) of consecutive chunks of the examples (of those in ``idx`` only, when given)."""
-        if idx is not None:
-            idx = idx.to(self.device)
-        x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
+        if self.data is not None:  # streamed: every example in a pass of the loader, a minibatch decoded directly
+            if idx is None:
+                for x, y in self.data.chunks("train", self.chunk, self.device):
+                    yield x.to(self.theta.dtype), y
+                return
+            x, y = self.data.take("train", idx, self.device)
+            x = x.to(self.theta.dtype)
+        else:
+            if idx is not None:
+                idx = idx.to(self.device)
+            x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
         for start in range(0, x.shape[0], self.chunk):
             yield x[start:start + self.chunk], y[start:start + self.chunk]
 

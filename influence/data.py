@@ -114,6 +114,28 @@ class Dataset:
         return DatasetInfo(name=self.name, n_train=self.n_train, n_test=self.n_test, num_classes=self.num_classes,
                            input_shape=self.input_shape)
 
+    def take(self, split: str, idx, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the points ``idx`` of ``split`` ("train" or "test"), on ``device`` (default: the data's)."""
+        x, y = self._split(split)
+        idx = torch.as_tensor(idx, dtype=torch.int64, device="cpu").to(x.device)
+        return x[idx].to(device or x.device), y[idx].to(device or x.device)
+
+    def chunks(self, split: str, size: int, device: torch.device | str | None = None, *, start: int = 0,
+               stop: int | None = None):
+        """(x, y) of consecutive chunks of ``size`` points of ``split`` from ``start`` to ``stop`` (the end)."""
+        x, y = self._split(split)
+        stop = x.shape[0] if stop is None else stop
+        for a in range(start, stop, size):
+            b = min(a + size, stop)
+            yield x[a:b].to(device or x.device), y[a:b].to(device or x.device)
+
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split == "train":
+            return self.x_train, self.y_train
+        if split == "test":
+            return self.x_test, self.y_test
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+
     def to(self, device: torch.device | str) -> Dataset:
         """The same split with every tensor on ``device`` (tensors already there are shared, not copied)."""
         return Dataset(

@@ -267,6 +267,10 @@ def make_solver(
     error (a typo must not silently run the default). ``diagnostics["seconds_fit"]`` is the one-off cost:
     forming and factorising C (exact), the eigenpairs (arnoldi), the factors (ekfac); ~0 for cg and lissa,
     whose cost is in every solve.
+
+    ``x`` may be a streamed set (:class:`influence.streaming.StreamedSet`, ``y`` None): the curvature products
+    of cg, lissa, arnoldi and exact then stream its chunks (the dense Hessian of an MLP, and ekfac's factors,
+    decode it whole).
     """
     if method not in METHODS:
         raise ValueError(f"unknown influence method {method!r}; choose one of {', '.join(METHODS)}")
@@ -298,6 +302,9 @@ def _build(method: str, model: MLP, theta: torch.Tensor, x: torch.Tensor, y: tor
     if method == "ekfac":
         from influence.ihvp_ekfac import EkfacIHVP
 
+        if not isinstance(x, torch.Tensor):  # a streamed set: its factor passes slice the set in memory (for now)
+            whole = x.materialise().to(theta.device)
+            x, y = whole.x_train, whole.y_train
         return EkfacIHVP(model, theta, x, y, weight_decay, **kw)
     if method == "lissa":
         from influence.ihvp_lissa import LissaIHVP

@@ -94,7 +94,7 @@ def solve_test_points(model: MLP, theta: torch.Tensor, data: Dataset, test_idx: 
     """One block solve for the test points ``test_idx`` of ``data`` at θ̂ = ``theta`` (Koh & Liang's s_test)."""
     _check_chunk(chunk_size)
     test_idx = _check_indices(test_idx, data.n_test, "test_idx")
-    x_test, y_test = data.x_test[test_idx], data.y_test[test_idx]
+    x_test, y_test = data.take("test", test_idx, theta.device)
     test_grads = per_example_grads(model, theta, x_test, y_test, chunk_size)
     solved = solver.solve_with_info(test_grads)  # NaN rows where diverged
     with torch.no_grad():
@@ -111,16 +111,18 @@ def shard_estimates(model: MLP, theta: torch.Tensor, data: Dataset, s_test: torc
     estimate[t, j] = s_tᵀ ∇L(z_{start+j}) / n with n the size of the whole training set, the gradients streamed
     ``chunk_size`` at a time. predicted_dtheta solves each training gradient with ``dtheta_solver`` (NaN when
     it is None). Every estimate depends on its own pair only, so shards of any size tile
-    :func:`influence_estimates` to round-off."""
+    :func:`influence_estimates` to round-off. ``data`` may be streamed (:class:`influence.streaming.StreamedSet`):
+    only the shard's points are decoded."""
     _check_chunk(chunk_size)
     n = data.n_train
     if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
         raise ValueError(f"a shard of training points must satisfy 0 <= start <= stop <= {n}; got {start}..{stop}")
     estimate = torch.empty(s_test.shape[0], stop - start, dtype=s_test.dtype, device=s_test.device)
     predicted_dtheta = torch.full((stop - start,), math.nan, dtype=s_test.dtype, device=s_test.device)
-    for first in range(start, stop, chunk_size):
-        last = min(first + chunk_size, stop)
-        grads = per_example_grads(model, theta, data.x_train[first:last], data.y_train[first:last], chunk_size)
+    chunks = data.chunks("train", chunk_size, theta.device, start=start, stop=stop)
+    for first, (xc, yc) in zip(range(start, stop, chunk_size), chunks):
+        last = first + xc.shape[0]
+        grads = per_example_grads(model, theta, xc, yc, chunk_size)
         grads = grads.to(s_test.dtype)
         estimate[:, first - start:last - start] = (s_test @ grads.T) / n
         if dtheta_solver is not None:

@@ -14,7 +14,8 @@ pinned memory. It gives what ``load_dataset`` gives, value for value:
 
 MNIST and CIFAR-10 are read by torchvision as whole uint8 arrays (47 MB and 150 MB: an eighth of the float64
 copy this avoids); ImageNet JPEGs are opened, resized and cropped one by one, only when a batch needs them.
-:class:`StreamedCurvature` is the curvature operator over a streamed training set (a pass of chunks per product).
+A StreamedSet answers ``take`` and ``chunks`` as an in-memory :class:`~influence.data.Dataset` does, so the curvature
+operator, the test-point solves and the estimates over a shard of training points read either.
 """
 from __future__ import annotations
 
@@ -25,12 +26,11 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from influence.curvature import CurvatureOperator
 from influence.data import Dataset, DatasetInfo, apply_table, channel_counts, level_table
 from influence.data_files import Split
 from influence.retrain import epoch_order
 
-__all__ = ["StreamedSet", "StreamedCurvature"]
+__all__ = ["StreamedSet"]
 
 SPLITS = ("train", "test")
 _COUNT_CHUNK = 256  # training images per batch of the counting pass
@@ -68,17 +68,18 @@ def _as_is(batch):  # the batch is made whole by __getitems__: nothing to collat
 
 
 class _Batches(torch.utils.data.Sampler):
-    """Positions of each batch: consecutive chunks of ``size``, or with ``seed`` epoch ``epoch``'s order of
+    """Positions of each batch: consecutive chunks of ``size`` from ``start`` to ``stop``, or with ``seed`` epoch ``epoch``'s order of
     :func:`~influence.retrain.epoch_order` split into batches of ``size``, from batch ``skip`` on, and with
     ``piece`` (rank, world) only piece ``rank`` of each batch cut into ``world`` (set these before each pass)."""
 
     def __init__(self, n: int, size: int, seed: int | None = None) -> None:
         self.n, self.size, self.seed = n, size, seed
         self.epoch, self.skip, self.piece = 0, 0, None
+        self.start, self.stop = 0, n
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.seed is None:
-            return (list(range(a, min(a + self.size, self.n))) for a in range(0, self.n, self.size))
+            return (list(range(a, min(a + self.size, self.stop))) for a in range(self.start, self.stop, self.size))
         batches = epoch_order(self.n, self.seed, self.epoch).split(self.size)[self.skip:]
         if self.piece is not None:
             rank, world = self.piece
@@ -102,6 +103,7 @@ class StreamedSet:
         self.input_shape = tuple(int(s) for s in train.image_shape)
         self.y_train = torch.as_tensor(train.labels[train_idx], dtype=torch.int64, device="cpu")
         self.y_test = torch.as_tensor(test.labels[test_idx], dtype=torch.int64, device="cpu")
+        self._counts: np.ndarray | None = None
         self._table: torch.Tensor | None = None
         self._loaders: dict[tuple, tuple[torch.utils.data.DataLoader, _Batches]] = {}
 
@@ -113,23 +115,44 @@ class StreamedSet:
                            input_shape=self.input_shape)
 
     def with_workers(self, workers: int) -> StreamedSet:
-        """The same set read by ``workers`` DataLoader processes (the table, once counted, is shared)."""
+        """The same set read by ``workers`` DataLoader processes (the counts, once known, are shared)."""
         (train, train_idx), (test, test_idx) = self._splits["train"], self._splits["test"]
         other = StreamedSet(self.name, train, test, train_idx, test_idx, self.dtype, workers)
-        other._table = self._table
+        other._counts, other._table = self._counts, self._table
         return other
 
     @property
-    def table(self) -> torch.Tensor:
-        """[C, 256]: the standardised value of each level of each channel (counted over the training images on
-        first use)."""
-        if self._table is None:
+    def counted(self) -> bool:
+        """Whether the level counts are known (the table is then at hand without a pass)."""
+        return self._counts is not None
+
+    def counts(self) -> np.ndarray:
+        """int64 [C, 256]: how often each level occurs in each channel of the training images (one streamed pass
+        over them on first use)."""
+        if self._counts is None:
             split, idx = self._splits["train"]
             counts = np.zeros((self.input_shape[0], 256), dtype=np.int64)
             loader = self._loader(_Points(split, idx, None), _Batches(len(idx), _COUNT_CHUNK), pin=False)
             for batch in loader:
                 counts += batch.numpy()
-            self._table = level_table(counts, self.dtype)
+            self._counts = counts
+        return self._counts
+
+    def use_counts(self, counts: np.ndarray) -> None:
+        """Take level counts counted before (by another process over the same points) instead of a pass;
+        ``ValueError`` when they cannot be this set's (shape, or a total other than its pixels per channel)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        pixels = self.n_train * int(np.prod(self.input_shape[1:]))
+        if counts.shape != (self.input_shape[0], 256) or (counts.sum(1) != pixels).any():
+            raise ValueError(f"{self.name}: level counts of shape {counts.shape} totalling {counts.sum(1).tolist()} "
+                             f"are not those of {self.n_train} training images of shape {self.input_shape}")
+        self._counts, self._table = counts, None
+
+    @property
+    def table(self) -> torch.Tensor:
+        """[C, 256]: the standardised value of each level of each channel, from the training counts."""
+        if self._table is None:
+            self._table = level_table(self.counts(), self.dtype)
         return self._table
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int, device: torch.device | str = "cpu", *,
@@ -143,14 +166,21 @@ class StreamedSet:
         batches.epoch, batches.skip, batches.piece = epoch, skip, piece
         return _moved(loader, device)
 
-    def chunks(self, split: str, size: int, device: torch.device | str = "cpu"):
-        """(x, y) of consecutive chunks of ``size`` points of ``split`` ("train" or "test"), in order."""
-        loader, _ = self._cached(("chunks", split, size, str(device)), split, size, None, device)
+    def chunks(self, split: str, size: int, device: torch.device | str | None = None, *, start: int = 0,
+               stop: int | None = None):
+        """(x, y) of consecutive chunks of ``size`` points of ``split`` ("train" or "test") from ``start`` to
+        ``stop`` (the end), in order."""
+        device = "cpu" if device is None else device
+        stop = len(self._split(split)[1]) if stop is None else stop
+        loader, batches = self._cached(("chunks", split, size, str(device)), split, size, None, device)
+        batches.start, batches.stop = start, stop
         return _moved(loader, device)
 
-    def take(self, split: str, idx, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, split: str, idx, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of the points ``idx`` (positions in ``split``), decoded here."""
-        x, y = _Points(*self._split(split), self.table).__getitems__(list(idx))
+        idx = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+        x, y = _Points(*self._split(split), self.table).__getitems__(idx)
+        device = "cpu" if device is None else device
         return x.to(device), y.to(device)
 
     def materialise(self) -> Dataset:
@@ -193,21 +223,3 @@ def _moved(loader, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     non_blocking = device.type == "cuda"
     for x, y in loader:
         yield x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
-
-
-class StreamedCurvature(CurvatureOperator):
-    """:class:`~influence.curvature.CurvatureOperator` over a streamed training set: each product is one pass
-    over its chunks (the same chunks, sums and weights as the in-memory operator, so the same products). Only
-    full-set products: a minibatch estimate (``idx``, LiSSA) needs the points in memory."""
-
-    def __init__(self, model, theta: torch.Tensor, data: StreamedSet, weight_decay: float,
-                 curvature: str = "hessian", chunk: int = 2048) -> None:
-        self._setup(model, theta, weight_decay, curvature, chunk, data.n_train)
-        self.data = data
-
-    def _chunks(self, idx: torch.Tensor | None):
-        if idx is not None:
-            raise ValueError("a streamed training set gives full-set curvature products only; a minibatch "
-                             "estimate (LiSSA) needs the set in memory")
-        for x, y in self.data.chunks("train", self.chunk, self.device):
-            yield x.to(self.theta.dtype), y

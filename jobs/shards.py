@@ -28,7 +28,7 @@ from influence.scores import TestSolve, shard_estimates, solve_test_points
 from jobs import protocol
 from jobs.science import SCIENCE
 from jobs.spec import Configuration
-from jobs.tasks import CPU, _synchronize, fitted_solver, influence_rows, model_for, task_error
+from jobs.tasks import CPU, _synchronize, fitted_solver, influence_rows, model_for, opened, task_error
 from storage import tables
 from storage.checkpoints import ihvp_path, load_state, save_state
 from storage.uri import Store
@@ -48,7 +48,7 @@ def solve_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Ten
         if found is not None:
             return where, True, None
         start = time.perf_counter()
-        data, theta, model, solver = fitted_solver(cfg, data, theta, method, damping, device)
+        data, theta, model, solver = fitted_solver(store, cfg, data, theta, method, damping, device)
         solved = solve_test_points(model, theta, data, test_idx, solver, chunk_size=cfg.grad_chunk)
         _synchronize(device)
         state = {name: getattr(solved, name) for name in _SOLVE_FIELDS} | {
@@ -94,7 +94,7 @@ def shard_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Ten
         if state is None:
             raise FileNotFoundError(f"the solve {store.uri_of(source)} this shard is computed from is not in the "
                                     f"store (or not this run's); its solve task writes it")
-        data, theta = data.to(device), theta.to(device)
+        data, theta = opened(store, data, device), theta.to(device)  # a file set: only the shard's points are decoded
         model = model_for(cfg, data)
         solved = TestSolve(**{name: state[name] for name in _SOLVE_FIELDS})
         solver = None if state["solver"] is None else restore_solver(state["solver"], model, device)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from influence.data import Dataset, DatasetInfo
-from influence.streaming import StreamedCurvature, StreamedSet
+from influence.streaming import StreamedSet
 from influence.ihvp import hessian, make_solver
 from influence.models import MLP, build_model
 from influence.objective import per_example_loss
@@ -36,7 +36,8 @@ from jobs.runner import loader_workers, node_columns
 from jobs.science import SCIENCE
 from jobs.spec import Configuration
 from storage import tables
-from storage.checkpoints import checkpoint_path, load_checkpoint, load_state, progress_path, save_checkpoint, save_state
+from storage.checkpoints import (checkpoint_path, levels_path, load_checkpoint, load_state, progress_path,
+                                 save_checkpoint, save_state)
 from storage.tables import CorruptPart
 from storage.uri import Store, delete_file
 
@@ -128,9 +129,11 @@ class DataSource:
     def to(self, device: torch.device | str) -> Dataset:
         return _node_local(self).to(device)
 
-    def stream(self, workers: int = 0) -> StreamedSet:
+    def stream(self, store: Store | None = None, workers: int = 0) -> StreamedSet:
         """The set opened for streaming from this node's copy (nothing decoded until a batch asks), with
-        `workers` DataLoader processes; the standardisation table is counted once per worker process."""
+        `workers` DataLoader processes. Its level counts (what standardises it) are counted once per worker
+        process, or with a `store` once per run: the first task to count them saves them under
+        `<experiment>/data/`, and the others read them instead of a pass over the training images."""
         stream = _STREAMED.get(self.key)
         if stream is None:
             from influence.data import stream_dataset
@@ -142,7 +145,27 @@ class DataSource:
                                  f"{self.info}, the files now hold {stream.info()}; rerun to plan again")
             _STREAMED.clear()
             _STREAMED[self.key] = stream
+        if store is not None and not stream.counted:
+            _shared_counts(store, self, stream)
         return stream.with_workers(workers)
+
+
+def _shared_counts(store: Store, source: DataSource, stream: StreamedSet) -> None:
+    """Give `stream` the level counts saved for its set in this run, or count them and save them."""
+    path = levels_path(store, source.cfg.experiment, hashlib.sha256(source.key.encode()).hexdigest()[:16])
+    try:
+        state = load_state(store, path)
+    except CorruptPart:  # a torn or foreign file: counted again and replaced below
+        state = None
+    if state is not None and state.get("key") == source.key:
+        try:
+            stream.use_counts(state["counts"].numpy())
+            return
+        except (KeyError, ValueError):  # not this set's: counted again and replaced
+            pass
+    counts = stream.counts()
+    save_state(store, path, {"key": source.key, "counts": torch.from_numpy(counts)},
+               f"level counts of {source.cfg.dataset}")
 
 
 _STREAMED: dict[str, StreamedSet] = {}  # per worker process: the last set streamed (its labels and table)
@@ -283,7 +306,7 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
     source = data
     streamed = streams(cfg, data)
     if streamed:  # a minibatched file set: streamed through DataLoaders, never whole in this task
-        data = data.stream(loader_workers())
+        data = data.stream(store, loader_workers())
         labels = data.y_test
     else:
         labels = data.to(CPU).y_test  # for the rows
@@ -384,18 +407,14 @@ def _spectrum(cfg: Configuration, model, theta: torch.Tensor, data: Dataset | St
     plan = protocol.spectrum_plan(isinstance(model, MLP), model.n_params)
     if plan.method == "none":
         return math.nan, math.nan
+    x, y = (data, None) if isinstance(data, StreamedSet) else (data.x_train, data.y_train)
     if plan.method == "exact":
-        if isinstance(data, StreamedSet):
-            data = data.materialise().to(device)
-        eig = torch.linalg.eigvalsh(hessian(model, theta, data.x_train, data.y_train, cfg.weight_decay))
+        eig = torch.linalg.eigvalsh(hessian(model, theta, x, y, cfg.weight_decay))
         return float(eig[-1]), float(eig[0])
     from influence.curvature import CurvatureOperator
     from influence.ihvp_krylov import arnoldi_eigenpairs
 
-    if isinstance(data, StreamedSet):
-        op = StreamedCurvature(model, theta, data, cfg.weight_decay)
-    else:
-        op = CurvatureOperator(model, theta, data.x_train, data.y_train, cfg.weight_decay)
+    op = CurvatureOperator(model, theta, x, y, cfg.weight_decay)
     values, _, _ = arnoldi_eigenpairs(op, plan.steps, seed=cfg.seed)
     return float(values.max()), math.nan
 
@@ -411,14 +430,21 @@ def _progress(cfg: Configuration):
     return report
 
 
-def fitted_solver(cfg: Configuration, data: Dataset, theta: torch.Tensor, method: str, damping: float,
-                  device: torch.device):
-    """(data, θ̂ on `device`, the model, `method`'s solver fitted on the whole training set with δ = `damping`)."""
-    data, theta = data.to(device), theta.to(device)
+def opened(store: Store, data: Dataset | DataSource, device: torch.device) -> Dataset | StreamedSet:
+    """What an influence task reads: a file set streamed from this node's copy (with the task's loader
+    processes), or the set in memory on `device`."""
+    return data.stream(store, loader_workers()) if isinstance(data, DataSource) else data.to(device)
+
+
+def fitted_solver(store: Store, cfg: Configuration, data: Dataset | DataSource, theta: torch.Tensor, method: str,
+                  damping: float, device: torch.device):
+    """(data, θ̂ on `device`, the model, `method`'s solver fitted on the whole training set with δ = `damping`);
+    a file set is streamed (`opened`)."""
+    data, theta = opened(store, data, device), theta.to(device)
     model = model_for(cfg, data)
     settings = protocol.solver_settings(cfg, method, damping)
-    return data, theta, model, make_solver(method, model, theta, data.x_train, data.y_train, cfg.weight_decay,
-                                           **settings)
+    x, y = (data, None) if isinstance(data, StreamedSet) else (data.x_train, data.y_train)
+    return data, theta, model, make_solver(method, model, theta, x, y, cfg.weight_decay, **settings)
 
 
 def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch.Tensor, method: str,
@@ -429,7 +455,7 @@ def influence_task(store: Store, cfg: Configuration, data: Dataset, theta: torch
     where = tables.part_path(store, cfg.experiment, "influence", cfg.config_id, part)
     try:
         start = time.perf_counter()
-        data, theta, model, solver = fitted_solver(cfg, data, theta, method, damping, device)
+        data, theta, model, solver = fitted_solver(store, cfg, data, theta, method, damping, device)
         inf = influence_estimates(model, theta, data, test_idx, solver, chunk_size=cfg.grad_chunk)
         _synchronize(device)
         seconds = time.perf_counter() - start

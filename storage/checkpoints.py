@@ -23,7 +23,8 @@ __all__ = ["CHECKPOINTS", "IHVP", "checkpoint_path", "save_checkpoint", "load_ch
 CHECKPOINTS = "checkpoints"
 IHVP = "ihvp"
 PROGRESS = "progress"
-assert not {CHECKPOINTS, IHVP, PROGRESS} & set(TABLES)  # the folders would otherwise be read as tables
+DATA = "data"
+assert not {CHECKPOINTS, IHVP, PROGRESS, DATA} & set(TABLES)  # the folders would otherwise be read as tables
 
 _SUFFIX = ".pt"
 
@@ -47,6 +48,13 @@ def progress_path(store: Store, experiment: str, config_id: str, name: str) -> s
     for what, value in (("experiment", experiment), ("config_id", config_id), ("progress name", name)):
         check_name(what, value)
     return store.path(experiment, PROGRESS, config_id, name + _SUFFIX)
+
+
+def levels_path(store: Store, experiment: str, data_digest: str) -> str:
+    """``<root>/<experiment>/data/<data_digest>.pt``: the level counts that standardise a streamed file set."""
+    for what, value in (("experiment", experiment), ("data digest", data_digest)):
+        check_name(what, value)
+    return store.path(experiment, DATA, data_digest + _SUFFIX)
 
 
 def save_checkpoint(store: Store, experiment: str, model_key: str, state: dict[str, Any]) -> str:

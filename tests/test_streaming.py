@@ -13,7 +13,7 @@ from influence.data import load_dataset, stream_dataset
 from influence.data_files import write_tiny
 from influence.models import build_model
 from influence.retrain import minibatches
-from influence.streaming import StreamedCurvature, StreamedSet
+from influence.streaming import StreamedSet
 from influence.train import train, train_streamed
 from jobs import tasks
 from jobs.runner import loader_workers, set_task_cpus
@@ -91,11 +91,11 @@ def test_streamed_curvature_products_are_the_in_memory_ones(roots, curvature):
     model = build_model("small_cnn", input_shape=whole.input_shape, num_classes=whole.num_classes)
     theta = model.init(0, dtype=torch.float64)
     v = torch.randn(3, model.n_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ours = StreamedCurvature(model, theta, stream, 1e-3, curvature=curvature, chunk=16)
+    ours = CurvatureOperator(model, theta, stream, None, 1e-3, curvature=curvature, chunk=16)
     theirs = CurvatureOperator(model, theta, whole.x_train, whole.y_train, 1e-3, curvature=curvature, chunk=16)
     assert torch.equal(ours.matvec(v), theirs.matvec(v))
-    with pytest.raises(ValueError, match="full-set curvature products only"):
-        ours.matvec(v, idx=torch.arange(4))
+    idx = torch.tensor([7, 3, 30, 3])  # a minibatch (LiSSA's), decoded directly
+    assert torch.equal(ours.matvec(v, idx), theirs.matvec(v, idx))
 
 
 def test_bundled_sets_are_not_streamed():
@@ -179,10 +179,12 @@ def test_two_workers_streaming_their_pieces_reach_the_theta_of_one_in_memory(roo
     kw = dict(weight_decay=1e-3, lr=0.05, epochs=2, seed=3, optimizer="sgd", momentum=0.9, batch_size=15,
               schedule="cosine")  # 50 points: batches of 15, 15, 15 and 5, cut in two
     expected = train(model, whole.x_train, whole.y_train, **kw)
-    # A model per worker, as in a process per worker: a model's forward swaps its module's parameters.
+    # A model per worker, as in a process per worker (a forward swaps its module's parameters), and θ0 drawn
+    # before (init seeds torch's global generator, which threads share).
+    theta0 = model.init(3, dtype=torch.float64)
     got = _threads(2, lambda rank, reduce: train_data_parallel(
         build_model("small_cnn", input_shape=whole.input_shape, num_classes=whole.num_classes),
-        stream.with_workers(0), None, rank=rank, world=2, all_reduce=reduce, **kw))
+        stream.with_workers(0), None, rank=rank, world=2, all_reduce=reduce, theta0=theta0, **kw))
     for result in got:
         assert torch.allclose(result.theta, expected.theta, rtol=0, atol=1e-12)
         assert result.grad_norm == pytest.approx(expected.grad_norm, rel=1e-10)
@@ -222,3 +224,78 @@ def test_a_ray_train_task_with_two_cpus_streams_through_a_loader_process(ray_clu
         open_store(str(tmp_path / "ray")), cfg, source))
     expected, _ = tasks.train_task(open_store(str(tmp_path / "memory")), cfg, tasks.load_data(cfg))
     assert torch.equal(theta, expected)
+
+
+# ---- influence tasks read a streamed set -------------------------------------------------------------------------
+
+SOLVERS = {  # method: (model, settings)
+    "cg": ("small_cnn", {"curvature": "ggn", "damping": 0.01, "max_iter": 20}),
+    "lissa": ("small_cnn", {"damping": 0.01, "scale": 50.0, "depth": 15, "batch_size": 6}),
+    "arnoldi": ("small_cnn", {"curvature": "ggn", "damping": 0.01, "rank": 6}),
+    "ekfac": ("small_cnn", {"damping": 0.01}),
+    "exact": ("mlp", {"damping": 0.01, "damping_policy": "always"}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_estimates_over_a_streamed_set_are_the_in_memory_ones(roots, method):
+    from influence.ihvp import make_solver
+    from influence.scores import influence_estimates
+
+    name, settings = SOLVERS[method]
+    stream, whole = _both("mnist", roots)
+    model = build_model(name, input_shape=whole.input_shape, num_classes=whole.num_classes, depth=1, width=4)
+    theta = train(model, whole.x_train, whole.y_train, weight_decay=1e-3, lr=0.05, epochs=2, seed=0, optimizer="sgd",
+                  batch_size=10).theta
+    got = influence_estimates(model, theta, stream, [0, 5], make_solver(method, model, theta, stream, None, 1e-3,
+                                                                       **settings), chunk_size=16)
+    expected = influence_estimates(model, theta, whole, [0, 5], make_solver(method, model, theta, whole.x_train,
+                                                                           whole.y_train, 1e-3, **settings),
+                                   chunk_size=16)
+    for field in ("estimate", "predicted_dtheta", "test_loss", "iterations", "residual", "diverged"):
+        a, b = getattr(got, field), getattr(expected, field)
+        assert torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), field
+
+
+def test_a_shard_of_a_streamed_set_decodes_its_own_points_only(roots):
+    import dataclasses
+
+    from influence.scores import shard_estimates
+
+    stream, whole = _both("mnist", roots)
+    stream.counts()  # (the standardisation's pass is the only one over every point)
+    decoded: list[int] = []
+    split, idx = stream._splits["train"]
+    spy = dataclasses.replace(split, images=lambda i: (decoded.extend(i.tolist()), split.images(i))[1])
+    stream._splits["train"] = (spy, idx)
+    model = build_model("small_cnn", input_shape=whole.input_shape, num_classes=whole.num_classes)
+    theta = model.init(0, dtype=torch.float64)
+    s_test = torch.randn(2, model.n_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got, _ = shard_estimates(model, theta, stream, s_test, 20, 33, chunk_size=5)
+    expected, _ = shard_estimates(model, theta, whole, s_test, 20, 33, chunk_size=5)
+    assert torch.equal(got, expected)
+    assert sorted(decoded) == sorted(idx[20:33].tolist())
+
+
+def test_the_level_counts_are_counted_once_per_run_and_a_wrong_file_is_replaced(roots, tmp_path):
+    from storage.checkpoints import load_state, save_state
+
+    cfg = Configuration("lv", dataset="mnist", data_root=roots["mnist"], model="small_cnn", batch_size=10,
+                        **{k: v for k, v in OPTIONS["mnist"].items()})
+    store = open_store(str(tmp_path / "store"))
+    tasks._STREAMED.clear()
+    source = tasks.datasets_for([cfg])[tasks.dataset_key(cfg)]
+    first = source.stream(store)
+    assert first.counted  # counted, and saved
+    (path,) = [p for p in (tmp_path / "store" / "lv" / "data").iterdir()]
+    tasks._STREAMED.clear()  # another worker process
+    second = source.stream(store)
+    assert second.counted and (second.counts() == first.counts()).all()  # read, not counted
+    state = load_state(store, str(path))
+    save_state(store, str(path), {**state, "counts": state["counts"] * 2}, "tampered")  # not this set's totals
+    tasks._STREAMED.clear()
+    third = source.stream(store)
+    assert (third.counts() == first.counts()).all()
+    assert (load_state(store, str(path))["counts"].numpy() == first.counts()).all()  # replaced
+    with pytest.raises(ValueError, match="are not those of 50 training images"):
+        second.use_counts(first.counts() * 2)
