@@ -190,8 +190,7 @@ def cmd_data(args) -> int:
         raise UsageError(f"fragile data tiny {args.dataset}: {exc}") from None
     from influence.data import describe_dataset
 
-    # (imagenet at the size the tiny files have, not 224 px: the memory guard would weigh the counts at 224)
-    info = describe_dataset(args.dataset, root=root, **({"image_size": 48} if args.dataset == "imagenet" else {}))
+    info = describe_dataset(args.dataset, root=root, held=False)  # counts only: no memory guard
     Console().print(f"wrote a tiny {args.dataset} in its real format under {root}: {info.n_train} training and "
                     f"{info.n_test} test images of {info.num_classes} classes", soft_wrap=True, markup=False,
                     highlight=False)

@@ -23,6 +23,7 @@ always dark). Models flatten images themselves, so an MLP takes either.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -163,11 +164,12 @@ class DatasetInfo:
         return math.prod(self.input_shape)
 
 
-def describe_dataset(name: str, **options) -> DatasetInfo:
+def describe_dataset(name: str, *, held: bool = True, **options) -> DatasetInfo:
     """The :class:`DatasetInfo` of what ``load_dataset(name, **options)`` would load, with the same checks and
     errors. File sets: read from their labels (MNIST's label files, CIFAR-10's batches, ImageNet's file list)
-    and the subset rules, decoding no image. Bundled sets are small: loaded, and described."""
-    return _load(name, decode=False, **options)
+    and the subset rules, decoding no image. Bundled sets are small: loaded, and described. ``held=False`` says
+    the set will only be streamed (:func:`stream_dataset`), so the check that it fits in memory is skipped."""
+    return _load(name, decode=False, held=held, **options)
 
 
 def load_dataset(
@@ -217,7 +219,7 @@ def stream_dataset(name: str, **options):
     return _load(name, decode=True, stream=True, **options)
 
 
-def _load(name: str, *, decode: bool, stream: bool = False, split_seed: int = 0,
+def _load(name: str, *, decode: bool, stream: bool = False, held: bool = True, split_seed: int = 0,
           test_fraction: float = _DEFAULT_TEST_FRACTION,
           dtype: torch.dtype = torch.float64, n: int | None = None, root: str | None = None,
           subset: float | int | None = None, test_subset: float | int | None = None,
@@ -237,7 +239,7 @@ def _load(name: str, *, decode: bool, stream: bool = False, split_seed: int = 0,
                              f"train/test split; use test_subset to evaluate on fewer test points")
         return _load_files(name, root=root, split_seed=split_seed, dtype=dtype, subset=subset,
                            test_subset=test_subset, classes=classes, per_class=per_class, image_size=image_size,
-                           decode=decode, stream=stream)
+                           decode=decode, stream=stream, held=held)
     if name != "digits":
         size = "its size is set by n" if name == "synthetic" else "it is used whole, as in the paper"
         for option, value in (("subset", subset), ("test_subset", test_subset)):
@@ -321,7 +323,8 @@ def _only_for_imagenet(name: str, **options: object) -> None:
 
 def _load_files(name: str, *, root: str | None, split_seed: int, dtype: torch.dtype,
                 subset: float | int | None, test_subset: float | int | None, classes: int | Sequence[str] | None,
-                per_class: int | None, image_size: int | None, decode: bool, stream: bool = False):
+                per_class: int | None, image_size: int | None, decode: bool, stream: bool = False,
+                held: bool = True):
     # Imported here: torchvision and PIL are loaded only by the processes that read files.
     from . import data_files
 
@@ -336,8 +339,11 @@ def _load_files(name: str, *, root: str | None, split_seed: int, dtype: torch.dt
     if stream:  # nothing is held but the labels: no memory guard
         from .streaming import StreamedSet
 
-        return StreamedSet(name, train, test, train_idx, test_idx, dtype)
-    if name == "imagenet":  # (planning too: a set too large for a task is refused before anything runs)
+        # How a loader process opens the splits itself (it is started fresh, not forked: see influence.streaming).
+        opener = functools.partial(data_files.read_splits, name, root, classes=classes, per_class=per_class,
+                                   image_size=image_size)
+        return StreamedSet(name, train, test, train_idx, test_idx, dtype, opener=opener)
+    if name == "imagenet" and held:  # (planning too: a set too large for a task is refused before anything runs)
         data_files.check_fits_in_memory(name, len(train_idx) + len(test_idx), train.image_shape, dtype)
     if not decode:
         return DatasetInfo(name=name, n_train=len(train_idx), n_test=len(test_idx), num_classes=train.num_classes,

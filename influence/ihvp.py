@@ -269,8 +269,8 @@ def make_solver(
     whose cost is in every solve.
 
     ``x`` may be a streamed set (:class:`influence.streaming.StreamedSet`, ``y`` None): the curvature products
-    of cg, lissa, arnoldi and exact then stream its chunks (the dense Hessian of an MLP, and ekfac's factors,
-    decode it whole).
+    of cg, lissa, arnoldi and exact, and ekfac's factor passes, then stream its chunks (the dense Hessian of an
+    MLP decodes it whole).
     """
     if method not in METHODS:
         raise ValueError(f"unknown influence method {method!r}; choose one of {', '.join(METHODS)}")
@@ -302,9 +302,6 @@ def _build(method: str, model: MLP, theta: torch.Tensor, x: torch.Tensor, y: tor
     if method == "ekfac":
         from influence.ihvp_ekfac import EkfacIHVP
 
-        if not isinstance(x, torch.Tensor):  # a streamed set: its factor passes slice the set in memory (for now)
-            whole = x.materialise().to(theta.device)
-            x, y = whole.x_train, whole.y_train
         return EkfacIHVP(model, theta, x, y, weight_decay, **kw)
     if method == "lissa":
         from influence.ihvp_lissa import LissaIHVP

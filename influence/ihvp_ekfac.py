@@ -99,7 +99,8 @@ class EkfacIHVP(InverseHVP):
             raise ValueError(f"ekfac seed must be an integer >= 0; got {seed!r}")
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"ekfac chunk_size must be an integer >= 1; got {chunk_size!r}")
-        if x.shape[0] == 0:
+        n = x.shape[0] if isinstance(x, torch.Tensor) else x.n_train
+        if n == 0:
             raise ValueError("ekfac needs at least one training example to fit its factors")
         self.model = model
         self.damping = check_damping(damping)
@@ -107,18 +108,20 @@ class EkfacIHVP(InverseHVP):
         self.layers: list[Layer] = _check_layers(model)
         theta = theta.detach()
         device = theta.device
-        x = x.detach().to(device=device, dtype=theta.dtype)
-        target = _targets(model, theta, x, y.to(device), labels, seed, chunk_size)
+        if isinstance(x, torch.Tensor):
+            x, y = x.detach().to(device=device, dtype=theta.dtype), y.to(device)
+        else:  # a streamed set (influence.streaming): each pass reads its chunks from the loader
+            y = x.y_train.to(device)
+        target = _targets(model, theta, _chunked(x, y, n, chunk_size, theta), labels, seed)
         self.diagonal_index = _outside_layers(model, self.layers, device)
-        chunks = [(start, min(start + chunk_size, x.shape[0])) for start in range(0, x.shape[0], chunk_size)]
+        passes = lambda: _chunked(x, target, n, chunk_size, theta)  # noqa: E731 - one pass over the examples
         self.factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = _fit_factors(
-            model, self.layers, theta, x, target, chunks)
+            model, self.layers, theta, passes, n, single=n <= chunk_size)
         self.diagonal = torch.zeros(self.diagonal_index.numel(), dtype=torch.float64, device=device)
         if self.diagonal_index.numel():
-            for start, stop in chunks:
-                self.diagonal += _outside_square_grads(model, theta, x[start:stop], target[start:stop],
-                                                       self.diagonal_index)
-            self.diagonal /= x.shape[0]
+            for xc, tc in passes():
+                self.diagonal += _outside_square_grads(model, theta, xc, tc, self.diagonal_index)
+            self.diagonal /= n
 
         eigenvalues = torch.cat([c.flatten() for _, _, c in self.factors] + [self.diagonal])
         check_spectrum(eigenvalues + self.shift, self.damping, float(eigenvalues.min()) + float(weight_decay))
@@ -157,24 +160,23 @@ class EkfacIHVP(InverseHVP):
 
 
 def _fit_factors(
-    model: Model, layers: list[Layer], theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-    chunks: list[tuple[int, int]],
+    model: Model, layers: list[Layer], theta: torch.Tensor, passes, n: int, single: bool,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per layer (Q_S, Q_A, Λ*) from two passes over the chunks: A and S summed in float64 and eigendecomposed,
-    then Λ* in those bases. With a single chunk its patches are kept for the second pass, not recomputed."""
-    n = x.shape[0]
+    """Per layer (Q_S, Q_A, Λ*) from two passes over the chunks (``passes()``: (x, y) of each chunk of the n
+    examples): A and S summed in float64 and eigendecomposed, then Λ* in those bases. With a ``single`` chunk
+    its patches are kept for the second pass, not recomputed."""
     a_sum: list[torch.Tensor | None] = [None] * len(layers)
     s_sum: list[torch.Tensor | None] = [None] * len(layers)
     positions = [1] * len(layers)
     kept = None
-    for start, stop in chunks:
-        patches = _patches(model, layers, theta, x[start:stop], y[start:stop])
+    for xc, yc in passes():
+        patches = _patches(model, layers, theta, xc, yc)
         for l, (a, g) in enumerate(patches):
             flat_a, flat_g = a.flatten(0, 1), g.flatten(0, 1)
             a_sum[l] = _add(a_sum[l], flat_a.T @ flat_a)
             s_sum[l] = _add(s_sum[l], flat_g.T @ flat_g)
             positions[l] = a.shape[1]
-        if len(chunks) == 1:
+        if single:
             kept = patches
     bases = []
     for a_l, s_l, t in zip(a_sum, s_sum, positions):
@@ -182,9 +184,9 @@ def _fit_factors(
         _, q_s = torch.linalg.eigh(s_l / (n * t))
         bases.append((q_s, q_a))
 
-    corrected = [torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64, device=x.device) for q_s, q_a in bases]
-    for start, stop in chunks:
-        patches = kept if kept is not None else _patches(model, layers, theta, x[start:stop], y[start:stop])
+    corrected = [torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64, device=theta.device)
+                 for q_s, q_a in bases]
+    for patches in ([kept] if kept is not None else (_patches(model, layers, theta, xc, yc) for xc, yc in passes())):
         for l, (a, g) in enumerate(patches):
             corrected[l] += _rotated_second_moment(a, g, *bases[l])
     return [(q_s, q_a, c / n) for (q_s, q_a), c in zip(bases, corrected)]
@@ -216,17 +218,28 @@ def _outside_layers(model: Model, layers: list[Layer], device: torch.device) -> 
     return (~covered).nonzero().squeeze(1).to(device)
 
 
-def _targets(model: Model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, labels: str, seed: int,
-             chunk_size: int) -> torch.Tensor:
-    """The labels the factors use: the training labels, or one draw per example from the predictive distribution."""
+def _chunked(x, y: torch.Tensor, n: int, chunk_size: int, theta: torch.Tensor):
+    """(x, y) of consecutive chunks of the n examples, x in θ's dtype and on its device: slices of x in memory,
+    or a streamed set's chunks (the same ones) with the rows of ``y`` beside them."""
+    if isinstance(x, torch.Tensor):
+        for a in range(0, n, chunk_size):
+            yield x[a:a + chunk_size], y[a:a + chunk_size]
+        return
+    for a, (xc, _) in zip(range(0, n, chunk_size), x.chunks("train", chunk_size, theta.device)):
+        yield xc.to(theta.dtype), y[a:a + chunk_size]
+
+
+def _targets(model: Model, theta: torch.Tensor, chunks, labels: str, seed: int) -> torch.Tensor:
+    """The labels the factors use: the training labels, or one draw per example from the predictive distribution
+    (``chunks``: (x, y) of every example, in order)."""
     if labels == "true":
-        return y
+        return torch.cat([yc for _, yc in chunks]) if not isinstance(chunks, torch.Tensor) else chunks
     with torch.no_grad():
-        logits = torch.cat([model.forward(theta, x[i : i + chunk_size]) for i in range(0, x.shape[0], chunk_size)])
+        logits = torch.cat([model.forward(theta, xc) for xc, _ in chunks])
     # Drawn on the CPU, all n at once, so that a seed samples the same labels on every device and for any chunking.
     gen = torch.Generator().manual_seed(seed)
     probs = F.softmax(logits.to(torch.float64), dim=1).cpu()
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1).to(x.device)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1).to(theta.device)
 
 
 def _patches(

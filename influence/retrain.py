@@ -57,6 +57,7 @@ from influence.stacked import StackedMLP
 ADAM_BETAS: tuple[float, float] = (0.9, 0.999)
 ADAM_EPS: float = 1e-8
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "lbfgs")
+_STREAMED_CHUNK = 1024  # examples per chunk of a streamed set's gradient passes, when no batch size is given
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
 
 
@@ -317,14 +318,43 @@ def _no_lbfgs_progress(optimizer: str, progress: Progress | None) -> None:
 # ---- retraining --------------------------------------------------------------------------------------------------
 
 
-def _check_retrain_args(model: Model, theta0: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> int:
-    if weights.ndim != 2 or weights.shape[1] != x.shape[0]:
-        raise ValueError(f"weights must be [K, n] with n={x.shape[0]}; got {tuple(weights.shape)}")
+def _check_retrain_args(model: Model, theta0: torch.Tensor, x, weights: torch.Tensor) -> int:
+    n = _size(x)
+    if weights.ndim != 2 or weights.shape[1] != n:
+        raise ValueError(f"weights must be [K, n] with n={n}; got {tuple(weights.shape)}")
     k = weights.shape[0]
     if theta0.shape not in ((model.n_params,), (k, model.n_params)):
         raise ValueError(f"theta0 must be [{model.n_params}] or [{k}, {model.n_params}]; got {tuple(theta0.shape)}")
-    check_same_device(theta0=theta0, x=x, weights=weights)
+    if _streamed(x):
+        check_same_device(theta0=theta0, weights=weights)
+    else:
+        check_same_device(theta0=theta0, x=x, weights=weights)
     return k
+
+
+def _streamed(x) -> bool:
+    """Whether the training inputs are a streamed set (:class:`influence.streaming.StreamedSet`) instead of x."""
+    return not isinstance(x, torch.Tensor)
+
+
+def _size(x) -> int:
+    return x.n_train if _streamed(x) else int(x.shape[0])
+
+
+def _check_streamed_minibatches(x, batch_size: int | None, optimizer: str) -> None:
+    if _streamed(x) and (optimizer == "lbfgs" or full_batch_or(batch_size, x.n_train) is None):
+        raise ValueError(f"a streamed training set retrains with adam or sgd in minibatches smaller than its "
+                         f"{x.n_train} points (got optimizer {optimizer!r}, batch_size {batch_size}); retrain on "
+                         f"the set in memory instead")
+
+
+def _batches_of(x, y, n: int, batch_size: int, seed: int, epoch: int, skip: int, device):
+    """(positions, x_B, y_B) of each minibatch B of the epoch from batch ``skip`` on: indexed from x in memory,
+    or streamed (the same batches, decoded by the set's loader)."""
+    order = minibatches(n, batch_size, seed, epoch, device)[skip:]
+    if not _streamed(x):
+        return ((idx, x[idx], y[idx]) for idx in order)
+    return ((idx, xb, yb) for idx, (xb, yb) in zip(order, x.epoch_batches(batch_size, seed, epoch, device, skip=skip)))
 
 
 def retrain_batched(
@@ -363,16 +393,20 @@ def retrain_batched(
 
     ``progress`` (adam and sgd): save the run's state every ``progress.every`` steps and resume from the state it
     holds (module docstring); the result equals the uninterrupted run's.
+
+    ``x`` may be a streamed set (:class:`influence.streaming.StreamedSet`, ``y`` None) retrained in minibatches
+    smaller than it: each step's batch is decoded by its loader, the same batches and the same Θ.
     """
     k = _check_retrain_args(model, theta0, x, weights)
     check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs,
                   grad_tol=grad_tol)
+    _check_streamed_minibatches(x, batch_size, optimizer)
     _no_lbfgs_progress(optimizer, progress)
     if optimizer == "lbfgs":  # one line search per copy: stacked, the copies would share one (module docstring)
         return retrain_loop(model, theta0, x, y, weights, weight_decay=weight_decay, lr=lr, epochs=epochs,
                             optimizer=optimizer, momentum=momentum, batch_size=batch_size, schedule=schedule,
                             seed=seed, grad_tol=grad_tol)
-    batch_size = full_batch_or(batch_size, x.shape[0])
+    batch_size = full_batch_or(batch_size, _size(x))
     settings = dict(weight_decay=weight_decay, lr=lr, epochs=epochs, optimizer=optimizer, momentum=momentum,
                     schedule=schedule, progress=progress)
     if batch_size is None and isinstance(model, MLP):
@@ -411,7 +445,7 @@ def stacked_mlp_descent(model: MLP, theta0, x, y, weights, *, weight_decay, lr, 
 
 def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed, weight_decay, lr, epochs,
                      optimizer, momentum, schedule, progress) -> torch.Tensor:
-    n = x.shape[0]
+    n = _size(x)
     params = theta0.detach().expand(k, -1).clone()  # Θ [K, P], updated in place by the optimiser
     theta = params.detach().requires_grad_(True)  # same storage: the updates are invisible to autograd
     opt = optimizer_for(optimizer, params, lr, momentum)
@@ -419,7 +453,7 @@ def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed
     ones = torch.ones(k, dtype=params.dtype, device=params.device)
     if batch_size is None:
         batches = [(x, y, weights)]
-    else:
+    elif not _streamed(x):
         # Each epoch gathers x, y and w in its order into these buffers, once; the batches are fixed views of
         # them. No per-step indexing, no per-step allocation outside autograd's own.
         x_epoch, y_epoch, w_epoch = torch.empty_like(x), torch.empty_like(y), torch.empty_like(weights)
@@ -432,13 +466,18 @@ def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed
         opt.load(state["opt"])
         step = state["step"]
     for epoch in range(step // per_epoch, epochs):
-        if batch_size is not None:
-            order = epoch_order(n, seed, epoch).to(x.device)
-            torch.index_select(x, 0, order, out=x_epoch)
-            torch.index_select(y, 0, order, out=y_epoch)
-            torch.index_select(weights, 1, order, out=w_epoch)
-        # A resumed run enters its first epoch at the batch it had reached (the order is the epoch's own).
-        for x_b, y_b, w_b in batches[step - epoch * per_epoch:]:
+        skip = step - epoch * per_epoch  # a resumed run enters its first epoch at the batch it had reached
+        if _streamed(x):  # the loader's batches, and the weights of their points
+            epoch_batches = ((xb, yb, weights[:, idx]) for idx, xb, yb in
+                             _batches_of(x, y, n, batch_size, seed, epoch, skip, params.device))
+        else:
+            if batch_size is not None:
+                order = epoch_order(n, seed, epoch).to(x.device)
+                torch.index_select(x, 0, order, out=x_epoch)
+                torch.index_select(y, 0, order, out=y_epoch)
+                torch.index_select(weights, 1, order, out=w_epoch)
+            epoch_batches = batches[skip:]
+        for x_b, y_b, w_b in epoch_batches:
             # The data term through autograd; the L2 term's gradient λθ is one in-place add (autograd would
             # spend a square, a sum and their backward on it).
             (grad,) = torch.autograd.grad(objective(model, theta, x_b, y_b, 0.0, w_b), theta, grad_outputs=ones)
@@ -480,13 +519,14 @@ def retrain_loop(
     full batch, at most ``epochs`` iterations, stopping at ‖∇R(θ; w_k)‖₂ <= ``grad_tol`` (ignored by adam and sgd).
 
     ``progress`` (adam and sgd) counts the steps of all K rows in turn; its states hold the rows already done,
-    the row under way and its step.
+    the row under way and its step. ``x`` may be streamed, as for :func:`retrain_batched`.
     """
     k = _check_retrain_args(model, theta0, x, weights)
     check_options(optimizer=optimizer, schedule=schedule, batch_size=batch_size, momentum=momentum, epochs=epochs,
                   grad_tol=grad_tol)
+    _check_streamed_minibatches(x, batch_size, optimizer)
     _no_lbfgs_progress(optimizer, progress)
-    n = x.shape[0]
+    n = _size(x)
     batch_size = full_batch_or(batch_size, n)
     per_epoch = steps_per_epoch(n, batch_size)
     total = epochs * per_epoch
@@ -511,8 +551,11 @@ def retrain_loop(
             opt.load(state["opt"])
             step = state["step"] - i * total
         for epoch in range(step // per_epoch, epochs):
-            for idx in minibatches(n, batch_size, seed, epoch, x.device)[step - epoch * per_epoch:]:
-                x_b, y_b, w_b = (x, y, weights[i]) if idx is None else (x[idx], y[idx], weights[i, idx])
+            skip = step - epoch * per_epoch
+            batches = ([(None, x, y)] if batch_size is None else
+                       _batches_of(x, y, n, batch_size, seed, epoch, skip, theta.device))
+            for idx, x_b, y_b in batches:
+                w_b = weights[i] if idx is None else weights[i, idx]
                 (grad,) = torch.autograd.grad(objective(model, theta, x_b, y_b, weight_decay, w_b), theta)
                 opt.lr = scheduled_lr(schedule, lr, step, total)
                 opt.update(grad)
@@ -544,7 +587,8 @@ def objective_grad_norms(
     term is summed over chunks of ``batch_size`` examples (None: all n at once), each normalised by n, so
     memory is a chunk's forward and backward. MLPs: all K copies in one stacked forward per chunk; since θ_k
     enters R_k only, one backward of Σ_k R_k gives every ∇R_k. Image networks: one copy after another (K
-    stacked copies of their activations is what :func:`retrain_loop` exists to avoid).
+    stacked copies of their activations is what :func:`retrain_loop` exists to avoid). ``x`` may be streamed
+    (``y`` None): its chunks of ``batch_size`` (default 1,024) are then decoded by its loader.
     """
     k = _check_retrain_args(model, thetas, x, weights)
     thetas = thetas.expand(k, -1)
@@ -557,13 +601,18 @@ def objective_grad_norms(
 def _objective_grad(model: Model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
                     weight_decay: float, batch_size: int | None) -> torch.Tensor:
     """∇R(θ; w) for θ [P] and w [n], or the rows ∇R(θ_k; w_k) for Θ [K, P] and w [K, n]."""
-    n = x.shape[0]
-    chunk = n if batch_size is None else batch_size
+    n = _size(x)
+    if _streamed(x):
+        chunk = _STREAMED_CHUNK if batch_size is None else batch_size
+        chunks = x.chunks("train", chunk, theta.device)
+    else:
+        chunk = n if batch_size is None else batch_size
+        chunks = ((x[a:a + chunk], y[a:a + chunk]) for a in range(0, n, chunk))
     theta = theta.detach().requires_grad_(True)
     grad = torch.zeros_like(theta)
     with torch.enable_grad():
-        for a in range(0, n, chunk):
-            losses = per_example_loss(model, theta, x[a : a + chunk], y[a : a + chunk])
+        for a, (xc, yc) in zip(range(0, n, chunk), chunks):
+            losses = per_example_loss(model, theta, xc, yc)
             (g,) = torch.autograd.grad((losses * w[..., a : a + chunk]).sum() / n, theta)
             grad.add_(g)
     return grad.add_(theta.detach(), alpha=weight_decay)

@@ -39,16 +39,26 @@ _COUNT_CHUNK = 256  # training images per batch of the counting pass
 class _Points(torch.utils.data.Dataset):
     """The chosen points of one split for a DataLoader: ``__getitems__`` gets a whole batch of positions (the
     loader's batch sampler gives them) and returns (x standardised, y), or with ``table`` None the level counts
-    of the batch's images."""
+    of the batch's images. Pickled into a loader process it leaves the opened reader behind and opens the
+    split there with ``opener`` (``read_splits`` with the set's arguments), once per process."""
 
-    def __init__(self, split: Split, idx: np.ndarray, table: torch.Tensor | None) -> None:
-        self.images, self.idx, self.table = split.images, idx, table
+    def __init__(self, split: Split, idx: np.ndarray, table: torch.Tensor | None, opener=None,
+                 which: str = "train") -> None:
+        self.images, self.idx, self.table, self.opener, self.which = split.images, idx, table, opener, which
         self.labels = torch.as_tensor(split.labels[idx], dtype=torch.int64, device="cpu")
+
+    def __getstate__(self) -> dict:
+        if self.opener is None:
+            raise TypeError("this set's points cannot be opened in another process (no opener): use workers=0")
+        return {**self.__dict__, "images": None}
 
     def __len__(self) -> int:
         return len(self.idx)
 
     def __getitems__(self, positions: list[int]):
+        if self.images is None:  # in a loader process: open the split here
+            train, test = self.opener()
+            self.images = (train if self.which == "train" else test).images
         pos = np.asarray(positions, dtype=np.int64)
         source = self.idx[pos]
         order = np.argsort(source, kind="stable")  # decoded in file order; handed back in the batch's order
@@ -95,8 +105,10 @@ class StreamedSet:
     processes (0: decode in this process); ``dtype``: that of the standardised images."""
 
     def __init__(self, name: str, train: Split, test: Split, train_idx: np.ndarray, test_idx: np.ndarray,
-                 dtype: torch.dtype, workers: int = 0) -> None:
-        self.name, self.dtype, self.workers = name, dtype, int(workers)
+                 dtype: torch.dtype, workers: int = 0, opener=None) -> None:
+        self.name, self.dtype, self.workers, self.opener = name, dtype, int(workers), opener
+        if self.workers > 0 and opener is None:
+            raise ValueError("loader processes open the splits themselves: give an opener, or workers=0")
         self._splits = {"train": (train, np.asarray(train_idx, dtype=np.int64)),
                         "test": (test, np.asarray(test_idx, dtype=np.int64))}
         self.num_classes = train.num_classes
@@ -117,7 +129,7 @@ class StreamedSet:
     def with_workers(self, workers: int) -> StreamedSet:
         """The same set read by ``workers`` DataLoader processes (the counts, once known, are shared)."""
         (train, train_idx), (test, test_idx) = self._splits["train"], self._splits["test"]
-        other = StreamedSet(self.name, train, test, train_idx, test_idx, self.dtype, workers)
+        other = StreamedSet(self.name, train, test, train_idx, test_idx, self.dtype, workers, self.opener)
         other._counts, other._table = self._counts, self._table
         return other
 
@@ -132,7 +144,7 @@ class StreamedSet:
         if self._counts is None:
             split, idx = self._splits["train"]
             counts = np.zeros((self.input_shape[0], 256), dtype=np.int64)
-            loader = self._loader(_Points(split, idx, None), _Batches(len(idx), _COUNT_CHUNK), pin=False)
+            loader = self._loader(self._points("train", None), _Batches(len(idx), _COUNT_CHUNK), pin=False)
             for batch in loader:
                 counts += batch.numpy()
             self._counts = counts
@@ -179,13 +191,13 @@ class StreamedSet:
     def take(self, split: str, idx, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of the points ``idx`` (positions in ``split``), decoded here."""
         idx = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
-        x, y = _Points(*self._split(split), self.table).__getitems__(idx)
+        x, y = self._points(split, self.table).__getitems__(idx)
         device = "cpu" if device is None else device
         return x.to(device), y.to(device)
 
     def materialise(self) -> Dataset:
         """The whole set in memory: what ``load_dataset`` gives (for the few uses that need every point at once)."""
-        train, test = (_Points(*self._split(s), self.table) for s in SPLITS)
+        train, test = (self._points(s, self.table) for s in SPLITS)
         (x_train, y_train), (x_test, y_test) = (p.__getitems__(list(range(len(p)))) for p in (train, test))
         return Dataset(name=self.name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                        num_classes=self.num_classes)
@@ -204,18 +216,31 @@ class StreamedSet:
             source, idx = self._split(split)
             batches = _Batches(len(idx), size, seed)
             pin = torch.device(device).type == "cuda"
-            self._loaders[key] = (self._loader(_Points(source, idx, self.table), batches, pin), batches)
+            for other in list(self._loaders):  # one pool of loader processes at a time: passes run one by one
+                del self._loaders[other]
+            self._loaders[key] = (self._loader(self._points(split, self.table), batches, pin), batches)
         return self._loaders[key]
+
+    def _points(self, split: str, table: torch.Tensor | None) -> _Points:
+        source, idx = self._split(split)
+        return _Points(source, idx, table, self.opener, split)
 
     def _loader(self, points: _Points, batches: _Batches, pin: bool) -> torch.utils.data.DataLoader:
         workers = min(self.workers, len(batches))
         extra = {}
         if workers > 0:
-            # fork: the workers inherit the opened readers (torchvision's file lists, MNIST's arrays) as they are.
-            extra = {"multiprocessing_context": multiprocessing.get_context("fork"), "persistent_workers": True,
-                     "prefetch_factor": 2}
+            extra = {"multiprocessing_context": _loader_context(), "persistent_workers": True, "prefetch_factor": 2}
         return torch.utils.data.DataLoader(points, batch_sampler=batches, num_workers=workers, collate_fn=_as_is,
                                            pin_memory=pin, **extra)
+
+
+def _loader_context():
+    """Loader processes start from a fork server, not by forking the task: a task's process has threads (Ray's,
+    the store client's, CUDA's) that a fork copies in whatever state they hold, and a forked child crashes on
+    them now and then. The server imports this module (and torch) once; each loader process forks from it."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["influence.streaming"])
+    return context
 
 
 def _moved(loader, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -194,6 +194,8 @@ def datasets_for(configs: list[Configuration]) -> dict[str, Dataset | DataSource
     a missing data set or a bad option is found here, before anything runs."""
     from influence.data import FILE_DATASETS, describe_dataset
 
+    from influence.data_files import check_fits_in_memory
+
     out: dict[str, Dataset | DataSource] = {}
     for cfg in configs:
         key = dataset_key(cfg)
@@ -201,7 +203,12 @@ def datasets_for(configs: list[Configuration]) -> dict[str, Dataset | DataSource
             continue
         if cfg.dataset in FILE_DATASETS:
             name, options = _data_arguments(cfg)
-            out[key] = DataSource(key, cfg, describe_dataset(name, **options))
+            info = describe_dataset(name, held=False, **options)
+            sharing = [c for c in configs if dataset_key(c) == key]
+            if name == "imagenet" and any(holds_whole(c, info.n_train) for c in sharing):
+                # a task will decode it whole: refused now if it cannot fit, before anything runs
+                check_fits_in_memory(name, info.n_train + info.n_test, info.input_shape, DTYPES[cfg.dtype])
+            out[key] = DataSource(key, cfg, info)
         else:
             out[key] = load_data(cfg)
     return out
@@ -374,6 +381,14 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
     }
     tables.write_part(store, cfg.experiment, "test_points", cfg.config_id, protocol.TEST_POINTS_PART, test_points)
     return theta.cpu(), protocol.train_output(cfg, models, test_points, notices=(notice,) if notice else ())
+
+
+def holds_whole(cfg: Configuration, n_train: int) -> bool:
+    """Whether some task of `cfg` decodes its file set of `n_train` points whole: training and retraining in one
+    full batch or with L-BFGS, EK-FAC's factors, and an MLP's dense Hessian (the spectrum, the exact method).
+    Every other use streams it, so a set larger than a node's memory is refused only for these."""
+    return (cfg.optimizer == "lbfgs" or full_batch_or(cfg.batch_size, n_train) is None or "ekfac" in cfg.methods
+            or cfg.model == "mlp")
 
 
 def streams(cfg: Configuration, data: Dataset | DataSource) -> bool:
@@ -590,17 +605,20 @@ def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset,
     # What the run starts from and whom it leaves out: a saved state of other removals (recomputed estimates that
     # reordered a top-k) or of another θ̂ must not be resumed.
     digest = hashlib.sha256(starts.detach().cpu().numpy().tobytes() + weights.detach().cpu().numpy().tobytes())
-    return run(model, starts, data.x_train, data.y_train, weights,
+    x, y = (data, None) if isinstance(data, StreamedSet) else (data.x_train, data.y_train)
+    return run(model, starts, x, y, weights,
                progress=progress(weights.shape[0], model.n_params, steps, seed, digest.hexdigest()[:16]), **options)
 
 
 def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, replicate, device) -> str:
-    data, theta = data.to(device), theta.to(device)
+    # A minibatched file set streams, as in training (the same batches); any other set is held on the device.
+    data = data.stream(store, loader_workers()) if streams(cfg, data) else data.to(device)
+    theta = theta.to(device)
     model = model_for(cfg, data)
     base = protocol.replicate_base(cfg, retrain_base(cfg, theta, model), model, replicate)
     c = protocol.controls_in_chunk(cfg, chunk, replicate)
     order = protocol.replicate_order_seed(cfg, replicate)
-    dtype = data.x_train.dtype
+    dtype = data.dtype if isinstance(data, StreamedSet) else data.x_train.dtype
     if groups is None:
         weights = removal_weights(data.n_train, removed, controls=c, dtype=dtype, device=device)
     else:
@@ -634,14 +652,14 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
     _synchronize(device)
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        xt, yt = data.x_test[test_idx], data.y_test[test_idx]
+        xt, yt = data.take("test", test_idx, device)
         if protocol.batched(model.n_params):
             losses = per_example_loss(model, thetas, xt, yt).cpu()  # [K, T]
         else:
             losses = torch.stack([per_example_loss(model, t, xt, yt) for t in thetas]).cpu()
         dtheta = (thetas - thetas[0]).norm(dim=-1).cpu()  # distance to the unperturbed control
-    grad_norms = objective_grad_norms(model, thetas, data.x_train, data.y_train, weights, cfg.weight_decay,
-                                      batch_size=EVAL_CHUNK).cpu()
+    x, y = (data, None) if isinstance(data, StreamedSet) else (data.x_train, data.y_train)
+    grad_norms = objective_grad_norms(model, thetas, x, y, weights, cfg.weight_decay, batch_size=EVAL_CHUNK).cpu()
     control = losses[0]
     T = len(test_idx)
     keep = list(range(c)) if chunk == 0 else []

@@ -244,7 +244,7 @@ def test_estimates_over_a_streamed_set_are_the_in_memory_ones(roots, method):
 
     name, settings = SOLVERS[method]
     stream, whole = _both("mnist", roots)
-    model = build_model(name, input_shape=whole.input_shape, num_classes=whole.num_classes, depth=1, width=4)
+    model = build_model(name, input_shape=whole.input_shape, num_classes=whole.num_classes, depth=1, width=2)
     theta = train(model, whole.x_train, whole.y_train, weight_decay=1e-3, lr=0.05, epochs=2, seed=0, optimizer="sgd",
                   batch_size=10).theta
     got = influence_estimates(model, theta, stream, [0, 5], make_solver(method, model, theta, stream, None, 1e-3,
@@ -299,3 +299,61 @@ def test_the_level_counts_are_counted_once_per_run_and_a_wrong_file_is_replaced(
     assert (load_state(store, str(path))["counts"].numpy() == first.counts()).all()  # replaced
     with pytest.raises(ValueError, match="are not those of 50 training images"):
         second.use_counts(first.counts() * 2)
+
+
+# ---- retraining streams too ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("way", ["batched", "loop"])
+def test_a_streamed_retrain_takes_the_in_memory_steps(roots, way):
+    from influence.retrain import objective_grad_norms, removal_weights, retrain_batched, retrain_loop
+
+    stream, whole = _both("mnist", roots)
+    model = build_model("small_cnn", input_shape=whole.input_shape, num_classes=whole.num_classes)
+    theta = model.init(0, dtype=torch.float64)
+    weights = removal_weights(whole.n_train, [3, 17], controls=1)
+    run = retrain_batched if way == "batched" else retrain_loop
+    kw = dict(weight_decay=1e-3, lr=0.01, epochs=2, optimizer="adam", batch_size=12, seed=7, schedule="cosine")
+    got = run(model, theta, stream, None, weights, **kw)
+    expected = run(model, theta, whole.x_train, whole.y_train, weights, **kw)
+    assert torch.equal(got, expected)
+    assert torch.equal(objective_grad_norms(model, got, stream, None, weights, 1e-3, batch_size=16),
+                       objective_grad_norms(model, expected, whole.x_train, whole.y_train, weights, 1e-3,
+                                            batch_size=16))
+    with pytest.raises(ValueError, match="minibatches smaller than its 50 points"):
+        run(model, theta, stream, None, weights, **{**kw, "batch_size": None})
+
+
+def test_a_streamed_retrain_resumes_mid_epoch_to_the_bit(roots):
+    from influence.retrain import removal_weights, retrain_batched
+    from tests.test_retrain_resume import MemoryProgress, Preempted
+
+    stream, whole = _both("mnist", roots)
+    model = build_model("small_cnn", input_shape=whole.input_shape, num_classes=whole.num_classes)
+    weights = removal_weights(whole.n_train, [3], controls=1)
+    kw = dict(weight_decay=1e-3, lr=0.01, epochs=2, optimizer="sgd", batch_size=12, seed=7)  # 5 batches an epoch
+    theta = model.init(0, dtype=torch.float64)
+    whole_run = retrain_batched(model, theta, stream, None, weights, **kw)
+    progress = MemoryProgress(every=3, stop_after=2)  # stopped after step 6: batch 1 of the second epoch is next
+    with pytest.raises(Preempted):
+        retrain_batched(model, theta, stream, None, weights, progress=progress, **kw)
+    progress.stop_after, progress.saved_steps = None, []
+    resumed = retrain_batched(model, theta, stream, None, weights, progress=progress, **kw)
+    assert progress.saved_steps == [9, 10]
+    assert torch.equal(resumed, whole_run)
+
+
+def test_a_set_larger_than_memory_is_refused_only_where_a_task_would_hold_it(roots, monkeypatch):
+    import os
+
+    pages = {"SC_PHYS_PAGES": 2000, "SC_PAGE_SIZE": 4096}  # 8 MB "of memory": 28 images (18 and 10 test) at 224 px need 21 MB
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    base = dict(dataset="imagenet", data_root=roots["imagenet"], classes=2, per_class=9, model="small_cnn",
+                dtype="float32")
+    streamed = Configuration("big", batch_size=6, methods=("lissa",), **base)
+    assert not tasks.holds_whole(streamed, 18)
+    assert tasks.datasets_for([streamed])[tasks.dataset_key(streamed)].n_train == 18
+    for held in (Configuration("big", batch_size=6, methods=("ekfac",), **base),
+                 Configuration("big", batch_size=None, methods=("lissa",), **base)):
+        assert tasks.holds_whole(held, 18)
+        with pytest.raises(ValueError, match=r"imagenet: 28 images of shape \(3, 224, 224\) need"):
+            tasks.datasets_for([held])
