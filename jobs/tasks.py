@@ -385,10 +385,9 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
 
 def holds_whole(cfg: Configuration, n_train: int) -> bool:
     """Whether some task of `cfg` decodes its file set of `n_train` points whole: training and retraining in one
-    full batch or with L-BFGS, EK-FAC's factors, and an MLP's dense Hessian (the spectrum, the exact method).
-    Every other use streams it, so a set larger than a node's memory is refused only for these."""
-    return (cfg.optimizer == "lbfgs" or full_batch_or(cfg.batch_size, n_train) is None or "ekfac" in cfg.methods
-            or cfg.model == "mlp")
+    full batch or with L-BFGS, and an MLP's dense Hessian (the spectrum, the exact method). Every other use
+    streams it, so a set larger than a node's memory is refused only for these."""
+    return cfg.optimizer == "lbfgs" or full_batch_or(cfg.batch_size, n_train) is None or cfg.model == "mlp"
 
 
 def streams(cfg: Configuration, data: Dataset | DataSource) -> bool:

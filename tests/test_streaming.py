@@ -349,11 +349,11 @@ def test_a_set_larger_than_memory_is_refused_only_where_a_task_would_hold_it(roo
     monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
     base = dict(dataset="imagenet", data_root=roots["imagenet"], classes=2, per_class=9, model="small_cnn",
                 dtype="float32")
-    streamed = Configuration("big", batch_size=6, methods=("lissa",), **base)
+    streamed = Configuration("big", batch_size=6, methods=("lissa", "ekfac"), **base)
     assert not tasks.holds_whole(streamed, 18)
     assert tasks.datasets_for([streamed])[tasks.dataset_key(streamed)].n_train == 18
-    for held in (Configuration("big", batch_size=6, methods=("ekfac",), **base),
-                 Configuration("big", batch_size=None, methods=("lissa",), **base)):
+    for held in (Configuration("big", batch_size=18, methods=("lissa",), **base),  # the full batch
+                 Configuration("big", batch_size=6, methods=("lissa",), **{**base, "model": "mlp"})):
         assert tasks.holds_whole(held, 18)
         with pytest.raises(ValueError, match=r"imagenet: 28 images of shape \(3, 224, 224\) need"):
             tasks.datasets_for([held])
