@@ -3,7 +3,7 @@
 The package version says little about the numbers: a fix in a solver or in the retraining changes them without
 a release. So every part and checkpoint carries `SCIENCE`, a hash of the source of the code that decides what
 is computed: the `influence/` package (models, training, solvers, retraining, metrics) and the protocol code
-(`jobs/protocol.py`: damping, seeds, controls, the ranking of removals, part names; `jobs/tasks.py` and
+(`jobs/protocol.py`: damping, seeds, controls, the ranking of removals, part names; `jobs/tasks.py`, `jobs/data_source.py` (the data a task gets) and
 `jobs/shards.py`: the task bodies; `jobs/plan.py`: the tasks; `jobs/stats.py`: the statistics). Orchestration (the pipeline, the runners,
 the coordinator, the Tune driver), storage, the CLI and the report are left out: they change how results are
 made or shown, not what they are.
@@ -18,7 +18,8 @@ import hashlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCIENCE_SOURCES = ("influence", "jobs/protocol.py", "jobs/tasks.py", "jobs/shards.py", "jobs/plan.py", "jobs/stats.py")
+SCIENCE_SOURCES = ("influence", "jobs/protocol.py", "jobs/tasks.py", "jobs/data_source.py", "jobs/shards.py", "jobs/plan.py",
+                   "jobs/stats.py")
 UNSTAMPED = "unstamped"
 
 
