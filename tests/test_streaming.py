@@ -43,7 +43,7 @@ def _both(name, roots, workers=0):
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_a_streamed_set_gives_the_loaded_points_chunk_by_chunk_and_batch_by_batch(name, roots):
-    stream, whole = _both(name, roots, workers=2 if name == "imagenet" else 0)  # forked loader processes too
+    stream, whole = _both(name, roots, workers=2 if name == "imagenet" else 0)  # loader processes too
     assert isinstance(stream, StreamedSet) and stream.info() == whole.info()
     assert torch.equal(stream.y_train, whole.y_train) and torch.equal(stream.y_test, whole.y_test)
     for split, x, y in (("train", whole.x_train, whole.y_train), ("test", whole.x_test, whole.y_test)):
@@ -212,7 +212,7 @@ def test_a_streamed_data_parallel_run_resumes_mid_epoch_to_the_bit(roots):
 
 @pytest.mark.slow
 def test_a_ray_train_task_with_two_cpus_streams_through_a_loader_process(ray_cluster, roots, tmp_path):
-    """In a Ray worker process (2 CPUs: one forked loader process) the train task gives the in-memory θ̂."""
+    """In a Ray worker process (2 CPUs: one loader process, from the fork server) the train task gives the in-memory θ̂."""
     import ray
 
     from cluster.runner import _remote
