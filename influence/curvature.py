@@ -130,7 +130,8 @@ class CurvatureOperator:
             self.data, self.x, self.y = x, None, None
             return
         self._setup(model, theta, weight_decay, curvature, chunk, int(x.shape[0]))
-        self.data, self.x, self.y = None, x.detach().to(device=self.theta.device, dtype=self.theta.dtype), y.to(self.theta.device)
+        self.data = None
+        self.x, self.y = x.detach().to(device=self.theta.device, dtype=self.theta.dtype), y.to(self.theta.device)
 
     def _setup(self, model, theta: torch.Tensor, weight_decay: float, curvature: str, chunk: int,
                n_examples: int) -> None:

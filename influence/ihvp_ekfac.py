@@ -112,7 +112,7 @@ class EkfacIHVP(InverseHVP):
             x, y = x.detach().to(device=device, dtype=theta.dtype), y.to(device)
         else:  # a streamed set (influence.streaming): each pass reads its chunks from the loader
             y = x.y_train.to(device)
-        target = _targets(model, theta, _chunked(x, y, n, chunk_size, theta), labels, seed)
+        target = y if labels == "true" else _sampled_targets(model, theta, _chunked(x, y, n, chunk_size, theta), seed)
         self.diagonal_index = _outside_layers(model, self.layers, device)
         passes = lambda: _chunked(x, target, n, chunk_size, theta)  # noqa: E731 - one pass over the examples
         self.factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = _fit_factors(
@@ -229,11 +229,9 @@ def _chunked(x, y: torch.Tensor, n: int, chunk_size: int, theta: torch.Tensor):
         yield xc.to(theta.dtype), y[a:a + chunk_size]
 
 
-def _targets(model: Model, theta: torch.Tensor, chunks, labels: str, seed: int) -> torch.Tensor:
-    """The labels the factors use: the training labels, or one draw per example from the predictive distribution
+def _sampled_targets(model: Model, theta: torch.Tensor, chunks, seed: int) -> torch.Tensor:
+    """The labels the factors use with ``labels="model"``: one draw per example from the predictive distribution
     (``chunks``: (x, y) of every example, in order)."""
-    if labels == "true":
-        return torch.cat([yc for _, yc in chunks]) if not isinstance(chunks, torch.Tensor) else chunks
     with torch.no_grad():
         logits = torch.cat([model.forward(theta, xc) for xc, _ in chunks])
     # Drawn on the CPU, all n at once, so that a seed samples the same labels on every device and for any chunking.

@@ -42,10 +42,10 @@ class _Points(torch.utils.data.Dataset):
     of the batch's images. Pickled into a loader process it leaves the opened reader behind and opens the
     split there with ``opener`` (``read_splits`` with the set's arguments), once per process."""
 
-    def __init__(self, split: Split, idx: np.ndarray, table: torch.Tensor | None, opener=None,
+    def __init__(self, split: Split, idx: np.ndarray, labels: torch.Tensor, table: torch.Tensor | None, opener=None,
                  which: str = "train") -> None:
-        self.images, self.idx, self.table, self.opener, self.which = split.images, idx, table, opener, which
-        self.labels = torch.as_tensor(split.labels[idx], dtype=torch.int64, device="cpu")
+        self.images, self.idx, self.labels, self.table = split.images, idx, labels, table
+        self.opener, self.which = opener, which
 
     def __getstate__(self) -> dict:
         if self.opener is None:
@@ -223,7 +223,7 @@ class StreamedSet:
 
     def _points(self, split: str, table: torch.Tensor | None) -> _Points:
         source, idx = self._split(split)
-        return _Points(source, idx, table, self.opener, split)
+        return _Points(source, idx, self.y_train if split == "train" else self.y_test, table, self.opener, split)
 
     def _loader(self, points: _Points, batches: _Batches, pin: bool) -> torch.utils.data.DataLoader:
         workers = min(self.workers, len(batches))
