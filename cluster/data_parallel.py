@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from influence.streaming import StreamedSet
-from influence.train import TrainResult, summarise, summarise_streamed
+from influence.train import TrainResult, summarise
 from jobs.spec import Configuration
 from jobs.tasks import model_for, streams, train_options, train_progress, train_steps
 from storage.uri import Store
@@ -59,11 +59,9 @@ def fit(store: Store, cfg: Configuration, source, data, model, report: Callable[
     state = progress.saved()
     if state is None or state["step"] != progress.identity["steps"]:
         raise RuntimeError(f"data-parallel training of {cfg.model_key} ended without saving θ̂ at {progress.path}")
-    if isinstance(data, StreamedSet):
-        return summarise_streamed(model, state["theta"], data, cfg.weight_decay, cfg.batch_size, cfg.epochs,
-                                  time.perf_counter() - start)
-    return summarise(model, state["theta"].to(data.device), data.x_train, data.y_train, cfg.weight_decay,
-                     cfg.batch_size, cfg.epochs, time.perf_counter() - start)
+    x, y = data.train_inputs()
+    theta = state["theta"] if isinstance(data, StreamedSet) else state["theta"].to(data.device)
+    return summarise(model, theta, x, y, cfg.weight_decay, cfg.batch_size, cfg.epochs, time.perf_counter() - start)
 
 
 class _RankOrdered:
@@ -95,10 +93,9 @@ def _worker(config: dict) -> None:
     store, cfg, device = config["store"], config["cfg"], ray.train.torch.get_device()
     if streams(cfg, config["data"]):
         data = config["data"].stream(store, max(0, int(config["cpus"]) - 1))
-        x, y = data, None
     else:
         data = config["data"].to(device)
-        x, y = data.x_train, data.y_train
+    x, y = data.train_inputs()
     model = model_for(cfg, data)
     progress = train_progress(store, cfg, model.n_params, train_steps(cfg, data.n_train))
     options = train_options(cfg)

@@ -115,6 +115,15 @@ class Dataset:
         return DatasetInfo(name=self.name, n_train=self.n_train, n_test=self.n_test, num_classes=self.num_classes,
                            input_shape=self.input_shape)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_train.dtype
+
+    def train_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) as the training, curvature and retraining functions take them: the training split's tensors
+        (a streamed set gives itself and None, which they read by chunks and batches)."""
+        return self.x_train, self.y_train
+
     def take(self, split: str, idx, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of the points ``idx`` of ``split`` ("train" or "test"), on ``device`` (default: the data's)."""
         x, y = self._split(split)

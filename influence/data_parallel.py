@@ -2,7 +2,7 @@
 
 Every worker holds the whole training set, or streams its pieces of the batches from a file set
 (:class:`~influence.streaming.StreamedSet`: a piece is all it decodes), and the same θ. A step's batch B (the order of
-:func:`~influence.retrain.epoch_order`, as one worker would visit it) is cut into W contiguous pieces; worker w
+:func:`~influence.order.epoch_order`, as one worker would visit it) is cut into W contiguous pieces; worker w
 computes ∇ of (1/|B|) Σ_{i∈B_w} L(z_i, θ), the piece's share of the batch objective, the W shares are summed
 by ``all_reduce`` (torch.distributed's SUM: gloo on CPUs, NCCL on GPUs, once per step), and every worker adds
 the L2 term's λθ and takes the same ``torch.optim`` step. The sum of the shares is the batch gradient one
@@ -27,9 +27,9 @@ import torch
 from influence.models import Model
 from influence.objective import per_example_loss
 from influence.progress import Progress, resumed_state, save_due
-from influence.retrain import check_options, full_batch_or, minibatches, scheduled_lr, steps_per_epoch
-from influence.train import (PROGRESS_CALLS, TrainResult, check_mixed_precision, summarise, summarise_streamed,
-                             torch_optimizer)
+from influence.order import (check_options, epoch_batches, full_batch_or, n_points, scheduled_lr, steps_per_epoch,
+                             streamed)
+from influence.train import PROGRESS_CALLS, TrainResult, check_mixed_precision, summarise, torch_optimizer
 
 AllReduce = Callable[[torch.Tensor], None]  # sums a tensor over the workers, in place
 
@@ -72,10 +72,9 @@ def train_data_parallel(
         raise ValueError("data-parallel training takes adam or sgd steps; L-BFGS runs on one worker")
     if not (0 <= rank < world):
         raise ValueError(f"rank {rank} is not one of the {world} workers")
-    streamed = not isinstance(x, torch.Tensor)
-    n = x.n_train if streamed else x.shape[0]
+    n = n_points(x)
     batch_size = full_batch_or(batch_size, n)
-    if streamed:
+    if streamed(x):
         if batch_size is None:
             raise ValueError(f"a streamed set trains data-parallel in minibatches smaller than its {n} points")
         device = torch.device("cpu" if device is None else device)
@@ -103,8 +102,9 @@ def train_data_parallel(
     for epoch in range(step // per_epoch, epochs):
         reporting = report is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
         seen = torch.zeros(1, dtype=theta.dtype, device=theta.device)
-        for size, x_piece, y_piece in _pieces(x, y, n, batch_size, seed, epoch, step - epoch * per_epoch, rank, world,
-                                              device):
+        for idx, x_piece, y_piece in epoch_batches(x, y, batch_size, seed, epoch, device,
+                                                   skip=step - epoch * per_epoch, piece=(rank, world)):
+            size = len(idx)  # the whole batch's: each piece is normalised by |B|
             with autocast():
                 losses = per_example_loss(model, theta, x_piece, y_piece).sum()
             (grad,) = torch.autograd.grad(losses / size, theta)
@@ -126,21 +126,5 @@ def train_data_parallel(
                 report(epoch + 1, float(seen) / n)
     if not summary:  # (the caller computes R and ‖∇R‖ once, not on every worker)
         return None
-    if streamed:
-        return summarise_streamed(model, theta, x, weight_decay, batch_size, epochs, time.perf_counter() - start,
-                                  device)
     return summarise(model, theta, x, y, weight_decay, batch_size, epochs, time.perf_counter() - start)
 
-
-def _pieces(x, y, n: int, batch_size: int | None, seed: int, epoch: int, skip: int, rank: int, world: int, device):
-    """(|B|, this worker's piece of x, of y) for each batch B of the epoch from batch ``skip`` on."""
-    if not isinstance(x, torch.Tensor):
-        sizes = [min(batch_size, n - a) for a in range(0, n, batch_size)]
-        pieces = x.epoch_batches(batch_size, seed, epoch, device, skip=skip, piece=(rank, world))
-        yield from ((size, xb, yb) for size, (xb, yb) in zip(sizes[skip:], pieces))
-        return
-    for idx in minibatches(n, batch_size, seed, epoch, x.device)[skip:]:
-        if idx is None:
-            idx = torch.arange(n, device=x.device)
-        piece = idx.tensor_split(world)[rank]
-        yield len(idx), x[piece], y[piece]

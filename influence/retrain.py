@@ -1,4 +1,5 @@
-"""Leave-one-out (and leave-group-out) retraining of many models at once, and what every training loop shares.
+"""Leave-one-out (and leave-group-out) retraining of many models at once (what every training loop shares, the
+options, schedule and minibatch order, is in :mod:`influence.order`).
 
 Ground truth for the study is retraining without a point: one model per removal, warm-started from θ̂ (or from the
 initial θ0, for retraining from scratch), each with its own weighting w of the training points (see
@@ -50,139 +51,17 @@ import torch
 from influence.lbfgs import GRAD_TOL, minimise_lbfgs
 from influence.models import MLP, Model
 from influence.objective import objective, per_example_loss
+# What every training loop shares (re-exported: many callers name them from here).
+from influence.order import (OPTIMIZERS, SCHEDULES, check_options, check_same_device,  # noqa: F401
+                             epoch_batches, epoch_order, epoch_seed, full_batch_or, minibatches, n_points,
+                             optimiser_steps, scheduled_lr, steps_per_epoch, streamed)
 from influence.progress import Progress, resumed_state, save_due
 from influence.stacked import StackedMLP
 
 # torch.optim.Adam's defaults; the hand-written retraining step uses the same constants so the two agree.
 ADAM_BETAS: tuple[float, float] = (0.9, 0.999)
 ADAM_EPS: float = 1e-8
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "lbfgs")
 _STREAMED_CHUNK = 1024  # examples per chunk of a streamed set's gradient passes, when no batch size is given
-SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
-
-
-def check_same_device(**tensors: torch.Tensor) -> None:
-    """Raise, naming the arguments, unless every tensor is on one device (torch's own error names none)."""
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"inputs are on different devices ({where}); move them to one with .to(device)")
-
-
-# ---- options, schedule and order: shared by every training loop ------------------------------------------------------------------
-
-
-def check_options(*, optimizer: str, schedule: str, batch_size: int | None, momentum: float, epochs: int,
-                  grad_tol: float = GRAD_TOL) -> None:
-    """Refuse unknown optimisers and schedules, impossible sizes, and what L-BFGS cannot do, naming the argument."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int, or None for the full batch; got {batch_size!r}")
-    if momentum < 0:
-        raise ValueError(f"momentum must be >= 0 (0 is plain SGD); got {momentum}")
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0; got {epochs}")
-    if not grad_tol >= 0:  # also refuses NaN
-        raise ValueError(f"grad_tol must be >= 0 (the L-BFGS stop on the gradient's 2-norm); got {grad_tol}")
-    if optimizer == "lbfgs":
-        # Its line search compares values of one objective; minibatches would change the objective between them.
-        if batch_size is not None:
-            raise ValueError(f"optimizer 'lbfgs' is full batch only (its line search needs the whole objective R); "
-                             f"got batch_size={batch_size!r}: pass batch_size=None, or use adam or sgd")
-        if schedule != "constant":
-            raise ValueError(f"optimizer 'lbfgs' takes no learning-rate schedule (its line search sets every step); "
-                             f"got schedule={schedule!r}: pass schedule='constant'")
-
-
-def full_batch_or(batch_size: int | None, n: int) -> int | None:
-    """``batch_size``, or None (the full batch, in the data's own order) when it covers all n points.
-
-    A single batch of all n points in a permuted order would only change the round-off of the sums, so it is
-    run as the full batch: ``batch_size >= n`` and ``None`` give the same numbers.
-    """
-    return None if batch_size is None or batch_size >= n else int(batch_size)
-
-
-def steps_per_epoch(n: int, batch_size: int | None) -> int:
-    """⌈n / batch_size⌉ (the last, partial batch counts), or 1 for the full batch."""
-    return 1 if batch_size is None else -(-n // batch_size)
-
-
-def optimiser_steps(epochs: int, n: int, batch_size: int | None) -> int:
-    """The steps of ``epochs`` epochs over n points in batches of ``batch_size`` (None, or >= n: the full batch)."""
-    return epochs * steps_per_epoch(n, full_batch_or(batch_size, n))
-
-
-def scheduled_lr(schedule: str, lr: float, step: int, total: int) -> float:
-    """The learning rate of step ``step`` (0-based) of ``total``: one step is one minibatch, not one epoch.
-
-    ``"constant"``: lr. ``"cosine"``: lr·½(1 + cos(π·step/total)), from lr down towards 0. ``"step"``: lr, ×0.1
-    from 50% of the steps on, ×0.01 from 75% on (step·2 ≥ total and step·4 ≥ 3·total, in exact integers).
-    """
-    if schedule == "constant":
-        return lr
-    if schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-    if schedule == "step":
-        return lr * 0.1 ** ((2 * step >= total) + (4 * step >= 3 * total))
-    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-
-
-_MASK32, _MASK64 = 2**32 - 1, 2**64 - 1
-
-
-def _mix32(z: int) -> int:
-    """A bijection of 32-bit ints that spreads every input bit over the output (Wellons' "lowbias32")."""
-    z ^= z >> 16
-    z = (z * 0x7FEB352D) & _MASK32
-    z ^= z >> 15
-    z = (z * 0x846CA68B) & _MASK32
-    return z ^ (z >> 16)
-
-
-def _mix64(z: int) -> int:
-    """SplitMix64's finaliser: a bijection of 64-bit ints (any Python int is taken modulo 2⁶⁴ first)."""
-    z &= _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The 32-bit seed of epoch ``epoch``'s order in a run seeded ``seed``: mix32((mix64(seed + γ) + epoch) mod 2³²)
-    with SplitMix64's γ = 0x9E3779B97F4A7C15 (so that seed 0 is no fixed point).
-
-    32 bits, because torch's CPU generator (mt19937) keeps only the low 32 bits of its seed: seed·2³² + epoch
-    would give every seed the same orders. Hashed, not seed + epoch: control replicates are retrained with
-    neighbouring seeds, and seed + epoch would give seed s+1 the orders of seed s shifted by one epoch, so their
-    spread would understate the training noise. Within one run the epochs' seeds are all distinct (mix32 is a
-    bijection); two runs share one only by a 32-bit hash coincidence.
-    """
-    return _mix32((_mix64(seed + 0x9E3779B97F4A7C15) + epoch) & _MASK32)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order [n] (int64, on the CPU) in which epoch ``epoch`` of a run seeded ``seed`` visits the points:
-    ``torch.randperm(n)`` from ``torch.Generator().manual_seed(epoch_seed(seed, epoch))``.
-
-    Drawn on the CPU, so every device sees the same order (CUDA generators give other numbers), and from a
-    generator of its own per epoch, so any epoch's order is known without drawing the earlier ones: a run
-    resumed at epoch e continues with the order it would have had.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(epoch_seed(seed, epoch))
-    return torch.randperm(n, generator=generator, device="cpu")
-
-
-def minibatches(
-    n: int, batch_size: int | None, seed: int, epoch: int, device: torch.device
-) -> list[torch.Tensor | None]:
-    """The index tensors (on ``device``) of epoch ``epoch``'s batches; ``[None]`` for the full batch."""
-    if batch_size is None:
-        return [None]
-    return list(epoch_order(n, seed, epoch).to(device).split(batch_size))
 
 
 # ---- weightings --------------------------------------------------------------------------------------------------
@@ -319,42 +198,24 @@ def _no_lbfgs_progress(optimizer: str, progress: Progress | None) -> None:
 
 
 def _check_retrain_args(model: Model, theta0: torch.Tensor, x, weights: torch.Tensor) -> int:
-    n = _size(x)
+    n = n_points(x)
     if weights.ndim != 2 or weights.shape[1] != n:
         raise ValueError(f"weights must be [K, n] with n={n}; got {tuple(weights.shape)}")
     k = weights.shape[0]
     if theta0.shape not in ((model.n_params,), (k, model.n_params)):
         raise ValueError(f"theta0 must be [{model.n_params}] or [{k}, {model.n_params}]; got {tuple(theta0.shape)}")
-    if _streamed(x):
+    if streamed(x):
         check_same_device(theta0=theta0, weights=weights)
     else:
         check_same_device(theta0=theta0, x=x, weights=weights)
     return k
 
 
-def _streamed(x) -> bool:
-    """Whether the training inputs are a streamed set (:class:`influence.streaming.StreamedSet`) instead of x."""
-    return not isinstance(x, torch.Tensor)
-
-
-def _size(x) -> int:
-    return x.n_train if _streamed(x) else int(x.shape[0])
-
-
 def _check_streamed_minibatches(x, batch_size: int | None, optimizer: str) -> None:
-    if _streamed(x) and (optimizer == "lbfgs" or full_batch_or(batch_size, x.n_train) is None):
+    if streamed(x) and (optimizer == "lbfgs" or full_batch_or(batch_size, x.n_train) is None):
         raise ValueError(f"a streamed training set retrains with adam or sgd in minibatches smaller than its "
                          f"{x.n_train} points (got optimizer {optimizer!r}, batch_size {batch_size}); retrain on "
                          f"the set in memory instead")
-
-
-def _batches_of(x, y, n: int, batch_size: int, seed: int, epoch: int, skip: int, device):
-    """(positions, x_B, y_B) of each minibatch B of the epoch from batch ``skip`` on: indexed from x in memory,
-    or streamed (the same batches, decoded by the set's loader)."""
-    order = minibatches(n, batch_size, seed, epoch, device)[skip:]
-    if not _streamed(x):
-        return ((idx, x[idx], y[idx]) for idx in order)
-    return ((idx, xb, yb) for idx, (xb, yb) in zip(order, x.epoch_batches(batch_size, seed, epoch, device, skip=skip)))
 
 
 def retrain_batched(
@@ -406,7 +267,7 @@ def retrain_batched(
         return retrain_loop(model, theta0, x, y, weights, weight_decay=weight_decay, lr=lr, epochs=epochs,
                             optimizer=optimizer, momentum=momentum, batch_size=batch_size, schedule=schedule,
                             seed=seed, grad_tol=grad_tol)
-    batch_size = full_batch_or(batch_size, _size(x))
+    batch_size = full_batch_or(batch_size, n_points(x))
     settings = dict(weight_decay=weight_decay, lr=lr, epochs=epochs, optimizer=optimizer, momentum=momentum,
                     schedule=schedule, progress=progress)
     if batch_size is None and isinstance(model, MLP):
@@ -445,7 +306,7 @@ def stacked_mlp_descent(model: MLP, theta0, x, y, weights, *, weight_decay, lr, 
 
 def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed, weight_decay, lr, epochs,
                      optimizer, momentum, schedule, progress) -> torch.Tensor:
-    n = _size(x)
+    n = n_points(x)
     params = theta0.detach().expand(k, -1).clone()  # Θ [K, P], updated in place by the optimiser
     theta = params.detach().requires_grad_(True)  # same storage: the updates are invisible to autograd
     opt = optimizer_for(optimizer, params, lr, momentum)
@@ -453,7 +314,7 @@ def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed
     ones = torch.ones(k, dtype=params.dtype, device=params.device)
     if batch_size is None:
         batches = [(x, y, weights)]
-    elif not _streamed(x):
+    elif not streamed(x):
         # Each epoch gathers x, y and w in its order into these buffers, once; the batches are fixed views of
         # them. No per-step indexing, no per-step allocation outside autograd's own.
         x_epoch, y_epoch, w_epoch = torch.empty_like(x), torch.empty_like(y), torch.empty_like(weights)
@@ -467,17 +328,17 @@ def _retrain_generic(model: Model, theta0, x, y, weights, *, k, batch_size, seed
         step = state["step"]
     for epoch in range(step // per_epoch, epochs):
         skip = step - epoch * per_epoch  # a resumed run enters its first epoch at the batch it had reached
-        if _streamed(x):  # the loader's batches, and the weights of their points
-            epoch_batches = ((xb, yb, weights[:, idx]) for idx, xb, yb in
-                             _batches_of(x, y, n, batch_size, seed, epoch, skip, params.device))
+        if streamed(x):  # the loader's batches, and the weights of their points
+            batches_now = ((xb, yb, weights[:, idx]) for idx, xb, yb in
+                           epoch_batches(x, y, batch_size, seed, epoch, params.device, skip=skip))
         else:
             if batch_size is not None:
                 order = epoch_order(n, seed, epoch).to(x.device)
                 torch.index_select(x, 0, order, out=x_epoch)
                 torch.index_select(y, 0, order, out=y_epoch)
                 torch.index_select(weights, 1, order, out=w_epoch)
-            epoch_batches = batches[skip:]
-        for x_b, y_b, w_b in epoch_batches:
+            batches_now = batches[skip:]
+        for x_b, y_b, w_b in batches_now:
             # The data term through autograd; the L2 term's gradient λθ is one in-place add (autograd would
             # spend a square, a sum and their backward on it).
             (grad,) = torch.autograd.grad(objective(model, theta, x_b, y_b, 0.0, w_b), theta, grad_outputs=ones)
@@ -526,7 +387,7 @@ def retrain_loop(
                   grad_tol=grad_tol)
     _check_streamed_minibatches(x, batch_size, optimizer)
     _no_lbfgs_progress(optimizer, progress)
-    n = _size(x)
+    n = n_points(x)
     batch_size = full_batch_or(batch_size, n)
     per_epoch = steps_per_epoch(n, batch_size)
     total = epochs * per_epoch
@@ -552,9 +413,7 @@ def retrain_loop(
             step = state["step"] - i * total
         for epoch in range(step // per_epoch, epochs):
             skip = step - epoch * per_epoch
-            batches = ([(None, x, y)] if batch_size is None else
-                       _batches_of(x, y, n, batch_size, seed, epoch, skip, theta.device))
-            for idx, x_b, y_b in batches:
+            for idx, x_b, y_b in epoch_batches(x, y, batch_size, seed, epoch, theta.device, skip=skip):
                 w_b = weights[i] if idx is None else weights[i, idx]
                 (grad,) = torch.autograd.grad(objective(model, theta, x_b, y_b, weight_decay, w_b), theta)
                 opt.lr = scheduled_lr(schedule, lr, step, total)
@@ -601,8 +460,8 @@ def objective_grad_norms(
 def _objective_grad(model: Model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
                     weight_decay: float, batch_size: int | None) -> torch.Tensor:
     """∇R(θ; w) for θ [P] and w [n], or the rows ∇R(θ_k; w_k) for Θ [K, P] and w [K, n]."""
-    n = _size(x)
-    if _streamed(x):
+    n = n_points(x)
+    if streamed(x):
         chunk = _STREAMED_CHUNK if batch_size is None else batch_size
         chunks = x.chunks("train", chunk, theta.device)
     else:

@@ -7,7 +7,7 @@ pinned memory. It gives what ``load_dataset`` gives, value for value:
 
 - the standardisation table comes from one streamed pass that counts each channel's 256 levels over the
   training images; counts of batches add up exactly, so the table is the in-memory one bit for bit;
-- training batches follow :func:`~influence.retrain.epoch_order` (``epoch_batches``), so streamed training
+- training batches follow :func:`~influence.order.epoch_order` (``epoch_batches``), so streamed training
   visits the very minibatches in-memory training does, and reaches the same θ;
 - evaluation runs over consecutive chunks (``chunks``), as the in-memory passes slice them;
 - a few chosen points (test points) are decoded directly (``take``).
@@ -28,7 +28,7 @@ import torch.utils.data
 
 from influence.data import Dataset, DatasetInfo, apply_table, channel_counts, level_table
 from influence.data_files import Split
-from influence.retrain import epoch_order
+from influence.order import epoch_order
 
 __all__ = ["StreamedSet"]
 
@@ -79,7 +79,7 @@ def _as_is(batch):  # the batch is made whole by __getitems__: nothing to collat
 
 class _Batches(torch.utils.data.Sampler):
     """Positions of each batch: consecutive chunks of ``size`` from ``start`` to ``stop``, or with ``seed`` epoch ``epoch``'s order of
-    :func:`~influence.retrain.epoch_order` split into batches of ``size``, from batch ``skip`` on, and with
+    :func:`~influence.order.epoch_order` split into batches of ``size``, from batch ``skip`` on, and with
     ``piece`` (rank, world) only piece ``rank`` of each batch cut into ``world`` (set these before each pass)."""
 
     def __init__(self, n: int, size: int, seed: int | None = None) -> None:
@@ -125,6 +125,10 @@ class StreamedSet:
     def info(self) -> DatasetInfo:
         return DatasetInfo(name=self.name, n_train=self.n_train, n_test=self.n_test, num_classes=self.num_classes,
                            input_shape=self.input_shape)
+
+    def train_inputs(self) -> tuple[StreamedSet, None]:
+        """(x, y) as the training, curvature and retraining functions take a streamed set: itself, and None."""
+        return self, None
 
     def with_workers(self, workers: int) -> StreamedSet:
         """The same set read by ``workers`` DataLoader processes (the counts, once known, are shared)."""

@@ -2,8 +2,8 @@
 ‖∇R‖₂ <= grad_tol with full-batch L-BFGS.
 
 Retraining (leave-one-out ground truth) lives in :mod:`influence.retrain`. Training and retraining share one
-definition of the minibatch order (:func:`~influence.retrain.epoch_order`), the learning
-rate schedule (:func:`~influence.retrain.scheduled_lr`) and the objective's L2 term, so a retrained model sees
+definition of the minibatch order (:func:`~influence.order.epoch_order`), the learning
+rate schedule (:func:`~influence.order.scheduled_lr`) and the objective's L2 term, so a retrained model sees
 what θ̂ saw.
 
 Devices: everything runs where the data x is (CPU or CUDA) and in its dtype; θ0 must be there too. θ0 drawn
@@ -22,8 +22,9 @@ import torch
 from influence.lbfgs import GRAD_TOL, minimise_lbfgs
 from influence.models import MLP, Model
 from influence.objective import objective, per_example_loss
-from influence.retrain import (check_options, check_same_device, full_batch_or, minibatches, scheduled_lr,
-                               stacked_mlp_descent, steps_per_epoch)
+from influence.order import (check_options, check_same_device, epoch_batches, full_batch_or, scheduled_lr,
+                             steps_per_epoch)
+from influence.retrain import stacked_mlp_descent
 from influence.stacked import StackedMLP
 
 # progress is called about this many times over a run (every 1% of the epochs), and every epoch for short runs.
@@ -75,7 +76,7 @@ def train(
     (``torch.optim.SGD`` with ``momentum``, no nesterov); λ enters only as the objective's L2 term, never as
     the optimiser's weight decay, so θ̂ is a stationary point of the R the influence function differentiates.
     ``batch_size``: None (or ≥ n) is one full-batch step per epoch; otherwise each epoch visits every point
-    once in the order :func:`~influence.retrain.epoch_order` ``(n, seed, epoch)``, in batches B normalised by
+    once in the order :func:`~influence.order.epoch_order` ``(n, seed, epoch)``, in batches B normalised by
     |B|, the last partial batch included. ``schedule`` sets the lr per step (:func:`scheduled_lr`).
     ``mixed_precision``: the forward under bfloat16 autocast (CUDA only); θ, its gradient and the optimiser
     stay in θ's dtype. ``progress(epoch, loss)`` is called after about every 1% of the epochs (every epoch
@@ -118,8 +119,7 @@ def train(
                                   start=start)
 
     def batches(epoch: int):
-        for idx in minibatches(n, batch_size, seed, epoch, x.device):
-            yield (x, y) if idx is None else (x[idx], y[idx])
+        return ((xb, yb) for _, xb, yb in epoch_batches(x, y, batch_size, seed, epoch, x.device))
 
     theta = _descent(model, theta0, batches, n, steps_per_epoch(n, batch_size), weight_decay=weight_decay, lr=lr,
                      epochs=epochs, optimizer=optimizer, momentum=momentum, schedule=schedule,
@@ -161,22 +161,14 @@ def train_streamed(
     start = time.perf_counter()
     if theta0 is None:
         theta0 = model.init(seed, dtype=data.dtype, device=device)
-    theta = _descent(model, theta0.to(device), lambda epoch: data.epoch_batches(batch_size, seed, epoch, device), n,
+    def batches(epoch: int):
+        return ((xb, yb) for _, xb, yb in epoch_batches(data, None, batch_size, seed, epoch, device))
+
+    theta = _descent(model, theta0.to(device), batches, n,
                      steps_per_epoch(n, batch_size), weight_decay=weight_decay, lr=lr, epochs=epochs,
                      optimizer=optimizer, momentum=momentum, schedule=schedule, mixed_precision=mixed_precision,
                      progress=progress)
-    return summarise_streamed(model, theta, data, weight_decay, batch_size, epochs, time.perf_counter() - start,
-                              device)
-
-
-def summarise_streamed(model: Model, theta: torch.Tensor, data, weight_decay: float, batch_size: int, epochs: int,
-                       seconds: float, device: torch.device | str = "cpu") -> TrainResult:
-    """:func:`summarise` over a streamed training set, in chunks of ``batch_size``."""
-    theta = theta.detach().to(device).requires_grad_(True)
-    value, train_loss, grad_norm = final_state(model, theta, data.chunks("train", batch_size, device), data.n_train,
-                                               weight_decay)
-    return TrainResult(theta=theta.detach(), objective=value, train_loss=train_loss, grad_norm=grad_norm,
-                       epochs=epochs, seconds=seconds)
+    return summarise(model, theta, data, None, weight_decay, batch_size, epochs, time.perf_counter() - start)
 
 
 def _descent(model: Model, theta0: torch.Tensor, batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
@@ -218,12 +210,17 @@ def torch_optimizer(optimizer: str, theta: torch.Tensor, lr: float, momentum: fl
     return torch.optim.SGD([theta], lr=lr, momentum=momentum, foreach=False)
 
 
-def summarise(model: Model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight_decay: float,
+def summarise(model: Model, theta: torch.Tensor, x, y: torch.Tensor | None, weight_decay: float,
               batch_size: int | None, epochs: int, seconds: float) -> TrainResult:
     """The :class:`TrainResult` of a run that ended at ``theta``: R, the mean loss and ‖∇R‖₂ over all n points
-    (in chunks of ``batch_size`` examples unless None)."""
+    (in chunks of ``batch_size`` examples unless None), where θ is. ``x`` may be a streamed set (``y`` None,
+    ``batch_size`` given): its chunks are then read from its loader."""
     theta = theta.detach().requires_grad_(True)
-    value, train_loss, grad_norm = _final_state(model, theta, x, y, weight_decay, batch_size)
+    if isinstance(x, torch.Tensor):
+        value, train_loss, grad_norm = _final_state(model, theta, x, y, weight_decay, batch_size)
+    else:
+        value, train_loss, grad_norm = final_state(model, theta, x.chunks("train", batch_size, theta.device),
+                                                   x.n_train, weight_decay)
     return TrainResult(theta=theta.detach(), objective=value, train_loss=train_loss, grad_norm=grad_norm,
                        epochs=epochs, seconds=seconds)
 

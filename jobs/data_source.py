@@ -72,15 +72,20 @@ class DataSource:
             from influence.data import stream_dataset
 
             name, options = _data_arguments(self.cfg)
-            stream = stream_dataset(name, **options)
-            if stream.info() != self.info:
-                raise ValueError(f"{self.cfg.dataset} under {self.cfg.data_root}: the run was planned for "
-                                 f"{self.info}, the files now hold {stream.info()}; rerun to plan again")
+            stream = _as_planned(self, stream_dataset(name, **options))
             _STREAMED.clear()
             _STREAMED[self.key] = stream
         if store is not None and not stream.counted:
             _shared_counts(store, self, stream)
         return stream.with_workers(workers)
+
+
+def _as_planned(source: DataSource, data):
+    """`data` (loaded or streamed) as opened by a task, unless the files changed since the run was planned."""
+    if data.info() != source.info:
+        raise ValueError(f"{source.cfg.dataset} under {source.cfg.data_root}: the run was planned for "
+                         f"{source.info}, the files now hold {data.info()}; rerun to plan again")
+    return data
 
 
 def _shared_counts(store: Store, source: DataSource, stream: StreamedSet) -> None:
@@ -111,10 +116,7 @@ _KEEP_LOADED = 1  # an idle worker process keeps what it decoded, unseen by Ray'
 def _node_local(source: DataSource) -> Dataset:
     data = _LOADED.pop(source.key, None)
     if data is None:
-        data = load_data(source.cfg)
-        if data.info() != source.info:  # the files changed between planning and this task
-            raise ValueError(f"{source.cfg.dataset} under {source.cfg.data_root}: the run was planned for "
-                             f"{source.info}, the files now hold {data.info()}; rerun to plan again")
+        data = _as_planned(source, load_data(source.cfg))
     _LOADED[source.key] = data
     while len(_LOADED) > _KEEP_LOADED:
         del _LOADED[next(iter(_LOADED))]

@@ -105,14 +105,9 @@ EVAL_CHUNK = 1024  # examples per forward when evaluating a whole split (60,000 
 def _evaluate(model, theta: torch.Tensor, data: Dataset | StreamedSet, split: str,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example losses, predicted classes and labels over a whole split, EVAL_CHUNK examples at a time."""
-    if isinstance(data, StreamedSet):
-        chunks = data.chunks(split, EVAL_CHUNK, device)
-    else:
-        x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
-        chunks = ((x[a:a + EVAL_CHUNK], y[a:a + EVAL_CHUNK]) for a in range(0, x.shape[0], EVAL_CHUNK))
     losses, preds, labels = [], [], []
     with torch.no_grad():
-        for xc, yc in chunks:
+        for xc, yc in data.chunks(split, EVAL_CHUNK, device):
             logits = model.forward(theta, xc)
             losses.append(torch.nn.functional.cross_entropy(logits, yc, reduction="none"))
             preds.append(logits.argmax(dim=-1))
@@ -259,7 +254,7 @@ def _test_point_covariates(model, theta: torch.Tensor, data: Dataset | StreamedS
     it is misclassified, 0 at a tie) and ‖∇θ L(z_t, θ̂)‖₂."""
     if not idx:
         return [], []
-    x, y = data.take("test", idx, device) if isinstance(data, StreamedSet) else (data.x_test[idx], data.y_test[idx])
+    x, y = data.take("test", idx, device)
     with torch.no_grad():
         logits = model.forward(theta, x).double()
     own = logits.gather(1, y.view(-1, 1)).squeeze(1)
@@ -277,7 +272,7 @@ def _spectrum(cfg: Configuration, model, theta: torch.Tensor, data: Dataset | St
     plan = protocol.spectrum_plan(isinstance(model, MLP), model.n_params)
     if plan.method == "none":
         return math.nan, math.nan
-    x, y = (data, None) if isinstance(data, StreamedSet) else (data.x_train, data.y_train)
+    x, y = data.train_inputs()
     if plan.method == "exact":
         eig = torch.linalg.eigvalsh(hessian(model, theta, x, y, cfg.weight_decay))
         return float(eig[-1]), float(eig[0])
@@ -313,7 +308,7 @@ def fitted_solver(store: Store, cfg: Configuration, data: Dataset | DataSource, 
     data, theta = opened(store, data, device), theta.to(device)
     model = model_for(cfg, data)
     settings = protocol.solver_settings(cfg, method, damping)
-    x, y = (data, None) if isinstance(data, StreamedSet) else (data.x_train, data.y_train)
+    x, y = data.train_inputs()
     return data, theta, model, make_solver(method, model, theta, x, y, cfg.weight_decay, **settings)
 
 
@@ -460,7 +455,7 @@ def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset,
     # What the run starts from and whom it leaves out: a saved state of other removals (recomputed estimates that
     # reordered a top-k) or of another θ̂ must not be resumed.
     digest = hashlib.sha256(starts.detach().cpu().numpy().tobytes() + weights.detach().cpu().numpy().tobytes())
-    x, y = (data, None) if isinstance(data, StreamedSet) else (data.x_train, data.y_train)
+    x, y = data.train_inputs()
     return run(model, starts, x, y, weights,
                progress=progress(weights.shape[0], model.n_params, steps, seed, digest.hexdigest()[:16]), **options)
 
@@ -473,7 +468,7 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
     base = protocol.replicate_base(cfg, retrain_base(cfg, theta, model), model, replicate)
     c = protocol.controls_in_chunk(cfg, chunk, replicate)
     order = protocol.replicate_order_seed(cfg, replicate)
-    dtype = data.dtype if isinstance(data, StreamedSet) else data.x_train.dtype
+    dtype = data.dtype
     if groups is None:
         weights = removal_weights(data.n_train, removed, controls=c, dtype=dtype, device=device)
     else:
@@ -513,7 +508,7 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
         else:
             losses = torch.stack([per_example_loss(model, t, xt, yt) for t in thetas]).cpu()
         dtheta = (thetas - thetas[0]).norm(dim=-1).cpu()  # distance to the unperturbed control
-    x, y = (data, None) if isinstance(data, StreamedSet) else (data.x_train, data.y_train)
+    x, y = data.train_inputs()
     grad_norms = objective_grad_norms(model, thetas, x, y, weights, cfg.weight_decay, batch_size=EVAL_CHUNK).cpu()
     control = losses[0]
     T = len(test_idx)

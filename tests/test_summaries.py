@@ -140,7 +140,7 @@ def test_summaries_average_valid_cells_and_count_the_rest(study, source):
 def test_console_summary_shows_seeds_used_of_run(study, capsys):
     from rich.console import Console
 
-    from fragile.cli import _print_summary
+    from fragile.printing import print_summary as _print_summary
 
     spec, store, expected, _ = study
     [(title, names, table)] = summary_tables(store, spec)
