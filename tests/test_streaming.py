@@ -357,3 +357,13 @@ def test_a_set_larger_than_memory_is_refused_only_where_a_task_would_hold_it(roo
         assert tasks.holds_whole(held, 18)
         with pytest.raises(ValueError, match=r"imagenet: 28 images of shape \(3, 224, 224\) need"):
             tasks.datasets_for([held])
+
+
+def test_a_split_that_is_not_train_or_test_is_named(roots):
+    stream, whole = _both("mnist", roots)
+    for data in (stream, whole):
+        with pytest.raises(ValueError, match="split must be .*train.*test.*got 'val'"):
+            list(data.chunks("val", 8))
+    with pytest.raises(ValueError, match="loader processes open the splits themselves: give an opener"):
+        StreamedSet("mnist", *stream._splits["train"][:1], *stream._splits["test"][:1],
+                    stream._splits["train"][1], stream._splits["test"][1], torch.float64, workers=1)
