@@ -115,6 +115,22 @@ def _evaluate(model, theta: torch.Tensor, data: Dataset | StreamedSet, split: st
     return torch.cat(losses), torch.cat(preds), torch.cat(labels)
 
 
+def assess(cfg: Configuration, model, theta: torch.Tensor, data: Dataset | StreamedSet,
+           device: torch.device) -> dict:
+    """What the `models` row and the choice of test points need of θ̂, from a pass over each split and the
+    spectrum: the mean training loss, both accuracies, every test point's loss (on the CPU), why the model is
+    degenerate (or None) and H's top and smallest eigenvalue. Plain values and tensors, so that a data-parallel
+    worker can compute it on its own device and hand it back through the store."""
+    train_losses, pred, y_train = _evaluate(model, theta, data, "train", device)
+    test_losses, test_pred, y_test = _evaluate(model, theta, data, "test", device)
+    train_accuracy = float((pred == y_train).double().mean())
+    top, smallest = _spectrum(cfg, model, theta, data, device)
+    return {"train_loss": float(train_losses.mean()), "train_accuracy": train_accuracy,
+            "test_accuracy": float((test_pred == y_test).double().mean()), "test_losses": test_losses.cpu(),
+            "degenerate_reason": _degenerate_reason(pred, train_accuracy),
+            "top_eigenvalue": top, "min_eigenvalue": smallest}
+
+
 def _degenerate_reason(pred: torch.Tensor, train_accuracy: float) -> str | None:
     """Deep tanh nets sometimes collapse to one class; every estimate is then equal and rank
     correlations are undefined. Say so instead of reporting NaNs without a reason."""
@@ -158,13 +174,14 @@ def load_base(store: Store, cfg: Configuration, n_params: int) -> tuple[dict | N
 
 
 def train_task(store: Store, cfg: Configuration, data: Dataset | DataSource, device: torch.device = CPU,
-               fit: Callable[..., TrainResult] | None = None) -> tuple[torch.Tensor, TrainOutput]:
+               fit: Callable[..., tuple[TrainResult, dict]] | None = None) -> tuple[torch.Tensor, TrainOutput]:
     """Train θ̂ (or reuse the stored checkpoint of an identical base model), pick the test points and
     write the `models` and `test_points` parts of this configuration. The train result is read from the
     rows written, as a resumed run reads it from the stored parts (`protocol.train_output`).
 
-    `fit(store, cfg, data, data on the device, model, report)`, when the runner gives one, trains θ̂ elsewhere (data-parallel, on
-    workers of its own: `cluster.data_parallel.fit`) and this task only waits for it; else it trains here."""
+    `fit(store, cfg, data, data on the device, model, report)`, when the runner gives one, trains θ̂ elsewhere
+    (data-parallel, on workers of its own: `cluster.data_parallel.fit`) and this task only waits for it; it
+    returns θ̂ and its `assess`ment, made on the first worker's device. Else θ̂ is trained here."""
     key = f"train/{cfg.config_id}"
     try:
         return _train(store, cfg, data, device, fit)
@@ -174,7 +191,7 @@ def train_task(store: Store, cfg: Configuration, data: Dataset | DataSource, dev
 
 
 def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device: torch.device,
-           fit: Callable[..., TrainResult] | None) -> tuple[torch.Tensor, TrainOutput]:
+           fit: Callable[..., tuple[TrainResult, dict]] | None) -> tuple[torch.Tensor, TrainOutput]:
     source = data
     streamed = streams(cfg, data)
     if streamed:  # a minibatched file set: streamed through DataLoaders, never whole in this task
@@ -187,10 +204,11 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
     start = time.perf_counter()
     state, notice = load_base(store, cfg, model.n_params)
     trained = state is None
+    assessment = None  # what the rows need of θ̂ (`assess`), when the training workers computed it
     if trained:
         # θ0 is drawn on the CPU whatever the device, so a GPU task trains from the same θ0 as a CPU task.
         if fit is not None:
-            result = fit(store, cfg, source, data, model, _progress(cfg))
+            result, assessment = fit(store, cfg, source, data, model, _progress(cfg))
         elif streamed:
             result = train_streamed(model, data, weight_decay=cfg.weight_decay, lr=cfg.lr, epochs=cfg.epochs,
                                     seed=cfg.seed, batch_size=cfg.batch_size, device=device, optimizer=cfg.optimizer,
@@ -203,31 +221,27 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
         theta, grad_norm, objective = result.theta.detach(), result.grad_norm, result.objective
         seconds = result.seconds
         state = {"theta": theta.cpu(), "grad_norm": grad_norm, "objective": objective, "seconds": seconds,
-                 "model_key": cfg.model_key, "configuration": cfg.to_dict(), "science": SCIENCE}
+                 "model_key": cfg.model_key, "configuration": cfg.to_dict(), "science": SCIENCE,
+                 **({"assessment": assessment} if assessment is not None else {})}
         checkpoint = save_checkpoint(store, cfg.experiment, cfg.model_key, state)
         if fit is not None:  # θ̂ is in its checkpoint now: the progress that led to it is no longer needed
             _remove_quietly(store, progress_path(store, cfg.experiment, cfg.config_id, "train"))
     else:
         theta = state["theta"].to(device)
         grad_norm, objective, seconds = state["grad_norm"], state["objective"], state["seconds"]
+        assessment = state.get("assessment")  # (kept with θ̂ by data-parallel training)
         checkpoint = checkpoint_path(store, cfg.experiment, cfg.model_key)
 
-    train_losses, pred, y_train = _evaluate(model, theta, data, "train", device)
-    test_losses, test_pred, y_test = _evaluate(model, theta, data, "test", device)
-    test_losses = test_losses.cpu()
-    train_acc = float((pred == y_train).double().mean())
-    test_acc = float((test_pred == y_test).double().mean())
-    reason = _degenerate_reason(pred, train_acc)
-
-    top_eig, min_eig = _spectrum(cfg, model, theta, data, device)
-    if streamed:
-        data.close()  # its loader processes
+    if assessment is None:
+        assessment = assess(cfg, model, theta, data, device)
+    test_losses, reason = assessment["test_losses"], assessment["degenerate_reason"]
 
     models = {
-        "model_key": [cfg.model_key], "train_loss": [float(train_losses.mean())],
-        "test_loss": [float(test_losses.mean())], "test_accuracy": [test_acc], "train_accuracy": [train_acc],
-        "objective": [objective], "grad_norm": [grad_norm], "top_eigenvalue": [top_eig],
-        "min_eigenvalue": [min_eig], "n_params": [model.n_params], "n_train": [data.n_train],
+        "model_key": [cfg.model_key], "train_loss": [assessment["train_loss"]],
+        "test_loss": [float(test_losses.mean())], "test_accuracy": [assessment["test_accuracy"]],
+        "train_accuracy": [assessment["train_accuracy"]], "objective": [objective], "grad_norm": [grad_norm],
+        "top_eigenvalue": [assessment["top_eigenvalue"]], "min_eigenvalue": [assessment["min_eigenvalue"]],
+        "n_params": [model.n_params], "n_train": [data.n_train],
         "seconds": [seconds if trained else time.perf_counter() - start], "checkpoint": [checkpoint],
         "degenerate": [reason is not None], "degenerate_reason": [reason],
         # θ̂ is what this row describes: a reused checkpoint keeps the stamp of the code that trained it
@@ -239,6 +253,8 @@ def _train(store: Store, cfg: Configuration, data: Dataset | DataSource, device:
     chosen = select_test_points(test_losses, [r.rule() for r in cfg.test_points], seed=cfg.seed)
     idx = [i for i, _ in chosen]
     margin, grad_norms = _test_point_covariates(model, theta, data, idx, device)
+    if streamed:
+        data.close()  # its loader processes
     test_points = {
         "test_idx": idx, "loss": [float(test_losses[i]) for i in idx],
         "label": [int(labels[i]) for i in idx], "selection": [s for _, s in chosen], "science": [SCIENCE] * len(idx),

@@ -99,10 +99,11 @@ def test_two_gloo_workers_reach_the_theta_of_one(ray_cluster, tmp_path, digits, 
     data, model = digits
     assert tasks.model_for(cfg, data).n_params == model.n_params
     store = open_store(str(tmp_path / "store"))
-    got = data_parallel.fit(store, cfg, data, data, model, None, workers=2, per_worker={"num_cpus": 1})
+    got, assessment = data_parallel.fit(store, cfg, data, data, model, None, workers=2, per_worker={"num_cpus": 1})
     expected = train(model, data.x_train, data.y_train, **KW)
     assert torch.allclose(got.theta, expected.theta, rtol=0, atol=1e-10)
     assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-8)
+    _same_assessment(assessment, tasks.assess(cfg, model, expected.theta, data, torch.device("cpu")))
     saved = [f.path for f in list_files(store, store.path("ddp", "progress")) if f.path.endswith(".pt")]
     assert [p.rsplit("/", 2)[-2:] for p in saved] == [[cfg.config_id, "train.pt"]]  # the task deletes it later
 
@@ -110,7 +111,8 @@ def test_two_gloo_workers_reach_the_theta_of_one(ray_cluster, tmp_path, digits, 
 @pytest.mark.slow
 def test_two_gloo_workers_streaming_a_file_set_reach_the_theta_of_one(ray_cluster, tmp_path):
     """MNIST files as a DataSource: each Ray Train worker streams its pieces of the batches from the files and
-    the caller sums R and ‖∇R‖ over its own stream; θ̂ is that of one worker training on the set in memory."""
+    worker 0 sums R and ‖∇R‖ and assesses θ̂ over its own stream; θ̂ is that of one worker training on the set
+    in memory, and the assessment what the train task would make of it."""
     from cluster import data_parallel
     from influence.data_files import write_tiny
     from jobs import tasks
@@ -125,11 +127,21 @@ def test_two_gloo_workers_streaming_a_file_set_reach_the_theta_of_one(ray_cluste
     assert tasks.streams(cfg, source)
     whole = tasks.load_data(cfg)
     model = tasks.model_for(cfg, whole)
-    got = data_parallel.fit(open_store(str(tmp_path / "store")), cfg, source, source.stream(), model, None,
-                            workers=2, per_worker={"num_cpus": 1})
+    got, assessment = data_parallel.fit(open_store(str(tmp_path / "store")), cfg, source, source.stream(), model,
+                                        None, workers=2, per_worker={"num_cpus": 1})
     expected = train(model, whole.x_train, whole.y_train, **dict(KW, epochs=2))
     assert torch.allclose(got.theta, expected.theta, rtol=0, atol=1e-10)
     assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-8)
+    _same_assessment(assessment, tasks.assess(cfg, model, expected.theta, whole, torch.device("cpu")))
+
+
+def _same_assessment(got: dict, expected: dict) -> None:
+    """What worker 0 made of θ̂ (passes over both splits, the spectrum) is what the train task would have."""
+    assert set(got) == set(expected)
+    assert torch.allclose(got["test_losses"], expected["test_losses"], rtol=0, atol=1e-9)
+    for key in ("train_loss", "train_accuracy", "test_accuracy", "top_eigenvalue", "min_eigenvalue"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-8, nan_ok=True), key
+    assert got["degenerate_reason"] == expected["degenerate_reason"]
 
 
 @pytest.mark.slow
@@ -160,3 +172,50 @@ def test_data_parallel_training_is_refused_inline(tmp_path, capsys):
     assert "resources.train.workers: 2 trains on Ray Train workers, and --inline runs without Ray" in (
         capsys.readouterr().err)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_recorded_failure_holds_only_while_the_run_would_resume_from_its_step(tmp_path):
+    """A deterministic failure recorded at the saved step refuses the next attempt; once the run has saved a later
+    step (or the record is another run's) the attempt goes ahead."""
+    from cluster import data_parallel
+    from jobs import tasks
+    from storage.checkpoints import save_state
+    from storage.uri import open_store
+
+    cfg = _spec(tmp_path, 2).configurations()[0]
+    store = open_store(str(tmp_path / "store"))
+    progress = tasks.train_progress(store, cfg, 100, 15)
+    path = data_parallel._failure_path(store, cfg)
+    assert data_parallel._recorded_failure(store, path, progress) is None  # nothing recorded
+    record = {"identity": progress.identity, "step": 0, "rank": 1, "error": "ValueError: bad"}
+    save_state(store, path, record, "a training failure")
+    assert data_parallel._recorded_failure(store, path, progress)["error"] == "ValueError: bad"
+    other = tasks.train_progress(store, cfg, 100, 16)  # another run's identity (its steps)
+    assert data_parallel._recorded_failure(store, path, other) is None
+    progress.save({"step": 6, "theta": torch.zeros(100)})
+    assert data_parallel._recorded_failure(store, path, progress) is None  # it would resume from step 6 now
+    save_state(store, path, dict(record, step=6), "a training failure")
+    assert data_parallel._recorded_failure(store, path, progress)["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_deterministic_worker_error_fails_the_fit_once_with_its_message(ray_cluster, tmp_path):
+    """Mixed precision asked of CPU workers (a spec refuses it; a configuration made in code need not) fails the
+    same way on every attempt: the first records it, the restarted groups refuse at once, and fit raises the
+    worker's own message (not Ray Train's wrapping)."""
+    import dataclasses
+
+    from cluster import data_parallel
+    from jobs import tasks
+    from storage.checkpoints import load_state
+    from storage.uri import open_store
+
+    cfg = dataclasses.replace(_spec(tmp_path, 2).configurations()[0], mixed_precision=True, dtype="float32")
+    data = tasks.load_data(cfg)
+    model = tasks.model_for(cfg, data)
+    store = open_store(str(tmp_path / "store"))
+    with pytest.raises(data_parallel.DeterministicFailure, match="not retried from step 0.*mixed_precision needs a "
+                                                                 "CUDA device"):
+        data_parallel.fit(store, cfg, data, data, model, None, workers=2, per_worker={"num_cpus": 1})
+    record = load_state(store, data_parallel._failure_path(store, cfg))
+    assert record["step"] == 0 and record["rank"] in (0, 1) and record["error"].startswith("ValueError")

@@ -59,7 +59,7 @@ def test_a_killed_training_worker_resumes_from_the_saved_step(ray_cluster, tmp_p
     watcher = threading.Thread(target=kill_a_worker_once_progress_is_saved, daemon=True)
     watcher.start()
     start = time.perf_counter()
-    got = data_parallel.fit(store, cfg, data, data, model, None, workers=2, per_worker={"num_cpus": 1})
+    got, _ = data_parallel.fit(store, cfg, data, data, model, None, workers=2, per_worker={"num_cpus": 1})
     seconds = time.perf_counter() - start
     watcher.join(timeout=5)
     assert killed, "no training worker was found to kill"
