@@ -3,9 +3,9 @@ as a `TorchTrainer` of W workers (each with the spec's `resources.train` CPUs an
 process group between them (gloo on CPUs, NCCL on GPUs) and `influence.data_parallel.train_data_parallel` in
 each: every worker takes its share of each global batch and the gradients are summed once per step.
 
-The train task that starts it only waits (on one CPU). The workers open the data where they run (a minibatched file set streams from the node's copy, each worker decoding
-only its pieces of the batches with as many loader processes as it has CPUs beyond the first; any other set is
-loaded) and hand θ̂ back through the store:
+The train task that starts it only waits (on one CPU). The workers open the data where they run (a minibatched
+file set streams from the node's copy, each worker decoding only its pieces of the batches with as many loader
+processes as it has CPUs beyond the first; any other set is loaded) and hand θ̂ back through the store:
 worker 0 saves the run's progress (`jobs.tasks.train_progress`) every `train.checkpoint_every` steps and at the
 end. Worker 0 then makes what the rows need of θ̂ on its own device (R, ‖∇R‖ and `jobs.tasks.assess`: passes
 over both splits and the spectrum, the work that would take a CPU hours on ImageNet) and adds it to the last
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from influence.streaming import StreamedSet
-from influence.train import TrainResult, summarise
+from influence.train import TrainResult
 from jobs.spec import Configuration
 from jobs.tasks import assess, model_for, streams, train_options, train_progress, train_steps
 from storage.checkpoints import load_state, progress_path, save_state
@@ -123,13 +123,14 @@ def _attempt(config: dict, rank: int, progress) -> None:
     model = model_for(cfg, data)
     options = train_options(cfg)
     options.pop("grad_tol", None)  # an L-BFGS setting
-    train_data_parallel(model, x, y, rank=rank, world=world, all_reduce=dist.all_reduce,
-                        weight_decay=cfg.weight_decay, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,
-                        schedule=cfg.schedule, mixed_precision=cfg.mixed_precision,
-                        progress=_RankOrdered(progress, rank, dist.barrier), report=config["report"], summary=False,
-                        device=device, **options)
+    # R and ‖∇R‖ (the summary) on worker 0 alone: the others need not repeat its pass over the data
+    result = train_data_parallel(model, x, y, rank=rank, world=world, all_reduce=dist.all_reduce,
+                                 weight_decay=cfg.weight_decay, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,
+                                 schedule=cfg.schedule, mixed_precision=cfg.mixed_precision,
+                                 progress=_RankOrdered(progress, rank, dist.barrier), report=config["report"],
+                                 summary=rank == 0, device=device, **options)
     if rank == 0:
-        _assess(progress, cfg, model, data, device)
+        _assess(progress, cfg, model, data, result, device)
     if isinstance(data, StreamedSet):
         data.close()
 
@@ -149,9 +150,8 @@ def _worker(config: dict) -> None:
         _attempt(config, rank, progress)
     except DETERMINISTIC as exc:
         try:
-            saved = progress.saved()
-            save_state(store, failed, {"identity": progress.identity, "step": saved["step"] if saved else 0,
-                                       "rank": rank, "error": f"{type(exc).__name__}: {exc}"}, "a training failure")
+            save_state(store, failed, {"identity": progress.identity, "step": _saved_step(progress), "rank": rank,
+                                       "error": f"{type(exc).__name__}: {exc}"}, "a training failure")
         except Exception as record_exc:  # noqa: BLE001 - the run's own error is the one to raise
             print(f"train/{cfg.config_id}: the failure could not be recorded ({record_exc}); it is retried",
                   flush=True)
@@ -169,22 +169,25 @@ def _recorded_failure(store: Store, path: str, progress) -> dict | None:
         record = load_state(store, path)
         if record is None or record.get("identity") != progress.identity:
             return None
-        saved = progress.saved()  # (this run's own by now: the failed attempt loaded it first)
+        step = _saved_step(progress)  # (this run's own file by now: the failed attempt loaded it first)
     except Exception:  # noqa: BLE001 - unreadable: the attempt goes ahead and meets whatever it meets
         return None
-    return record if record.get("step") == (saved["step"] if saved else 0) else None
+    return record if record.get("step") == step else None
 
 
-def _assess(progress, cfg: Configuration, model, data, device: torch.device) -> None:
-    """Add R(θ̂), ‖∇R(θ̂)‖ and the assessment of θ̂, made here, to the final saved state (unless a previous
-    attempt already did)."""
+def _assess(progress, cfg: Configuration, model, data, result: TrainResult, device: torch.device) -> None:
+    """Add worker 0's summary of θ̂ (R, ‖∇R‖) and its assessment, made here, to the final saved state (unless a
+    previous attempt already did)."""
     state = progress.saved()
     if "assessment" in state:
         return
-    theta = state["theta"].to(device)
-    x, y = data.train_inputs()
-    summary = summarise(model, theta, x, y, cfg.weight_decay, cfg.batch_size, cfg.epochs, 0.0)
-    state["summary"] = {"objective": summary.objective, "train_loss": summary.train_loss,
-                        "grad_norm": summary.grad_norm, "epochs": summary.epochs}
-    state["assessment"] = assess(cfg, model, theta, data, device)
+    state["summary"] = {"objective": result.objective, "train_loss": result.train_loss,
+                        "grad_norm": result.grad_norm, "epochs": result.epochs}
+    state["assessment"] = assess(cfg, model, result.theta.detach(), data, device)
     progress.save(state)
+
+
+def _saved_step(progress) -> int:
+    """The step a run would resume from: its last saved one, or 0."""
+    saved = progress.saved()
+    return saved["step"] if saved else 0
