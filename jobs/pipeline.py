@@ -20,6 +20,7 @@ from jobs import plan, protocol, shards, tasks
 from jobs.coordinator import Coordinator, read_train_parts
 from jobs.records import write_configs
 from jobs.runner import InlineRunner
+from jobs.science import SCIENCE
 from jobs.spec import Configuration, Spec
 from storage import tables
 from storage.checkpoints import checkpoint_exists
@@ -88,6 +89,8 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
     inf = (tables.read_table(store, cfg.experiment, "influence", config_ids=[cid])
            if protocol.needs_estimates(cfg) else None)
     removed, groups = protocol.removals(cfg, inf, out.n_train, len(test_idx))
+    if cfg.ground_truth == "lds" and not ledger.done("subsets", cid, protocol.SUBSETS_PART):
+        write_subsets(store, cfg, out.n_train)
     rt_tasks = plan.retrain_tasks(cfg, removed)
     extra = len(rt_tasks) - plan.task_counts([cfg], lambda c: out.n_train)["retrain"]
     if extra:
@@ -101,6 +104,17 @@ def run_configuration(cfg: Configuration, store: Store, runner, coord, data: Any
         for t in rt_tasks], on_stats=on_stats, max_in_flight=max_in_flight)
 
     return {**coord.finalize(cid), "done": True, "skipped": False}
+
+
+def write_subsets(store: Store, cfg: Configuration, n_train: int) -> str:
+    """The `subsets` part of an LDS configuration: the masks its subset models are retrained on, so that its
+    score can be recomputed from the stored tables alone."""
+    subsets = protocol.lds_subsets(cfg, n_train)
+    rows = {"subset": [s["subset"] for s in subsets], "seed": [s["seed"] for s in subsets],
+            "fraction": [s["fraction"] for s in subsets], "n_train": [n_train] * len(subsets),
+            "mask_hash": [protocol.mask_hash(n_train, s["left_out"]) for s in subsets],
+            "left_out": [s["left_out"] for s in subsets], "science": [SCIENCE] * len(subsets)}
+    return tables.write_part(store, cfg.experiment, "subsets", cfg.config_id, protocol.SUBSETS_PART, rows)
 
 
 def resume_train(cfg: Configuration, store: Store, coord):

@@ -94,6 +94,8 @@ def removal_count(cfg: Configuration, n_train: int) -> int:
     """Retrains (single points or groups) the removal rules ask for: an upper bound where rules overlap, and
     planned before the test points are known (a rule per test point counts as one test point's worth; the
     trial corrects the total once it knows the real set)."""
+    if cfg.ground_truth == "lds":  # one retrain per subset
+        return dict(cfg.truth_settings)["subsets"]
     if cfg.removals[0].kind == "group":  # group removal stands alone: one rule
         return cfg.removals[0].count(n_train, n_test_points(cfg))
     return min(n_train, sum(r.count(n_train) for r in cfg.removals))

@@ -29,6 +29,7 @@ from jobs.spec import Configuration
 CONFIG_PART = "config"  # configs: one row per configuration
 MODEL_PART = "model"  # models: θ̂'s facts
 TEST_POINTS_PART = "test_points"  # test_points: the chosen test points
+SUBSETS_PART = "subsets"  # subsets: an LDS configuration's subsets
 RUNNING_PART = "running"  # stats: the snapshot replaced as results land
 FINAL_PART = "final"  # stats: written once every task landed; what resume looks for
 
@@ -211,7 +212,47 @@ RANKED_KINDS = ("top_k", "percentile", "group")  # removal rules that rank the t
 
 def needs_estimates(cfg: Configuration) -> bool:
     """Whether the removals depend on landed influence estimates (then they are chosen after those land)."""
-    return any(r.kind in RANKED_KINDS for r in cfg.removals)
+    return cfg.ground_truth != "lds" and any(r.kind in RANKED_KINDS for r in cfg.removals)
+
+
+# Seeds of the LDS subsets sit above every replicate seed of the same configuration.
+SUBSET_SEEDS = 2_000_000
+
+
+def subset_seed(cfg: Configuration, subset: int) -> int:
+    """The seed of LDS subset `subset`'s draw: from the configuration's seed and split, so every reader (and
+    every rerun) draws the same mask."""
+    return SUBSET_SEEDS + cfg.seed * 100_000 + cfg.split_seed * 10_000 + subset
+
+
+def lds_subsets(cfg: Configuration, n: int) -> list[dict]:
+    """The LDS subsets of a configuration: per subset its id, seed, the fraction kept and the training points
+    left out (sorted), each drawn uniformly without replacement by numpy's PCG64 from its own seed; the points
+    kept are round(fraction · n), at least 1 and at most n − 1."""
+    import numpy as np
+
+    settings = dict(cfg.truth_settings)
+    keep = min(n - 1, max(1, round(settings["fraction"] * n)))
+    out = []
+    for s in range(settings["subsets"]):
+        seed = subset_seed(cfg, s)
+        kept = np.random.default_rng(seed).choice(n, size=keep, replace=False)
+        left_out = np.setdiff1d(np.arange(n), kept)
+        out.append({"subset": s, "seed": seed, "fraction": settings["fraction"], "n_train": n,
+                    "left_out": [int(i) for i in left_out]})
+    return out
+
+
+def mask_hash(n: int, left_out: list[int]) -> str:
+    """16 hex of the sha256 of the subset's mask as n bytes (1 kept, 0 left out): what a reader recomputes to
+    check it holds the same mask."""
+    import hashlib
+
+    import numpy as np
+
+    mask = np.ones(n, dtype=np.uint8)
+    mask[np.asarray(left_out, dtype=np.int64)] = 0
+    return hashlib.sha256(mask.tobytes()).hexdigest()[:16]
 
 
 def ranking_estimates(cfg: Configuration, influence, n: int):
@@ -239,6 +280,9 @@ def removals(cfg: Configuration, influence, n: int, n_test: int) -> tuple[list[i
 
     from influence.scores import select_groups, select_removals
 
+    if cfg.ground_truth == "lds":  # one "group" per subset: the points it leaves out
+        subsets = lds_subsets(cfg, n)
+        return [s["subset"] for s in subsets], [(s["left_out"], "lds") for s in subsets]
     estimate = torch.empty(0, n, dtype=torch.float64)  # the other rules only need n
     if needs_estimates(cfg):
         estimate = torch.from_numpy(ranking_estimates(cfg, influence, n)[1].copy())

@@ -47,7 +47,7 @@ def column_value(name: str, value: object) -> object:
 
 def config_row(cfg: Configuration) -> dict[str, object]:
     """Every field of ``cfg`` -> its column value (the row of ``configs`` without the bookkeeping columns)."""
-    d = cfg.to_dict()
+    d = cfg.to_dict() | {"ground_truth": cfg.truth}  # loo_warm / loo_scratch rather than loo: what rows record
     return {name: column_value(name, d[name]) for name in CONFIG_FIELDS}
 
 

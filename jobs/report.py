@@ -25,7 +25,7 @@ from storage.tables import TABLES
 from storage.uri import Store
 
 # The display name of a grouping column: the configuration field with spaces for underscores, except these.
-_LABELS = {"weight_decay": "wd", "selection": "test point"}
+_LABELS = {"weight_decay": "wd", "selection": "test point", "ground_truth": "truth"}
 
 
 def label(column: str) -> str:
@@ -120,12 +120,15 @@ def summary_tables(store: Store, spec: Spec) -> list[tuple[str, list[str], pa.Ta
 # (seeds are averaged). Not the bookkeeping columns (spec_hash, version, config, science), and not the fields a
 # sweep cannot vary (experiment, methods, solvers, test_points, removals): the method is a grouping column of
 # its own, and the methods run alongside it do not change its numbers.
-_CANDIDATES = tuple(a for a in SWEEPABLE if a != "seed")
+_CANDIDATES = tuple(a for a in SWEEPABLE if a != "seed") + ("ground_truth",)  # ground_truth.kind's list
 # Fields derived from others unless a spec sets them (Configuration.__post_init__): retrain_epochs is
 # round(0.06 · epochs) (all of them when retraining from scratch), retrain_lr is lr. Where such a column is a
 # function of its sources among the stored configurations it merely follows them, and a column of its own would
 # repeat theirs; where it takes several values at one value of its sources, it was swept, and is an axis.
-_FOLLOWS = {"retrain_epochs": ("epochs", "retrain_start"), "retrain_lr": ("lr",)}
+# A solved ground truth (pbrf, last_layer) fixes the retraining fields (one control, no epochs, no perturbation),
+# and its configs column names loo_warm / loo_scratch apart, so those follow ground_truth too.
+_FOLLOWS = {"retrain_epochs": ("epochs", "retrain_start", "ground_truth"), "retrain_lr": ("lr", "ground_truth"),
+            "retrain_start": ("ground_truth",), "controls": ("ground_truth",), "perturbation": ("ground_truth",)}
 # Fields that a Configuration may hold as None (batch_size None: full batch): there null is a value, and a sweep
 # over [null, 32] varies. In the columns of RESOLVED_FIELDS (resolved on construction) null only means
 # "written before the column existed", and is not counted.

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Callable
 
 from jobs.spec_checks import (  # noqa: F401 (the vocabulary is part of this module's interface)
-    ACTIVATIONS, DAMPING_POLICIES, DATASETS, DTYPES, FILE_DATASETS, IMAGE_MODELS, METHODS, MODELS, OPTIMIZERS,
-    REMOVAL_KINDS, RESOURCE_KINDS, RETRAIN_STARTS, SCHEDULES, TEST_POINT_KINDS, METHOD_SETTINGS, SpecError, _bool,
+    ACTIVATIONS, DAMPING_POLICIES, DATASETS, DTYPES, FILE_DATASETS, GROUND_TRUTHS, IMAGE_MODELS, METHODS, MODELS,
+    OPTIMIZERS, REMOVAL_KINDS, RESOURCE_KINDS, RETRAIN_STARTS, SCHEDULES, TEST_POINT_KINDS, TRUTH_FIELDS,
+    TRUTH_MEASUREMENTS, TRUTH_SETTINGS, METHOD_SETTINGS, SpecError, _bool,
     _choice, _classes, _closest, _data_root, _experiment, _indices, _int, _methods, _number,
     _optional, _percent, _show, _size, _subset,
 )
@@ -88,6 +89,8 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "replicates": lambda k, v: _int(k, v, 1),
     "retrain_checkpoint_every": _optional(lambda k, v: _int(k, v, 1)),
     "train_checkpoint_every": _optional(lambda k, v: _int(k, v, 1)),
+    "ground_truth": lambda k, v: _choice(k, v, TRUTH_FIELDS),
+    "truth_settings": lambda k, v: v,  # checked against the kind in __post_init__
 }
 
 
@@ -209,6 +212,12 @@ class Configuration:
     # Data-parallel training (resources.train.workers > 1) saves its progress this often (optimiser steps), and a
     # worker group restarted after a failure continues from it (None: it starts again).
     train_checkpoint_every: int | None = runtime(None)
+    # What the ground truth is (ground_truth.kind): "loo", leave-one-out retraining (retrain_start says from
+    # where), or a response solved from θ̂ for every removal: "pbrf" or "last_layer" (influence/truths.py).
+    # Its settings ground_truth.<kind> in, and after construction ((setting, value), ...) with every default
+    # filled in (empty for loo).
+    ground_truth: str = later("loo")
+    truth_settings: object = later(())
 
     def __post_init__(self):
         for f in fields(self):
@@ -244,6 +253,60 @@ class Configuration:
             object.__setattr__(self, "retrain_epochs", self.epochs if full else int(round(RETRAIN_FRACTION * self.epochs)))
         if self.retrain_lr is None:
             object.__setattr__(self, "retrain_lr", self.lr)
+        self._resolve_truth()
+
+    def _resolve_truth(self) -> None:
+        """Fill the ground truth's settings in. A solved ground truth has no training noise: one control (the
+        solve with nothing removed), one replicate, no retraining epochs, so retraining settings given for the
+        leave-one-out kinds of the same spec leave its id alone."""
+        given = self.truth_settings
+        if isinstance(given, tuple):
+            given = dict(given)
+        if not isinstance(given, dict):
+            raise SpecError("truth_settings", given, "ground-truth settings are a mapping, e.g. pbrf: {tol: 1e-10}")
+        if self.ground_truth == "loo":
+            if given:
+                raise SpecError("truth_settings", given, "leave-one-out retraining takes its settings from "
+                                                         "ground_truth.epochs, lr, controls, ...")
+            return
+        allowed = TRUTH_SETTINGS[self.ground_truth]
+        for key in given:
+            if key not in allowed:
+                raise _unknown(f"ground_truth.{self.ground_truth}", key, tuple(allowed))
+        settings = {k: check(f"ground_truth.{self.ground_truth}.{k}", given.get(k, default))
+                    for k, (default, check) in allowed.items()}
+        if self.ground_truth == "lds":
+            self._resolve_lds(settings)
+            return
+        if settings["damping"] is None:
+            derived = 0.0 if self.ground_truth == "last_layer" and self.weight_decay > 0 else self.damping
+            settings["damping"] = derived
+        if self.ground_truth == "last_layer" and self.weight_decay == 0 and settings["damping"] == 0:
+            raise SpecError("ground_truth.last_layer.damping", 0.0, "without weight decay the last layer's refit "
+                                                                    "needs damping > 0: features that separate the "
+                                                                    "classes have no minimum")
+        object.__setattr__(self, "truth_settings", tuple(sorted(settings.items())))
+        for name, value in (("controls", 1), ("replicates", 1), ("retrain_epochs", 0), ("retrain_lr", self.lr),
+                            ("retrain_start", "warm"), ("perturbation", 0.0), ("retrain_checkpoint_every", None)):
+            object.__setattr__(self, name, value)
+
+    def _resolve_lds(self, settings: dict) -> None:
+        """Each subset model is retrained like a leave-one-out retrain from its start (scratch: θ̂'s schedule;
+        warm: ground_truth.epochs), with one control (the full set, trained alike) and the spec's replicates."""
+        object.__setattr__(self, "truth_settings", tuple(sorted(settings.items())))
+        object.__setattr__(self, "retrain_start", settings["start"])
+        if settings["start"] == "scratch":
+            object.__setattr__(self, "retrain_epochs", self.epochs)
+        object.__setattr__(self, "controls", 1)
+        object.__setattr__(self, "perturbation", 0.0)
+
+    @property
+    def truth(self) -> str:
+        """The ground truth's name as rows record it: loo_warm, loo_scratch, pbrf, last_layer or lds."""
+        return f"loo_{self.retrain_start}" if self.ground_truth == "loo" else self.ground_truth
+
+    def truth_setting(self, name: str) -> object:
+        return dict(self.truth_settings)[name]
 
     def _check_data(self) -> None:
         image_data = self.dataset not in ("iris", "synthetic")
@@ -276,6 +339,7 @@ class Configuration:
         out["removals"] = rules[0] if len(rules) == 1 else rules
         if isinstance(self.classes, tuple):
             out["classes"] = list(self.classes)
+        out["truth_settings"] = dict(self.truth_settings)
         return out
 
     def canonical_json(self) -> str:
@@ -321,6 +385,7 @@ class Configuration:
 
 # The fields declared with later(), and the defaults they are left out at.
 _LATER_DEFAULTS = {f.name: f.default for f in fields(Configuration) if f.metadata.get("later")}
+_LATER_DEFAULTS["truth_settings"] = {}  # as to_dict() writes the empty settings of leave-one-out
 # Fields that are None only until construction resolves them (Configuration.__post_init__): never null after.
 RESOLVED_FIELDS = ("optimizer", "lr", "retrain_epochs", "retrain_lr")
 # The fields declared with measurement() or runtime(): never in the canonical JSON.
@@ -365,6 +430,8 @@ _NOT_SWEEPABLE = {
                                 "does not change what it computes",
     "train_checkpoint_every": "set train.checkpoint_every; how often training saves its progress does not change "
                               "what it computes",
+    "ground_truth": "set ground_truth.kind: a list of ground truths runs them side by side on the same models",
+    "truth_settings": "set each ground truth's settings in the ground_truth section, e.g. ground_truth.pbrf.tol",
 }
 SWEEPABLE = tuple(name for name in FIELDS if name not in _NOT_SWEEPABLE)
 
@@ -384,6 +451,8 @@ _SECTIONS = {
                      "controls": "controls", "perturbation": "perturbation", "chunk": "retrain_chunk",
                      "replicates": "replicates", "checkpoint_every": "retrain_checkpoint_every"},
 }
+# Keys of the ground_truth section that are not Configuration fields: the list of kinds and their settings.
+_TRUTH_KEYS = ("kind",) + tuple(TRUTH_SETTINGS)
 _TOP_KEYS = ("experiment", "data", "model", "train", "influence", "test_points", "ground_truth", "resources",
              "sweep")
 _PATHS = {"experiment": "experiment", "test_points": "test_points"} | {
@@ -416,8 +485,10 @@ class Spec:
         return list(_expand(values, self.grids, tuple("sweep" for _ in self.grids)))
 
     def swept_axes(self) -> list[list[str]]:
-        """Per grid, the axes with more than one value, except seed: the columns of a report table."""
-        return [[axis for axis, values in grid.items() if len(values) > 1 and axis != "seed"]
+        """Per grid, the axes with more than one value, except seed, and ground_truth where ground_truth.kind
+        lists several: the columns of a report table."""
+        truths = ["ground_truth"] if len({c.truth for c in self.configurations()}) > 1 else []
+        return [[axis for axis, values in grid.items() if len(values) > 1 and axis != "seed"] + truths
                 for grid in self.grids]
 
 
@@ -454,10 +525,14 @@ def _parse(data: object, source: str, max_configurations: int | None = None) -> 
         raise SpecError("experiment", None, "every spec names its experiment: the folder under the store, "
                                             "e.g. experiment: iris", problem="missing")
     values: dict[str, object] = {"experiment": top["experiment"]}
+    truth_section: dict = {}
     for section, keys in _SECTIONS.items():
-        allowed = tuple(keys) + (METHODS if section == "influence" else ())
+        allowed = tuple(keys) + (METHODS if section == "influence" else ()) + (
+            _TRUTH_KEYS if section == "ground_truth" else ())
         for key, raw in _mapping(section, top.get(section), allowed).items():
-            if key in keys:
+            if section == "ground_truth" and key in _TRUTH_KEYS:
+                truth_section[key] = raw
+            elif key in keys:
                 values[keys[key]] = raw
             else:  # influence.<method>: that method's settings
                 values.setdefault("solvers", {})[key] = raw
@@ -472,12 +547,52 @@ def _parse(data: object, source: str, max_configurations: int | None = None) -> 
         raise SpecError("sweep", None, f"more than {max_configurations:,}: pass --yes to run a sweep this large, or "
                                        f"narrow it", problem=f"the grids expand to {planned:,} configurations")
 
-    base = _configuration(values, _PATHS)
-    configurations = _expand(values, grids, grid_paths)
+    kinds = _truth_kinds(truth_section, values)
+    base = _configuration(values | kinds[0], _PATHS)
+    # Kind by kind (outermost), so the leave-one-out configurations train the shared θ̂s first and the others
+    # find them stored.
+    configurations = tuple({c.config_id: c for kind in kinds
+                            for c in _expand(values | kind, grids, grid_paths)}.values())
     check_training_workers(resources["train"], configurations)
     spec_hash = _hash({"experiment": base.experiment,
                        "configurations": sorted(c.config_id for c in configurations)})
     return Spec(base.experiment, source, base, grids, resources, spec_hash, configurations)
+
+
+def _truth_kinds(section: dict, values: dict) -> list[dict]:
+    """The Configuration values of each kind of ground_truth.kind (one string or a list), in the order given;
+    [{}] without it (leave-one-out as ground_truth.start says)."""
+    raw = section.get("kind")
+    for name in TRUTH_SETTINGS:
+        if name in section and (raw is None or name not in (raw if isinstance(raw, list) else [raw])):
+            raise SpecError(f"ground_truth.{name}", section[name], f"settings for {name}, which ground_truth.kind does "
+                                                                   f"not run; add it there or remove them")
+    if raw is None:
+        return [{}]
+    listed = raw if isinstance(raw, list) else [raw]
+    if not listed:
+        raise SpecError("ground_truth.kind", raw, f"name at least one of {', '.join(GROUND_TRUTHS)}")
+    kinds = [_choice("ground_truth.kind", k, GROUND_TRUTHS) for k in listed]
+    if len(set(kinds)) != len(kinds):
+        raise SpecError("ground_truth.kind", raw, "each ground truth once")
+    if "retrain_start" in values and any(k.startswith("loo_") for k in kinds):
+        raise SpecError("ground_truth.start", values["retrain_start"], "with ground_truth.kind, name loo_warm or "
+                                                                       "loo_scratch there instead of start")
+    out = []
+    for k in kinds:
+        if k.startswith("loo_"):
+            start = k.removeprefix("loo_")
+            # A scratch retrain repeats θ̂'s schedule unless its epochs are given for it alone (start: scratch).
+            extra = {"retrain_epochs": None} if start == "scratch" and len(kinds) > 1 else {}
+            out.append({"ground_truth": "loo", "retrain_start": start} | extra)
+        else:
+            settings = dict(section.get(k) or {}) if isinstance(section.get(k) or {}, dict) else section.get(k)
+            extra = {}
+            for name in TRUTH_MEASUREMENTS.get(k, ()):
+                if isinstance(settings, dict) and name in settings:
+                    extra[name] = settings.pop(name)
+            out.append({"ground_truth": k, "truth_settings": settings} | extra)
+    return out
 
 
 def _configuration(values: dict, paths: dict) -> Configuration:

@@ -29,6 +29,12 @@ OPTIMIZERS = ("adam", "sgd", "lbfgs")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float64", "float32")
 RETRAIN_STARTS = ("warm", "scratch")
+# What each configuration's ground truth is (ground_truth.kind): leave-one-out retraining warm-started from θ̂ or
+# from the initialisation, the proximal Bregman response function, the last layer refitted exactly, or the
+# linear datamodeling score (models retrained on random subsets of the training set). A
+# configuration's field holds "loo" for both retrainings (its retrain_start says which) or the kind's name.
+GROUND_TRUTHS = ("loo_warm", "loo_scratch", "pbrf", "last_layer", "lds")
+TRUTH_FIELDS = ("loo", "pbrf", "last_layer", "lds")
 RESOURCE_KINDS = ("train", "influence", "retrain")
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -210,3 +216,25 @@ METHOD_SETTINGS: dict[str, dict[str, tuple[object, Callable[[str, object], objec
     method: {s.name: (s.default, _setting_check(s)) for s in spec_settings(method)} for method in METHODS
 }
 
+
+
+# Per solved ground truth: each setting a spec may give it under ground_truth.<kind>, with its default and its
+# check. damping None: pbrf takes the influence damping (the estimate it pairs with); last_layer takes 0 when the
+# configuration has weight decay (the refit is then strongly convex and exact) and the influence damping when
+# not (features that separate the classes have no minimum without an L2 term).
+_TOL = (1e-10, lambda k, v: _number(k, v, lambda x: x > 0, "a number > 0 (‖∇J‖₂ at which the solve stops)"))
+_MAX_ITER = (100, lambda k, v: _int(k, v, 1))
+_DAMPING_OR_DERIVED = (None, _optional(lambda k, v: _number(k, v, lambda x: x >= 0, "a number >= 0")))
+TRUTH_SETTINGS: dict[str, dict[str, tuple[object, Callable[[str, object], object]]]] = {
+    "pbrf": {"damping": _DAMPING_OR_DERIVED, "tol": _TOL, "max_iter": _MAX_ITER},
+    "last_layer": {"damping": _DAMPING_OR_DERIVED, "tol": _TOL, "max_iter": _MAX_ITER},
+    # LDS (Park et al. 2023): `subsets` random subsets, each keeping a `fraction` of the training points, each
+    # retrained from `start` (scratch: θ̂'s initialisation and schedule; warm: θ̂, for ground_truth.epochs).
+    "lds": {"subsets": (100, lambda k, v: _int(k, v, 3)),
+            "fraction": (0.5, lambda k, v: _number(k, v, lambda x: 0 < x < 1, "a number strictly between 0 and 1 "
+                                                                              "(the share of training points kept)")),
+            "start": ("scratch", lambda k, v: _choice(k, v, RETRAIN_STARTS))},
+}
+# Settings of ground_truth.<kind> that are measurements (how many replicates), not part of what is measured: they
+# set the configuration's field of that name (outside its id), as ground_truth.replicates does for the others.
+TRUTH_MEASUREMENTS = {"lds": ("replicates",)}

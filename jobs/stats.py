@@ -41,6 +41,7 @@ class _Config:
     group_actuals: dict[int, dict[int, dict[int, float]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(dict)))
     retrain_grad_norm: float = math.nan  # the largest ‖∇R‖₂ of any retrained model ingested
+    truth: str | None = None  # the ground truth of the retrain rows ingested (None: rows from before it was recorded)
     # table -> the science stamps of the parts ingested (or, for models / test_points, registered) so far
     sources: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     snapshot: int = 0
@@ -95,6 +96,7 @@ class StatsBook:
             n = rows.num_rows
             modes, members = cols.get("mode") or [None] * n, cols.get("members") or [None] * n
             replicates = [0 if v is None else int(v) for v in cols.get("replicate") or [None] * n]
+            c.truth = next((v for v in cols.get("ground_truth") or [] if v is not None), c.truth)
             norms = [v for v in cols.get("grad_norm") or [] if v is not None and not math.isnan(v)]
             if norms:
                 c.retrain_grad_norm = max(norms) if math.isnan(c.retrain_grad_norm) else max(c.retrain_grad_norm,
@@ -105,7 +107,7 @@ class StatsBook:
                 if r < 0:  # control -(k+1) of replicate rep
                     c.controls[t][(rep, -r - 1)] = lr
                     continue
-                if mode in ("group", "random_group"):
+                if mode in ("group", "random_group", "lds"):  # an LDS subset is a group: the points it leaves out
                     c.groups[r] = (list(group or []), mode)
                     c.group_actuals[t][rep][r] = a
                     continue
@@ -166,6 +168,7 @@ class StatsBook:
                     out[k].append(v)
                 out["stationary"].append(c.stationary)
                 out["retrain_grad_norm"].append(c.retrain_grad_norm)
+                out["ground_truth"].append(c.truth)
         # A collapsed network (a constant predictor) or a diverged solve has no meaningful correlation: its rows
         # keep n, the noise floor and the reason, and carry NaN for every correlation, so that no mean can take
         # them in.
@@ -200,7 +203,7 @@ class StatsBook:
     @staticmethod
     def _group_summary(c: _Config, t: int, position: int) -> dict[str, float]:
         nan = {"group_actual": math.nan, "random_group_mean": math.nan, "random_group_std": math.nan}
-        if not c.groups:
+        if not c.groups or c.truth == "lds":
             return nan
         per_rep = c.group_actuals.get(t, {})
         actuals = {g: _mean([reps[g] for reps in per_rep.values() if g in reps])

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from influence import truths
 from influence.data import Dataset
 from influence.streaming import StreamedSet
 from influence.ihvp import hessian, make_solver
@@ -476,9 +477,32 @@ def _retrain_run(cfg: Configuration, model, starts: torch.Tensor, data: Dataset,
                progress=progress(weights.shape[0], model.n_params, steps, seed, digest.hexdigest()[:16]), **options)
 
 
+SOLVED_TRUTHS = ("pbrf", "last_layer")  # ground truths solved from θ̂ (influence/truths.py); loo and lds retrain
+
+
+def _solve_truth(cfg: Configuration, model, theta: torch.Tensor, data: Dataset, weights: torch.Tensor):
+    """A solved ground truth (influence/truths.py) for every weighting row: (Θ [K, P], ‖∇J‖₂ [K], iterations [K])."""
+    x, y = data.train_inputs()
+    settings = dict(cfg.truth_settings)
+    if cfg.ground_truth == "pbrf":
+        solved = truths.pbrf(model, theta, x, y, weights, weight_decay=cfg.weight_decay, damping=settings["damping"],
+                             tol=settings["tol"], max_iter=settings["max_iter"], batched=protocol.batched(model.n_params))
+    else:
+        solved = truths.last_layer(model, theta, x, y, weights, weight_decay=cfg.weight_decay,
+                                   damping=settings["damping"], tol=settings["tol"], max_iter=settings["max_iter"])
+    late = int((~solved.converged(settings["tol"])).sum())
+    if late:
+        print(f"{cfg.truth}/{cfg.config_id}: {late} of {weights.shape[0]} solves stopped after {settings['max_iter']} "
+              f"iterations above tol {settings['tol']:g} (largest ‖∇J‖₂ {float(solved.grad_norm.max()):.3g}); "
+              f"their rows record it in grad_norm", flush=True)
+    return solved.theta, solved.grad_norm.cpu(), solved.iterations
+
+
 def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, replicate, device) -> str:
-    # A minibatched file set streams, as in training (the same batches); any other set is held on the device.
-    data = data.stream(store, loader_workers()) if streams(cfg, data) else data.to(device)
+    # A minibatched file set streams, as in training (the same batches); any other set is held on the device. A
+    # solved ground truth takes every training point at once.
+    solved = cfg.ground_truth in SOLVED_TRUTHS
+    data = data.stream(store, loader_workers()) if streams(cfg, data) and not solved else data.to(device)
     theta = theta.to(device)
     model = model_for(cfg, data)
     base = protocol.replicate_base(cfg, retrain_base(cfg, theta, model), model, replicate)
@@ -505,7 +529,10 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
         return saved
 
     start = time.perf_counter()
-    if cfg.batch_size is None or c == 1:
+    iterations = None
+    if solved:
+        thetas, grad_norms, iterations = _solve_truth(cfg, model, theta, data, weights)
+    elif cfg.batch_size is None or c == 1:
         thetas = _retrain_run(cfg, model, starts, data, weights, order, progress)
     else:
         # Minibatch controls r > 0 differ in their order, so each runs apart from the batch.
@@ -524,15 +551,16 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
         else:
             losses = torch.stack([per_example_loss(model, t, xt, yt) for t in thetas]).cpu()
         dtheta = (thetas - thetas[0]).norm(dim=-1).cpu()  # distance to the unperturbed control
-    x, y = data.train_inputs()
-    grad_norms = objective_grad_norms(model, thetas, x, y, weights, cfg.weight_decay, batch_size=EVAL_CHUNK).cpu()
+    if not solved:
+        x, y = data.train_inputs()
+        grad_norms = objective_grad_norms(model, thetas, x, y, weights, cfg.weight_decay, batch_size=EVAL_CHUNK).cpu()
     control = losses[0]
     T = len(test_idx)
     keep = list(range(c)) if chunk == 0 else []
     rows_k = keep + list(range(c, c + len(removed)))
     removed_ids = [-(k + 1) for k in keep] + list(removed)
     if groups is None:
-        modes = ["control"] * len(keep) + [cfg.retrain_start] * len(removed)
+        modes = ["control"] * len(keep) + [cfg.retrain_start if not solved else cfg.truth] * len(removed)
         members = [None] * len(rows_k)
         sizes = [0] * len(keep) + [1] * len(removed)
     else:
@@ -556,7 +584,10 @@ def _retrain(store, cfg, data, theta, chunk, removed, test_idx, part, groups, re
         "science": [SCIENCE] * (len(rows_k) * T),
         "replicate": [replicate] * (len(rows_k) * T),
         "grad_norm": np.repeat(grad_norms[rows_k].numpy(), T),
+        "ground_truth": [cfg.truth] * (len(rows_k) * T),
     } | node_columns(len(rows_k) * T)
+    if iterations is not None:
+        rows["iterations"] = np.repeat(iterations[rows_k].numpy(), T)
     path = tables.write_part(store, cfg.experiment, "retrain", cfg.config_id, part, rows)
     for run in filter(None, runs):  # the part has landed: what its runs saved on the way is no longer needed
         _remove_quietly(store, run.path)

@@ -86,7 +86,8 @@ TABLES: dict[str, pa.Schema] = {
         ("test_chunk", _i64), ("grad_chunk", _i64), ("test_points", _str), ("removals", _str),
         ("retrain_start", _str), ("retrain_lr", _f64), ("controls", _i64), ("perturbation", _f64),
         ("retrain_chunk", _i64), ("grad_tol", _f64), ("replicates", _i64), ("train_shard", _i64),
-        ("retrain_checkpoint_every", _i64), ("train_checkpoint_every", _i64),
+        ("retrain_checkpoint_every", _i64), ("train_checkpoint_every", _i64), ("ground_truth", _str),
+        ("truth_settings", _str),
     ]),
     "models": pa.schema([
         _key("model_key", _str), ("train_loss", _f64), ("test_loss", _f64), ("test_accuracy", _f64),
@@ -122,6 +123,10 @@ TABLES: dict[str, pa.Schema] = {
         # removals and their control of one replicate share it; replicate 0 (null in parts written before
         # replicates existed) is the protocol's first draw. grad_norm: ‖∇R₋ᵢ‖₂ of the retrained parameters.
         ("replicate", _i64), ("grad_norm", _f64),
+        # The ground truth (jobs/spec_checks.py GROUND_TRUTHS; null in parts written before it existed: loo of the
+        # configuration's retrain_start). A solved one (pbrf, last_layer): grad_norm is ‖∇J‖₂ of its objective
+        # (influence/truths.py), iterations the Newton steps it took (null for retraining) and epochs 0.
+        ("ground_truth", _str), ("iterations", _i64),
         *_NODE_COLUMNS,
     ]),
     "stats": pa.schema([
@@ -158,6 +163,17 @@ TABLES: dict[str, pa.Schema] = {
         # θ̂ is a stationary point to the configuration's grad_tol (null: no tolerance set); the largest
         # ‖∇R‖₂ of the retrained models this row's ground truth comes from.
         ("stationary", _bool), ("retrain_grad_norm", _f64),
+        # The ground truth the row's actual effects come from (the retrain rows' ground_truth; null for rows
+        # computed from parts that did not record it: leave-one-out, as the configuration's retrain_start says).
+        ("ground_truth", _str),
+    ]),
+    # LDS (ground_truth.kind lds): one row per subset of the training set a model was retrained on, enough for any
+    # reader to recompute the score: the points it leaves out (sorted; its retrain rows' members), the seed they
+    # were drawn with (jobs/protocol.py lds_subsets), the share kept, n_train, and a hash of the mask
+    # (protocol.mask_hash: sha256 of n bytes, 1 kept and 0 left out).
+    "subsets": pa.schema([
+        _key("subset", _i64), ("seed", _i64), ("fraction", _f64), ("n_train", _i64), ("mask_hash", _str),
+        ("left_out", pa.list_(_i64)), ("science", _str),
     ]),
 }
 

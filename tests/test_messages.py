@@ -77,7 +77,7 @@ def test_an_unknown_table_suggests_the_closest_table(store):
     assert _query_error("select * from c.confgs", store).splitlines()[0].endswith("did you mean 'configs'?")
     # A temporary table made by the statement itself counts too.
     made = _query_error("create temp table mine as select 1 as a; select * from mien", store)
-    assert made.splitlines()[0].endswith(", stats, mine; did you mean 'mine'?")
+    assert made.splitlines()[0].endswith(", stats, subsets, mine; did you mean 'mine'?")
 
 
 def test_the_cli_prints_the_tables_once(store, capsys):

@@ -186,6 +186,8 @@ ALTERNATIVES = {
     "test_points": (TestPointRule("highest", 1),), "removals": (RemovalRule("top_k", 5),), "retrain_epochs": 3,
     "retrain_lr": 0.5, "controls": 1, "perturbation": 0.0, "retrain_chunk": 7, "grad_tol": 1e-8,
     "replicates": 4, "retrain_checkpoint_every": 100, "train_checkpoint_every": 50,
+    "ground_truth": "pbrf",
+    "truth_settings": None,  # settings of loo are refused; a pbrf setting's own test: tests/test_truths.py
 }
 
 

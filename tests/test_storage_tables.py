@@ -30,13 +30,14 @@ def _influence(n: int = 3, offset: float = 0.0) -> dict[str, list]:
 
 
 def test_every_table_has_its_contract_columns():
-    assert set(TABLES) == {"configs", "models", "test_points", "influence", "retrain", "stats"}
+    assert set(TABLES) == {"configs", "models", "test_points", "influence", "retrain", "stats", "subsets"}
     for table, schema in TABLES.items():
         assert "config_id" not in schema.names, table
         assert table_schema(table).names[0] == "config_id"
         assert table_schema(table).field("config_id").type == pa.string()
     assert TABLES["retrain"].field("removed").type == pa.int64()
     assert TABLES["stats"].field("final").type == pa.bool_()
+    assert TABLES["subsets"].field("left_out").type == pa.list_(pa.int64())
 
 
 def test_layout_and_part_names(store):
