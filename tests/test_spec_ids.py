@@ -121,6 +121,17 @@ SHIPPED_IDS = {
         "8d5d9d2097e1 824bd227a983", "b327a9830710 56039c511dd1", "1f8c226159bb ae46645158d3", "2fece3e3448d 6c6430d8aed5",
     ),
     "convex-control.yaml": ("f5b499402ddd 5a15ffc8bccb",),
+    "iris-truths.yaml": (
+        "41049c640fc3 acfb16ea6b52", "12fcfc83e439 edca4166a5c9", "0a4296973d9d 32d602912705", "31e39f8c6387 1b4b6c7ebc51",
+        "44cc26af3788 faa9766b62a6", "7f0a3a026a72 4091ed58e4ad", "419d49df2911 38db48f4f3bd", "a5a08ee8c3bd acfb16ea6b52",
+        "a335b47ae38f edca4166a5c9", "cc1a15e6ead0 32d602912705", "57121936dd4a 1b4b6c7ebc51", "ffb2689c753d faa9766b62a6",
+        "6526f6f7acbc 4091ed58e4ad", "896cc91d5248 38db48f4f3bd", "8a7222c89e1c acfb16ea6b52", "6783f216b1c6 edca4166a5c9",
+        "8ad083e2b6c9 32d602912705", "4aa63eeb0e90 1b4b6c7ebc51", "7967b5fbf7be faa9766b62a6", "b41ea9197792 4091ed58e4ad",
+        "d25527fec088 38db48f4f3bd", "05b464adae1d acfb16ea6b52", "dda35c1b5445 edca4166a5c9", "7e0ea80ebd1b 32d602912705",
+        "d145fde0bfe8 1b4b6c7ebc51", "e24bf70e84a2 faa9766b62a6", "b0782e1045bb 4091ed58e4ad", "6d72123a68aa 38db48f4f3bd",
+        "f34f52042f2c acfb16ea6b52", "715cc51d2412 edca4166a5c9", "fb4403e8f781 32d602912705", "a12149e8a236 1b4b6c7ebc51",
+        "38c39ad86bcf faa9766b62a6", "2be8822445b4 4091ed58e4ad", "33639d7e4447 38db48f4f3bd",
+    ),
     "mnist-smoke.yaml": (
         "ad2aa801169a 849dcf89222c", "a4116ae740b2 6db271077f09",
     ),
