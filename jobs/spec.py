@@ -213,7 +213,8 @@ class Configuration:
     # worker group restarted after a failure continues from it (None: it starts again).
     train_checkpoint_every: int | None = runtime(None)
     # What the ground truth is (ground_truth.kind): "loo", leave-one-out retraining (retrain_start says from
-    # where), or a response solved from θ̂ for every removal: "pbrf" or "last_layer" (influence/truths.py).
+    # where), a response solved from θ̂ for every removal, "pbrf" or "last_layer" (influence/truths.py), or
+    # "lds", models retrained on random subsets (jobs/protocol.py lds_subsets).
     # Its settings ground_truth.<kind> in, and after construction ((setting, value), ...) with every default
     # filled in (empty for loo).
     ground_truth: str = later("loo")
