@@ -587,11 +587,11 @@ def _truth_kinds(section: dict, values: dict) -> list[dict]:
             extra = {"retrain_epochs": None} if start == "scratch" and len(kinds) > 1 else {}
             out.append({"ground_truth": "loo", "retrain_start": start} | extra)
         else:
-            settings = dict(section.get(k) or {}) if isinstance(section.get(k) or {}, dict) else section.get(k)
-            extra = {}
-            for name in TRUTH_MEASUREMENTS.get(k, ()):
-                if isinstance(settings, dict) and name in settings:
-                    extra[name] = settings.pop(name)
+            settings = section.get(k) or {}  # not a mapping: Configuration says so under its key
+            measured = TRUTH_MEASUREMENTS.get(k, ()) if isinstance(settings, dict) else ()
+            extra = {name: settings[name] for name in measured if name in settings}
+            if extra:
+                settings = {key: v for key, v in settings.items() if key not in extra}
             out.append({"ground_truth": k, "truth_settings": settings} | extra)
     return out
 
